@@ -1,0 +1,174 @@
+"""Read RWKV checkpoint files and tell which RWKV generation they hold.
+
+Two containers are read: BlinkDL's ``.pth`` files (``torch.save`` zip pickles, opened only with
+``weights_only=True`` so nothing in the file is executed) and ``.safetensors`` files. The container
+is recognised from the file's first bytes, never from its name, and so is the generation: from the
+tensor names (shared/DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+
+from rwkv_cli.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
+
+GENERATION_NAMES = {
+    "4": "RWKV-4",
+    "5.0": "RWKV-5.0",
+    "5.1": "RWKV-5.1",
+    "5.2": "RWKV-5.2",
+    "6": "RWKV-6",
+    "7": "RWKV-7",
+}
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_FORMATS_HINT = "rwkv-cli reads BlinkDL's RWKV-4 to RWKV-7 .pth files (or the same as safetensors)"
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of one checkpoint file and the RWKV generation they belong to."""
+
+    path: Path
+    generation: str
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def generation_name(self) -> str:
+        return GENERATION_NAMES[self.generation]
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file and detect its generation; raise a user-facing error if unusable."""
+    path = Path(path)
+    tensors = read_tensors(path)
+    return Checkpoint(path=path, generation=detect_generation(tensors), tensors=tensors)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Return the flat name -> tensor dict stored in a ``.pth`` or ``.safetensors`` file."""
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"no such file: {path}", hint="pass the path to an RWKV .pth or .safetensors file"
+        )
+    if path.is_dir():
+        raise ModelNotFoundError(
+            f"{path} is a directory, not a checkpoint file",
+            hint="pass the path to an RWKV .pth or .safetensors file",
+        )
+    with path.open("rb") as file:
+        head = file.read(9)
+    if head.startswith(_ZIP_MAGIC):
+        tensors = _read_pth(path)
+    elif _looks_like_safetensors(head):
+        tensors = _read_safetensors(path)
+    else:
+        raise CheckpointError(
+            f"{path} is not a checkpoint: neither a PyTorch (.pth) nor a safetensors file",
+            hint="RWKV checkpoints are BlinkDL .pth files or .safetensors files",
+        )
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors")
+    return tensors
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header size, then a JSON '{'."""
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
+def _read_pth(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors, so it was not loaded",
+            hint="only plain tensor checkpoints are read; nothing in a file is ever executed",
+        ) from error
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({_first_line(error)})",
+            hint="download the file again",
+        ) from error
+    if not isinstance(loaded, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
+    ):
+        raise CheckpointError(f"{path} is a PyTorch file but not a flat dict of named tensors")
+    return loaded
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({_first_line(error)})",
+            hint="download the file again",
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def detect_generation(tensors: dict[str, torch.Tensor]) -> str:
+    """Name the RWKV generation ("4", "5.0", "5.1", "5.2", "6", "7") from the tensor names."""
+    names = set(tensors)
+    _reject_non_models(names)
+    block_names = {match.group(2) for name in names if (match := _BLOCK_KEY.match(name))}
+    if "att.r_k" in block_names or "att.x_r" in block_names:
+        return "7"
+    if "att.time_maa_x" in block_names:
+        return "6"
+    if "att.ln_x.weight" in block_names:
+        if "att.gate.weight" not in block_names:
+            return "5.0"
+        decay = tensors.get("blocks.0.att.time_decay")
+        if decay is not None and decay.squeeze().dim() > 1:
+            return "5.2"
+        return "5.1"
+    if "att.time_decay" in block_names and "att.time_first" in block_names:
+        return "4"
+    raise UnsupportedModelError(
+        "unrecognised checkpoint layout: the tensor names match no RWKV generation",
+        hint=_FORMATS_HINT,
+    )
+
+
+def _reject_non_models(names: set[str]) -> None:
+    """Explain files that are RWKV-related but are not a BlinkDL-format model."""
+    if names and all("time_state" in name for name in names):
+        raise UnsupportedModelError(
+            "this is an RWKV state-tuning file (only time_state tensors), not a model",
+            hint="pass the base model with -m; state files load as initial states",
+        )
+    if any(name.startswith(("rwkv.", "model.")) for name in names):
+        raise UnsupportedModelError(
+            "this checkpoint uses the Hugging Face transformers layout, which is not supported yet",
+            hint="use BlinkDL's original .pth release of the same model",
+        )
+    missing = [name for name in ("emb.weight", "head.weight") if name not in names]
+    if missing:
+        raise UnsupportedModelError(
+            f"not an RWKV model: no {' or '.join(missing)} tensor",
+            hint=_FORMATS_HINT,
+        )
+
+
+def layer_count(names: Iterable[str]) -> int:
+    """Number of blocks: one more than the highest ``blocks.N`` index."""
+    indices = [int(match.group(1)) for name in names if (match := _BLOCK_KEY.match(name))]
+    if not indices:
+        raise CheckpointError("checkpoint has no blocks.N tensors")
+    return max(indices) + 1

@@ -1,0 +1,1 @@
+"""WKV recurrence implementations: plain torch references now, compiled kernels later."""

@@ -1,0 +1,53 @@
+"""The model registry: one module per RWKV generation, chosen from the checkpoint's tensor names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from rwkv_cli.checkpoint import GENERATION_NAMES, Checkpoint, load_checkpoint
+from rwkv_cli.errors import UnsupportedModelError
+from rwkv_cli.models.rwkv7 import RWKV7
+from rwkv_cli.state import State
+
+
+class Model(Protocol):
+    """What every generation's model offers."""
+
+    generation: str
+    dtype: torch.dtype
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def describe(self) -> str: ...
+
+    def new_state(self) -> State: ...
+
+    def forward(
+        self, tokens: Sequence[int], state: State | None = None
+    ) -> tuple[torch.Tensor, State]: ...
+
+
+MODEL_CLASSES = {RWKV7.generation: RWKV7}
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Model:
+    """Build the model for a checkpoint's generation, or explain why it cannot run."""
+    model_class = MODEL_CLASSES.get(checkpoint.generation)
+    if model_class is None:
+        supported = ", ".join(GENERATION_NAMES[name] for name in MODEL_CLASSES)
+        raise UnsupportedModelError(
+            f"{checkpoint.generation_name} checkpoints are not supported yet "
+            f"(this version runs {supported})",
+            hint="see the README's roadmap for when other generations arrive",
+        )
+    return model_class.from_tensors(checkpoint.tensors, dtype=dtype)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Model:
+    """Read a checkpoint file and return the model it holds."""
+    return model_from_checkpoint(load_checkpoint(path), dtype=dtype)

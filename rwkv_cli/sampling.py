@@ -1,0 +1,232 @@
+"""Choosing the next token from the model's logits.
+
+Everything here is a pure function: inputs are never modified, and all randomness comes from an
+explicit ``torch.Generator`` that the caller owns, so a seed reproduces a generation exactly.
+
+The order of operations in :func:`sample_token` is: temperature, then top-k, then top-p (nucleus)
+on what is left, then one draw. Repetition penalties are applied to the logits beforehand with
+:func:`apply_penalties`, using decayed occurrence counts kept by :func:`update_counts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rwkv_cli.errors import InvalidInputError
+
+# Fresh seeds are drawn from 63 bits so they stay positive in any signed 64-bit field (JSON
+# readers, other languages) while leaving far more seeds than anyone will ever try.
+_RANDOM_SEED_BITS = 63
+
+# torch.Generator.manual_seed accepts any value that fits in an unsigned 64-bit integer.
+_MAX_SEED = 2**64 - 1
+
+# The float32 running total of the sorted probabilities carries rounding error, so a nucleus
+# boundary that is reached exactly on paper (0.38 + 0.32 against top-p 0.7) can land a few ulps
+# below it. Treating "within this much of top-p" as reached keeps such boundaries where the user
+# expects; 1e-6 is roughly ten float32 ulps near 1 and far below any top-p anyone would type.
+_TOP_P_SLACK = 1e-6
+
+# Top-p first looks for the nucleus among this many most probable tokens, then among
+# _CANDIDATE_GROWTH times as many, and so on; past 1/_CANDIDATE_GROWTH of the vocabulary it sorts
+# everything instead, since a top-k that large costs about as much as a full sort.
+_FIRST_CANDIDATES = 64
+_CANDIDATE_GROWTH = 8
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to turn logits into a token.
+
+    ``temperature`` 0 means greedy (argmax); ``top_p`` 1 and ``top_k`` 0 disable those filters.
+    The penalties subtract ``presence_penalty`` from every token seen so far and
+    ``frequency_penalty`` times its decayed count; counts decay by ``penalty_decay`` per token.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 0.85
+    top_k: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_decay: float = 0.996
+
+    def validated(self) -> SamplingParams:
+        """Return ``self`` if every value is usable, else raise :class:`InvalidInputError`."""
+        if not _is_number(self.temperature) or not (0 <= self.temperature < math.inf):
+            raise InvalidInputError(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}",
+                hint="Use 0 for greedy decoding; 1 leaves the model's distribution unchanged.",
+            )
+        if not _is_number(self.top_p) or not (0 < self.top_p <= 1):
+            raise InvalidInputError(
+                f"top-p must be in (0, 1], got {self.top_p!r}",
+                hint="Use 1 to turn nucleus sampling off.",
+            )
+        if not _is_integer(self.top_k) or self.top_k < 0:
+            raise InvalidInputError(
+                f"top-k must be an integer >= 0, got {self.top_k!r}",
+                hint="Use 0 to turn top-k filtering off.",
+            )
+        for name, value in (
+            ("presence penalty", self.presence_penalty),
+            ("frequency penalty", self.frequency_penalty),
+        ):
+            if not _is_number(value) or not math.isfinite(value):
+                raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+        if not _is_number(self.penalty_decay) or not (0 < self.penalty_decay <= 1):
+            raise InvalidInputError(
+                f"penalty decay must be in (0, 1], got {self.penalty_decay!r}",
+                hint="Use 1 to count every earlier token fully, however long ago it appeared.",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, float | int]:
+        """A plain, JSON-serializable dict of the parameters."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
+        """Rebuild validated parameters from :meth:`to_dict` output.
+
+        Missing keys take their defaults (so older files stay readable); unknown keys are an error.
+        """
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InvalidInputError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        return cls(**data).validated()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
+    """Return a CPU generator seeded with ``seed`` (or a fresh random seed) and the seed used."""
+    if seed is None:
+        seed = secrets.randbits(_RANDOM_SEED_BITS)
+    elif not _is_integer(seed) or not (0 <= seed <= _MAX_SEED):
+        raise InvalidInputError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    return generator, seed
+
+
+def new_counts(vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """Occurrence counts for a fresh generation: float32 zeros of shape (vocab_size,)."""
+    return torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+
+def update_counts(counts: Tensor, token: int, decay: float) -> Tensor:
+    """Return ``counts`` decayed by ``decay`` with one more occurrence of ``token``."""
+    if not 0 <= token < counts.shape[0]:
+        raise ValueError(f"token {token} is outside the vocabulary of size {counts.shape[0]}")
+    updated = counts * decay
+    updated[token] += 1.0
+    return updated
+
+
+def apply_penalties(logits: Tensor, counts: Tensor, params: SamplingParams) -> Tensor:
+    """Return ``logits - presence * (counts > 0) - frequency * counts``.
+
+    When both penalties are 0 this returns ``logits`` itself rather than a copy; it is never
+    modified either way, but callers that edit the result in place should clone it first.
+    ``counts`` is moved to the logits' device if needed (create it there to avoid the copy).
+    """
+    if params.presence_penalty == 0 and params.frequency_penalty == 0:
+        return logits
+    counts = counts.to(logits.device)
+    seen = (counts > 0).to(torch.float32)
+    return logits - params.presence_penalty * seen - params.frequency_penalty * counts
+
+
+def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Choose one token id from 1-D ``logits`` of shape (V,).
+
+    Tokens whose logit is -inf are never chosen. ``generator`` is drawn from only when more than
+    one token remains after filtering, so temperature 0 (argmax) leaves it untouched.
+    """
+    probs, token_ids = sampling_distribution(logits, params)  # (K,), (K,)
+    if probs.shape[0] == 1:
+        return int(token_ids[0])
+    choice = int(torch.multinomial(probs, 1, generator=generator))
+    return int(token_ids[choice])
+
+
+def sampling_distribution(logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+    """The tokens :func:`sample_token` may choose and their probabilities, as ``(probs, ids)``.
+
+    Both are 1-D float32/int64 CPU tensors of the same length K; ``probs`` sums to 1 and may hold
+    zeros for -inf logits. Work is done in float32 on the CPU, where the caller's generator lives,
+    so a seed gives the same tokens whatever device produced the logits.
+    """
+    if logits.dim() != 1:
+        raise ValueError(f"logits must be 1-D (vocab,), got shape {tuple(logits.shape)}")
+    logits = logits.detach().to(device="cpu", dtype=torch.float32)
+    top = logits.max()
+    if not torch.isfinite(top):
+        # max is -inf when every token is banned, +inf or nan when the model misbehaved.
+        raise ValueError(f"cannot sample: the largest logit is {top.item()}")
+    if params.temperature == 0:
+        return torch.ones(1), torch.argmax(logits).reshape(1)
+
+    # Subtracting the max before dividing keeps a tiny temperature from overflowing to inf.
+    tempered = (logits - top) / params.temperature  # (V,)
+    vocab_size = tempered.shape[0]
+    if 0 < params.top_k < vocab_size:
+        kept_logits, token_ids = torch.topk(tempered, params.top_k)  # (k,), most probable first
+        probs = torch.softmax(kept_logits, dim=0)
+    elif params.top_p < 1:
+        probs, token_ids = _most_probable(torch.softmax(tempered, dim=0), params.top_p)
+    else:
+        probs = torch.softmax(tempered, dim=0)
+        return probs, torch.arange(vocab_size)
+
+    if params.top_p < 1:
+        size = _nucleus_size(probs, params.top_p)
+        probs, token_ids = probs[:size], token_ids[:size]
+        probs = probs / probs.sum()
+    return probs, token_ids
+
+
+def _most_probable(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """The most probable of ``probs``, descending with their ids: at least the top-p nucleus.
+
+    The nucleus is usually a few dozen tokens, so this looks at a small top-k first and widens it
+    only when that falls short; at V = 65536 a top-64 costs about 1/60 of a full sort.
+    """
+    vocab_size = probs.shape[0]
+    size = _FIRST_CANDIDATES
+    while size * _CANDIDATE_GROWTH <= vocab_size:
+        top_probs, token_ids = torch.topk(probs, size)  # (size,), (size,)
+        if _count_short_of(top_probs, top_p) < size:
+            return top_probs, token_ids
+        size *= _CANDIDATE_GROWTH
+    return torch.sort(probs, descending=True, stable=True)
+
+
+def _nucleus_size(sorted_probs: Tensor, top_p: float) -> int:
+    """How many of the descending ``sorted_probs`` it takes for their sum to reach ``top_p``.
+
+    That is the entries still short of top_p plus the one that reaches it: at least one token,
+    and all of them when even their total falls short.
+    """
+    return min(_count_short_of(sorted_probs, top_p) + 1, sorted_probs.shape[0])
+
+
+def _count_short_of(sorted_probs: Tensor, top_p: float) -> int:
+    """How many leading entries of the descending ``sorted_probs`` have a running total < top_p."""
+    cumulative = torch.cumsum(sorted_probs, dim=0)
+    return int((cumulative < top_p - _TOP_P_SLACK).sum())

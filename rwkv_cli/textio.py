@@ -1,0 +1,89 @@
+"""Terminal and pipe I/O for the CLI: reading the prompt, writing the completion."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import BinaryIO, TextIO
+
+from rwkv_cli.errors import InvalidInputError
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def read_prompt(argument: str | None, stdin: BinaryIO | None) -> str:
+    """The prompt: piped stdin text first, then the argument, joined by a newline.
+
+    ``stdin`` is read only when given (the caller passes it when stdin is not a terminal).
+    """
+    piped = decode_utf8(stdin.read(), "stdin") if stdin is not None else ""
+    if not piped:
+        return argument or ""
+    if not argument:
+        return piped
+    separator = "" if piped.endswith("\n") else "\n"
+    return piped + separator + argument
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(
+            f"{source} is not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start})",
+            hint="convert the text first, e.g. with iconv -t UTF-8",
+        ) from error
+
+
+def piped_stdin() -> BinaryIO | None:
+    """The binary stdin when input is piped or redirected; None on a terminal or when closed."""
+    stream = sys.stdin
+    if stream is None or stream.closed or stream.isatty():
+        return None
+    return stream.buffer
+
+
+def unescape(text: str) -> str:
+    r"""Turn ``\n``, ``\t``, ``\r`` and ``\\`` typed on a command line into the characters."""
+    out, chars = [], iter(text)
+    for char in chars:
+        if char == "\\":
+            following = next(chars, "")
+            out.append(_ESCAPES.get(following, "\\" + following))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+class OutputClosedError(Exception):
+    """The reader of stdout went away (``| head``): stop quietly."""
+
+
+class StdoutWriter:
+    """Writes completion text, flushing each piece; turns a closed pipe into OutputClosedError."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.wrote_any = False
+        self.ends_with_newline = True
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError as error:
+            _silence(self.stream)
+            raise OutputClosedError from error
+        self.wrote_any = True
+        self.ends_with_newline = text.endswith("\n")
+
+
+def _silence(stream: TextIO) -> None:
+    """Point the stream's descriptor at /dev/null so the interpreter's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError):
+        pass

@@ -1,0 +1,211 @@
+"""The ``rwkv`` command end to end, as a real process: stdout and stderr asserted separately."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rwkv_cli.generate import generate
+from rwkv_cli.models import load_model
+from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.tokenizer import load_world_tokenizer
+from tests.fixtures import write_pth
+
+GREEDY = ["--temperature", "0"]
+
+
+def rwkv(*args: str | Path, stdin: bytes | None = None, env: dict[str, str] | None = None):
+    """Run ``python -m rwkv_cli`` with piped (or empty) stdin; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "rwkv_cli", *map(str, args)],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def expected_completion(
+    model_path: Path, prompt: str, max_tokens: int, seed: int = 0, **params
+) -> str:
+    """What the library generates for the same inputs: the CLI must print exactly this."""
+    return generate(
+        load_model(model_path),
+        load_world_tokenizer(),
+        prompt,
+        params=SamplingParams(**params),
+        generator=make_generator(seed)[0],
+        max_tokens=max_tokens,
+    )
+
+
+def assert_one_line_error(result, code: int, *fragments: str) -> None:
+    stderr = result.stderr.decode()
+    assert result.returncode == code, stderr
+    assert result.stdout == b""
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert lines[0].startswith("Error: ")
+    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("Hint: "))
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_prompt_argument_prints_only_the_greedy_completion(rwkv7_pth) -> None:
+    result = rwkv("generate", "Once upon a time", "-m", rwkv7_pth, "-n", "12", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == expected_completion(
+        rwkv7_pth, "Once upon a time", 12, temperature=0
+    )
+    assert result.stderr == b""  # not a terminal and no --verbose: nothing but the text
+
+
+def test_prompt_from_stdin(rwkv7_pth) -> None:
+    text = "A document about foxes.\n"
+    result = rwkv("generate", "-m", rwkv7_pth, "-n", "10", *GREEDY, stdin=text.encode())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == expected_completion(rwkv7_pth, text, 10, temperature=0)
+
+
+def test_stdin_comes_before_the_argument(rwkv7_pth) -> None:
+    result = rwkv("generate", "Summary:", "-m", rwkv7_pth, "-n", "10", *GREEDY, stdin=b"Notes")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == expected_completion(
+        rwkv7_pth, "Notes\nSummary:", 10, temperature=0
+    )
+
+
+def test_verbose_puts_info_and_stats_on_stderr_only(rwkv7_pth) -> None:
+    quiet = rwkv("generate", "Hi", "-m", rwkv7_pth, "-n", "8", *GREEDY)
+    verbose = rwkv("generate", "Hi", "-m", rwkv7_pth, "-n", "8", *GREEDY, "--verbose")
+    assert verbose.stdout == quiet.stdout
+    stderr = verbose.stderr.decode()
+    assert "RWKV-7 L2 D128" in stderr
+    assert "generated: 8 tokens" in stderr and "tok/s" in stderr
+    assert "\x1b[" not in stderr  # no ANSI codes when stderr is not a terminal
+
+
+def test_seed_makes_sampling_reproducible(rwkv7_pth) -> None:
+    args = ("generate", "The", "-m", rwkv7_pth, "-n", "16", "--temperature", "1.0")
+    first = rwkv(*args, "--seed", "7")
+    again = rwkv(*args, "--seed", "7")
+    other = rwkv(*args, "--seed", "8")
+    assert first.returncode == again.returncode == other.returncode == 0
+    assert first.stdout == again.stdout
+    assert first.stdout != other.stdout
+    expected = expected_completion(rwkv7_pth, "The", 16, temperature=1.0, seed=7)
+    assert first.stdout.decode() == expected
+
+
+def test_stop_string_ends_the_output_before_it(rwkv7_pth) -> None:
+    full = rwkv("generate", "x", "-m", rwkv7_pth, "-n", "20", *GREEDY).stdout.decode()
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    result = rwkv("generate", "x", "-m", rwkv7_pth, "-n", "20", *GREEDY, "--stop", stop)
+    assert result.returncode == 0
+    assert result.stdout.decode() == full[: full.index(stop)]
+
+
+def test_zero_tokens_prints_nothing(rwkv7_pth) -> None:
+    result = rwkv("generate", "x", "-m", rwkv7_pth, "-n", "0")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+def test_missing_model_file(tmp_path) -> None:
+    result = rwkv("generate", "x", "-m", tmp_path / "missing.pth")
+    assert_one_line_error(result, 1, "no such file", "missing.pth")
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path) -> None:
+    path = tmp_path / "notes.pth"
+    path.write_text("just some text, not a model\n" * 20)
+    assert_one_line_error(rwkv("generate", "x", "-m", path), 1, "is not a checkpoint")
+
+
+def test_truncated_checkpoint(tmp_path, rwkv7_pth) -> None:
+    path = tmp_path / "cut.pth"
+    path.write_bytes(rwkv7_pth.read_bytes()[:100_000])
+    assert_one_line_error(rwkv("generate", "x", "-m", path), 1, "truncated or corrupt")
+
+
+def test_unsupported_generation(tmp_path) -> None:
+    import torch
+
+    tensors = {
+        name: torch.zeros(4)
+        for name in ("emb.weight", "head.weight", "blocks.0.att.time_maa_x", "blocks.0.ln1.weight")
+    }
+    path = write_pth(tmp_path / "rwkv6.pth", tensors)
+    assert_one_line_error(rwkv("generate", "x", "-m", path), 1, "RWKV-6", "not supported yet")
+
+
+def test_non_utf8_stdin(rwkv7_pth) -> None:
+    result = rwkv("generate", "-m", rwkv7_pth, stdin=b"caf\xe9 au lait")
+    assert_one_line_error(result, 1, "stdin is not valid UTF-8", "offset 3")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("--top-p", "1.5", "top-p"),
+        ("--temperature", "-1", "temperature"),
+        ("--top-k", "-2", "top-k"),
+        ("--penalty-decay", "0", "penalty decay"),
+        ("--temperature", "warm", "--temperature"),
+        ("--max-tokens", "-1", "--max-tokens"),
+    ],
+)
+def test_invalid_option_values_are_usage_errors(rwkv7_pth, option, value, fragment) -> None:
+    result = rwkv("generate", "x", "-m", rwkv7_pth, option, value)
+    assert_one_line_error(result, 2, fragment)
+
+
+def test_unknown_option_and_missing_model_are_usage_errors() -> None:
+    assert_one_line_error(rwkv("generate", "x", "--frobnicate"), 2, "--frobnicate")
+    assert_one_line_error(rwkv("generate", "x"), 2, "--model")
+
+
+def test_debug_variable_shows_the_traceback(tmp_path) -> None:
+    result = rwkv("generate", "x", "-m", tmp_path / "missing.pth", env={"RWKV_CLI_DEBUG": "1"})
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr.decode()
+
+
+def test_version_and_help() -> None:
+    version = rwkv("--version")
+    assert version.returncode == 0 and version.stdout.decode().startswith("rwkv-cli ")
+    help_text = rwkv("generate", "--help")
+    assert help_text.returncode == 0 and "--max-tokens" in help_text.stdout.decode()
+
+
+def _start_long_generation(model: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rwkv_cli", "generate", "x", "-m", str(model), "-n", "100000"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_ctrl_c_exits_130_and_keeps_the_printed_text(rwkv7_pth) -> None:
+    process = _start_long_generation(rwkv7_pth)
+    first = process.stdout.read(20)  # generation is under way
+    process.send_signal(signal.SIGINT)
+    rest, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert len(first + rest) >= 20
+    assert "Traceback" not in stderr.decode()
+    assert "Interrupted" in stderr.decode()
+
+
+def test_closed_pipe_ends_quietly(rwkv7_pth) -> None:
+    process = _start_long_generation(rwkv7_pth)
+    process.stdout.read(20)
+    process.stdout.close()  # like `| head -c 20`
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 0
+    assert stderr == b""
