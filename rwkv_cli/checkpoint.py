@@ -8,6 +8,7 @@ tensor names (shared/DESIGN.md section 3).
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import zipfile
@@ -164,6 +165,27 @@ def _reject_non_models(names: set[str]) -> None:
             f"not an RWKV model: no {' or '.join(missing)} tensor",
             hint=_FORMATS_HINT,
         )
+
+
+FINGERPRINT_SAMPLES = 256  # elements read per tensor: enough to tell fine-tunes apart, fast on 14B
+
+
+def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """A short hash identifying these exact weights, cheap even for multi-GB checkpoints.
+
+    SHA-256 over every tensor's name and shape and 256 evenly spaced elements (as float32), in
+    name order; the first 16 hex digits. The same weights give the same fingerprint whether they
+    come from a bf16 .pth or a safetensors copy; a fine-tune changes nearly every element.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}:{list(tensor.shape)};".encode())
+        flat = tensor.reshape(-1)
+        if flat.numel():
+            positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).long()
+            digest.update(flat[positions].float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def layer_count(names: Iterable[str]) -> int:

@@ -7,21 +7,39 @@ tracebacks instead.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from rwkv_cli import __version__
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
-from rwkv_cli.generate import GenerationChunk, stream_generate
-from rwkv_cli.models import load_model
+from rwkv_cli.generate import Session, prefill, stream_generate
+from rwkv_cli.runtime import LoadedModel, Start, open_start
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.textio import OutputClosedError, StdoutWriter, piped_stdin, read_prompt, unescape
-from rwkv_cli.tokenizer import tokenizer_for_vocab
-from rwkv_cli.ui import activity, print_error, print_stats, stderr_console
+from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
+from rwkv_cli.textio import (
+    OutputClosedError,
+    StdoutWriter,
+    decode_utf8,
+    piped_stdin,
+    read_prompt,
+    unescape,
+)
+from rwkv_cli.ui import (
+    activity,
+    ask_line,
+    prefill_progress,
+    print_error,
+    print_state_info,
+    print_stats,
+    stderr_console,
+)
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention for Ctrl-C
@@ -34,13 +52,99 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+SAMPLING = "Sampling"
+STATE = "State"
+
+# Options shared by several commands, declared once.
 ModelOption = Annotated[
-    Path,
+    str | None,
     typer.Option(
-        "-m", "--model", help="RWKV checkpoint file (.pth or .safetensors).", show_default=False
+        "-m",
+        "--model",
+        help="RWKV checkpoint file (.pth or .safetensors). With --state, defaults to the "
+        "model the state file names.",
+        show_default=False,
     ),
 ]
-SAMPLING = "Sampling"
+StateOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state",
+        help="Continue from this state file (or a BlinkDL state-tuning .pth).",
+        show_default=False,
+        rich_help_panel=STATE,
+    ),
+]
+SaveStateOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-state",
+        help="Save the state after the output to this file (may equal --state).",
+        show_default=False,
+        rich_help_panel=STATE,
+    ),
+]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Use a state made by other weights of the same shape (e.g. a fine-tune).",
+        rich_help_panel=STATE,
+    ),
+]
+MaxTokensOption = Annotated[
+    int, typer.Option("-n", "--max-tokens", min=0, help="Most tokens to generate.")
+]
+TemperatureOption = Annotated[
+    float,
+    typer.Option(help="0 means greedy (always the likeliest token).", rich_help_panel=SAMPLING),
+]
+TopPOption = Annotated[
+    float, typer.Option(help="Nucleus sampling; 1 disables.", rich_help_panel=SAMPLING)
+]
+TopKOption = Annotated[
+    int, typer.Option(help="Keep the k likeliest tokens; 0 disables.", rich_help_panel=SAMPLING)
+]
+PresenceOption = Annotated[
+    float,
+    typer.Option(help="Subtracted once from tokens already generated.", rich_help_panel=SAMPLING),
+]
+FrequencyOption = Annotated[
+    float, typer.Option(help="Subtracted per (decayed) occurrence.", rich_help_panel=SAMPLING)
+]
+DecayOption = Annotated[
+    float,
+    typer.Option(
+        help="Occurrence counts decay by this factor per token.", rich_help_panel=SAMPLING
+    ),
+]
+SeedOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Random seed for reproducible sampling (a resumed state continues its own).",
+        show_default=False,
+        rich_help_panel=SAMPLING,
+    ),
+]
+StopOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help=r"Stop at this text, which is not printed (repeatable; \n and \t understood).",
+        show_default=False,
+    ),
+]
+VerboseOption = Annotated[
+    bool,
+    typer.Option("-v", "--verbose", help="Show info and stats even when not on a terminal."),
+]
+SAMPLING_OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "presence_penalty",
+    "frequency_penalty",
+    "penalty_decay",
+)
 
 
 def _print_version(value: bool) -> None:
@@ -68,75 +172,29 @@ def generate(
             help="Prompt text. Piped stdin is read too and comes first.", show_default=False
         ),
     ] = None,
-    model: ModelOption = ...,
-    max_tokens: Annotated[
-        int, typer.Option("-n", "--max-tokens", min=0, help="Most tokens to generate.")
-    ] = 256,
-    temperature: Annotated[
-        float,
-        typer.Option(help="0 means greedy (always the likeliest token).", rich_help_panel=SAMPLING),
-    ] = SamplingParams.temperature,
-    top_p: Annotated[
-        float, typer.Option(help="Nucleus sampling; 1 disables.", rich_help_panel=SAMPLING)
-    ] = SamplingParams.top_p,
-    top_k: Annotated[
-        int, typer.Option(help="Keep the k likeliest tokens; 0 disables.", rich_help_panel=SAMPLING)
-    ] = SamplingParams.top_k,
-    presence_penalty: Annotated[
-        float,
-        typer.Option(
-            help="Subtracted once from tokens already generated.", rich_help_panel=SAMPLING
-        ),
-    ] = SamplingParams.presence_penalty,
-    frequency_penalty: Annotated[
-        float, typer.Option(help="Subtracted per (decayed) occurrence.", rich_help_panel=SAMPLING)
-    ] = SamplingParams.frequency_penalty,
-    penalty_decay: Annotated[
-        float,
-        typer.Option(
-            help="Occurrence counts decay by this factor per token.", rich_help_panel=SAMPLING
-        ),
-    ] = SamplingParams.penalty_decay,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Random seed for reproducible sampling.",
-            show_default=False,
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    stop: Annotated[
-        list[str] | None,
-        typer.Option(
-            help=r"Stop at this text, which is not printed (repeatable; \n and \t understood).",
-            show_default=False,
-        ),
-    ] = None,
-    verbose: Annotated[
-        bool,
-        typer.Option(
-            "-v", "--verbose", help="Show model info and stats even when not on a terminal."
-        ),
-    ] = False,
+    model: ModelOption = None,
+    state: StateOption = None,
+    save_state: SaveStateOption = None,
+    force: ForceOption = False,
+    max_tokens: MaxTokensOption = 256,
+    temperature: TemperatureOption = SamplingParams.temperature,
+    top_p: TopPOption = SamplingParams.top_p,
+    top_k: TopKOption = SamplingParams.top_k,
+    presence_penalty: PresenceOption = SamplingParams.presence_penalty,
+    frequency_penalty: FrequencyOption = SamplingParams.frequency_penalty,
+    penalty_decay: DecayOption = SamplingParams.penalty_decay,
+    seed: SeedOption = None,
+    stop: StopOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Continue a prompt and print only the completion to stdout.
 
     Examples: rwkv generate "Once upon a time" -m model.pth · cat notes.txt | rwkv generate
-    "Summary:" -m model.pth -n 200 --temperature 0
+    "Summary:" -m model.pth -n 200 --temperature 0 · rwkv generate "More:" --state s.rwkvstate
     """
-    params = _validated(
-        ctx,
-        SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            penalty_decay=penalty_decay,
-        ),
-    )
+    _require_model_or_state(ctx, model, state)
     stdin = piped_stdin()
-    if prompt is None and stdin is None:
+    if prompt is None and stdin is None and state is None:
         raise typer.BadParameter(
             "none given; pass one as an argument or pipe text to stdin",
             ctx=ctx,
@@ -144,42 +202,262 @@ def generate(
         )
     text = read_prompt(prompt, stdin)
     console = stderr_console()
-    show_info = verbose or console.is_terminal
-    with activity(console, f"Loading {model}"):
-        loaded = load_model(model)
-        tokenizer = tokenizer_for_vocab(loaded.vocab_size)
-    generator, seed_used = make_generator(seed)
-    if show_info:
-        console.print(f"[dim]{loaded.describe()} · {model.name} · seed {seed_used}[/dim]")
+    start = _open(console, model, state, force)
+    run = _Continuation.begin(
+        ctx,
+        start,
+        verbose or console.is_terminal,
+        seed=seed,
+        stop=stop,
+        max_tokens=max_tokens,
+        save_path=save_state,
+    )
+    run.announce(console)
+    run.turn(console, text)
 
-    writer = StdoutWriter(sys.stdout)
-    last: GenerationChunk | None = None
-    try:
-        for last in stream_generate(
-            loaded,
-            tokenizer,
-            text,
-            params=params,
-            generator=generator,
-            max_tokens=max_tokens,
-            stop=[unescape(item) for item in stop or ()],
-        ):
-            writer.write(last.text)
-    except OutputClosedError:
+
+@app.command("save-state")
+def save_state_command(
+    ctx: typer.Context,
+    text: Annotated[
+        str | None,
+        typer.Argument(
+            help="Text to read. Piped stdin is read too and comes first.", show_default=False
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="State file to write.", show_default=False)
+    ] = ...,
+    model: ModelOption = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("-f", "--file", help="Read the text from this file.", show_default=False),
+    ] = None,
+    state: StateOption = None,
+    force: ForceOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Read text into the model and save the resulting state (prefix caching).
+
+    Process a system prompt or a whole document once; continue from it many times with
+    `rwkv generate --state FILE` or `rwkv load-state FILE`.
+    """
+    _require_model_or_state(ctx, model, state)
+    stdin = piped_stdin()
+    if text is None and stdin is None and file is None:
+        raise typer.BadParameter(
+            "none given; pass it as an argument, with -f FILE or on stdin",
+            ctx=ctx,
+            param_hint="TEXT",
+        )
+    content = read_prompt(text, stdin)
+    if file is not None:
+        content = _read_text_file(file) + content
+    console = stderr_console()
+    start = _open(console, model, state, force)
+    tokens = start.loaded.tokenizer.encode(content)
+    with prefill_progress(console, len(tokens)) as on_progress:
+        session = prefill(start.loaded.model, tokens, start.session, on_progress=on_progress)
+    previous = start.state_file
+    save_state_file(
+        output,
+        model=start.loaded.model,
+        tokenizer_name=start.loaded.tokenizer.name,
+        session=session,
+        model_spec=start.loaded.spec,
+        model_resolved=start.loaded.resolved,
+        sampling=previous.sampling if previous else None,
+        text_tail=((previous.text_tail if previous else "") + content)[-TEXT_TAIL_CHARS:],
+    )
+    if verbose or console.is_terminal:
+        console.print(
+            f"[dim]Saved the state after {session.tokens_consumed} tokens "
+            f"({len(tokens)} new) to {output}[/dim]"
+        )
+
+
+@app.command("load-state")
+def load_state_command(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="State file to resume.", show_default=False)],
+    info: Annotated[bool, typer.Option("--info", help="Describe the file and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --info: print JSON.")] = False,
+    model: ModelOption = None,
+    force: ForceOption = False,
+    save_state: SaveStateOption = None,
+    max_tokens: MaxTokensOption = 256,
+    temperature: TemperatureOption = SamplingParams.temperature,
+    top_p: TopPOption = SamplingParams.top_p,
+    top_k: TopKOption = SamplingParams.top_k,
+    presence_penalty: PresenceOption = SamplingParams.presence_penalty,
+    frequency_penalty: FrequencyOption = SamplingParams.frequency_penalty,
+    penalty_decay: DecayOption = SamplingParams.penalty_decay,
+    seed: SeedOption = None,
+    stop: StopOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Resume a saved state: continue piped stdin text, or type continuations on a terminal.
+
+    The model is the one the state file names, unless -m overrides it.
+    """
+    if info or as_json:
+        details = read_state_file(file).info()
+        if as_json:
+            typer.echo(json.dumps(details, indent=2, ensure_ascii=False))
+        else:
+            print_state_info(details)
         return
-    finally:
-        if sys.stdout.isatty() and not writer.ends_with_newline:
-            writer.write("\n")
-    if show_info and last is not None:
-        print_stats(console, last)
+    console = stderr_console()
+    stdin = piped_stdin()
+    start = _open(console, model, file, force)
+    run = _Continuation.begin(
+        ctx,
+        start,
+        verbose or console.is_terminal,
+        seed=seed,
+        stop=stop,
+        max_tokens=max_tokens,
+        save_path=save_state,
+    )
+    run.announce(console)
+    if stdin is not None:
+        run.turn(console, decode_utf8(stdin.read(), "stdin"))
+        return
+    if run.text_tail:
+        console.print(f"[dim]…{run.text_tail[-300:]}[/dim]")
+    console.print("[dim]Type text to append (empty: just continue); Ctrl-D ends.[/dim]")
+    while (line := ask_line(console)) is not None:
+        run.turn(console, unescape(line))
 
 
-def _validated(ctx: typer.Context, params: SamplingParams) -> SamplingParams:
-    """Out-of-range sampling values are usage errors (exit 2), like unparsable ones."""
+def _require_model_or_state(ctx: typer.Context, model: str | None, state: Path | None) -> None:
+    if model is None and state is None:
+        raise typer.BadParameter(
+            "pass -m MODEL (or --state FILE to continue a saved state)",
+            ctx=ctx,
+            param_hint="'-m' / '--model'",
+        )
+
+
+def _read_text_file(path: Path) -> str:
     try:
-        return params.validated()
-    except InvalidInputError as error:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InvalidInputError(f"cannot read {path}: {error.strerror or error}") from error
+    return decode_utf8(data, str(path))
+
+
+def _open(console, model: str | None, state: Path | None, force: bool) -> Start:
+    with activity(console, "Loading the model"):
+        return open_start(model, state, force)
+
+
+def _sampling_params(ctx: typer.Context, saved: SamplingParams | None) -> SamplingParams:
+    """Options given on the command line win; the rest come from the state file, if any."""
+    values = {}
+    for name in SAMPLING_OPTIONS:
+        source = ctx.get_parameter_source(name)
+        from_command_line = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+        use_saved = saved is not None and not from_command_line
+        values[name] = getattr(saved, name) if use_saved else ctx.params[name]
+    try:
+        return SamplingParams(**values).validated()
+    except InvalidInputError as error:  # out-of-range values are usage errors, like bad types
         raise typer.BadParameter(error.message, ctx=ctx) from error
+
+
+def _generator(
+    seed: int | None, state_file: StateFile | None
+) -> tuple[torch.Generator, int | None]:
+    """A sampler seeded by --seed, else continuing a saved one, else freshly seeded."""
+    if seed is None and state_file is not None:
+        generator = torch.Generator()
+        if state_file.restore_generator(generator):
+            return generator, state_file.seed
+    return make_generator(seed)
+
+
+@dataclass
+class _Continuation:
+    """One command's generation turns: the settings, the sampler, and where the text stands."""
+
+    loaded: LoadedModel
+    session: Session
+    params: SamplingParams
+    generator: torch.Generator
+    seed: int | None
+    max_tokens: int
+    stop: list[str]
+    save_path: Path | None
+    show_info: bool
+    text_tail: str
+
+    @classmethod
+    def begin(cls, ctx: typer.Context, start: Start, show_info: bool, **options) -> _Continuation:
+        saved = start.state_file
+        generator, seed = _generator(options.pop("seed"), saved)
+        return cls(
+            loaded=start.loaded,
+            session=start.session,
+            params=_sampling_params(ctx, saved.sampling if saved else None),
+            generator=generator,
+            seed=seed,
+            stop=[unescape(item) for item in options.pop("stop") or ()],
+            show_info=show_info,
+            text_tail=saved.text_tail if saved else "",
+            **options,
+        )
+
+    def announce(self, console) -> None:
+        """The header line: model, where it came from, and the seed (to reproduce the run)."""
+        if self.show_info:
+            model = self.loaded.model
+            console.print(f"[dim]{model.describe()} · {self.loaded.spec} · seed {self.seed}[/dim]")
+
+    def turn(self, console, text: str) -> None:
+        """Generate after ``text``, streaming to stdout; then save the state if asked."""
+        loaded = self.loaded
+        if self.show_info:
+            console.print(
+                f"[dim]{loaded.model.describe()} · {loaded.spec} · seed {self.seed}[/dim]"
+            )
+        writer = StdoutWriter(sys.stdout)
+        completion = []
+        try:
+            for last in stream_generate(
+                loaded.model,
+                loaded.tokenizer,
+                text,
+                params=self.params,
+                generator=self.generator,
+                max_tokens=self.max_tokens,
+                stop=self.stop,
+                session=self.session,
+            ):
+                writer.write(last.text)
+                completion.append(last.text)
+        except OutputClosedError:
+            raise typer.Exit() from None
+        finally:
+            if sys.stdout.isatty() and not writer.ends_with_newline:
+                writer.write("\n")
+        if self.show_info:
+            print_stats(console, last)
+        self.session = last.session
+        self.text_tail = (self.text_tail + text + "".join(completion))[-TEXT_TAIL_CHARS:]
+        if self.save_path is not None:
+            save_state_file(
+                self.save_path,
+                model=loaded.model,
+                tokenizer_name=loaded.tokenizer.name,
+                session=self.session,
+                model_spec=loaded.spec,
+                model_resolved=loaded.resolved,
+                sampling=self.params,
+                seed=self.seed,
+                generator=self.generator,
+                text_tail=self.text_tail,
+            )
 
 
 def _first_line(error: BaseException) -> str:

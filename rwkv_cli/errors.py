@@ -34,3 +34,46 @@ class TokenizerError(RwkvCliError):
 
 class InvalidInputError(RwkvCliError):
     """User input that cannot be used: bad option values, undecodable stdin, empty prompt."""
+
+
+class StateFileError(RwkvCliError):
+    """A state file that cannot be read or does not fit the model it is used with."""
+
+
+class WriteError(RwkvCliError):
+    """A file could not be written (disk full, permissions); the previous file is untouched."""
+
+
+class HubUnreachableError(RwkvCliError):
+    """The Hub (or ``HF_ENDPOINT``) could not be reached, or a download broke off, and no cached
+    copy can stand in. The hint suggests ``HF_HUB_OFFLINE=1`` (cached models only) or a local
+    path; for an interrupted download it says that running again resumes."""
+
+
+class RepoNotFoundError(ModelNotFoundError):
+    """The Hub has no repository of that name (HTTP 404). The hint points at ``rwkv models``."""
+
+
+class RemoteFileNotFoundError(ModelNotFoundError):
+    """The repository exists but not the file (or no file matches the alias); the hint lists the
+    checkpoint files the repository does have."""
+
+
+class HubAccessError(RwkvCliError):
+    """The Hub refused access: a private or gated repo without a (valid) token. The hint suggests
+    setting ``HF_TOKEN``."""
+
+
+class NotCachedError(ModelNotFoundError):
+    """``HF_HUB_OFFLINE=1`` is set and the model is not in the local cache. The hint says to unset
+    it or pass a local path."""
+
+
+class DiskFullError(RwkvCliError):
+    """No space left for a download; nothing half-written is left in the cache. The hint suggests
+    freeing space or moving the cache with ``HF_HOME``/``HF_HUB_CACHE``."""
+
+
+class ChecksumMismatchError(RwkvCliError):
+    """A downloaded file does not match the Hub's checksum and was deleted. The hint suggests
+    running again and checking ``HF_ENDPOINT``/proxies if it persists."""

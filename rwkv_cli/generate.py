@@ -3,6 +3,10 @@
 ``stream_generate`` yields :class:`GenerationChunk` records (new text, token, counts, timings,
 finish reason); ``generate`` joins them. Text is released only when it is whole UTF-8 and cannot
 turn out to be the start of a stop string, so callers can print every chunk as it comes.
+
+A :class:`Session` is where a text stream stands. The last record of a generation carries the
+session after exactly the text that was released (a stop string is cut from the state too), so a
+saved session resumes as if the run had never stopped.
 """
 
 from __future__ import annotations
@@ -29,6 +33,21 @@ END_OF_TEXT = 0  # token id 0 ends a document in every RWKV vocabulary
 
 
 @dataclass(frozen=True)
+class Session:
+    """Everything needed to continue a text stream exactly.
+
+    ``state`` None means the model's zero state; ``logits`` None means no token has been read yet
+    (a state-tuning initial state, or a fresh model). ``counts`` are the decayed occurrence counts
+    of generated tokens that presence and frequency penalties use.
+    """
+
+    state: State | None = None
+    logits: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    tokens_consumed: int = 0
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """One step of a generation: the text it released and running statistics."""
 
@@ -39,6 +58,7 @@ class GenerationChunk:
     prompt_seconds: float
     generation_seconds: float
     finish_reason: str | None = None  # "length", "eos" or "stop" on the last record
+    session: Session | None = None  # on the last record: the session after the released text
 
     @property
     def prompt_tps(self) -> float:
@@ -53,22 +73,28 @@ class GenerationChunk:
 def prefill(
     model: Model,
     tokens: Sequence[int],
-    state: State | None = None,
+    session: Session | None = None,
     chunk_len: int = PREFILL_CHUNK_LEN,
     on_progress: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, State]:
-    """Feed ``tokens`` in chunks; return the logits after the last one and the new state.
+) -> Session:
+    """Feed ``tokens`` in chunks and return the session after them.
 
     ``on_progress`` is called with the number of tokens consumed after each chunk.
     """
-    if not tokens:
-        raise ValueError("prefill() needs at least one token")
-    logits = None
+    session = session or Session()
+    state, logits = session.state, session.logits
     for start in range(0, len(tokens), chunk_len):
         logits, state = model.forward(tokens[start : start + chunk_len], state)
         if on_progress is not None:
             on_progress(min(start + chunk_len, len(tokens)))
-    return logits, state
+    return Session(state, logits, session.counts, session.tokens_consumed + len(tokens))
+
+
+def _advance(model: Model, session: Session, token: int, decay: float) -> Session:
+    """The session after one generated token (counted for penalties)."""
+    logits, state = model.forward([token], session.state)
+    counts = session.counts if session.counts is not None else new_counts(model.vocab_size)
+    return Session(state, logits, update_counts(counts, token, decay), session.tokens_consumed + 1)
 
 
 class _StopMatcher:
@@ -104,6 +130,32 @@ class _StopMatcher:
         return released
 
 
+class _Rollback:
+    """Sessions at token boundaries not yet known to be kept, to cut a stop string from the state.
+
+    Each entry is (characters of generated text before the boundary, session there). Entries at
+    or before the released text are dropped but the last: a stop string can only start after it.
+    """
+
+    def __init__(self, start: Session) -> None:
+        self.points: list[tuple[int, Session]] = [(0, start)]
+
+    def add(self, chars: int, session: Session) -> None:
+        self.points.append((chars, session))
+
+    def prune(self, released_chars: int) -> None:
+        while len(self.points) > 1 and self.points[1][0] <= released_chars:
+            self.points.pop(0)
+
+    def session_at(self, model: Model, tokenizer: WorldTokenizer, text: str, chars: int) -> Session:
+        """The session after the first ``chars`` characters of the generated ``text``."""
+        base_chars, base = max(
+            (point for point in self.points if point[0] <= chars), key=lambda point: point[0]
+        )
+        remainder = tokenizer.encode(text[base_chars:chars])
+        return prefill(model, remainder, base) if remainder else base
+
+
 def stream_generate(
     model: Model,
     tokenizer: WorldTokenizer,
@@ -113,32 +165,30 @@ def stream_generate(
     generator: torch.Generator,
     max_tokens: int,
     stop: Sequence[str] = (),
-    state: State | None = None,
+    session: Session | None = None,
 ) -> Iterator[GenerationChunk]:
-    """Continue ``prompt`` (after ``state``, if given) and yield records as tokens are sampled.
+    """Continue ``prompt`` (after ``session``, if given) and yield records as tokens are sampled.
 
-    An empty prompt with no state starts from the end-of-text token, i.e. a fresh document.
+    With nothing read yet and an empty prompt, generation starts from the end-of-text token,
+    i.e. a fresh document.
     """
+    session = session or Session()
     prompt_tokens = tokenizer.encode(prompt)
-    if not prompt_tokens and state is None:
+    if not prompt_tokens and session.logits is None:
         prompt_tokens = [END_OF_TEXT]
     started = time.perf_counter()
-    logits = None
-    if prompt_tokens:
-        logits, state = prefill(model, prompt_tokens, state)
+    session = prefill(model, prompt_tokens, session)
     prompt_seconds = time.perf_counter() - started
-    if logits is None:
-        raise ValueError("stream_generate() with an empty prompt needs the state's logits")
 
     never_sample = torch.zeros(model.vocab_size)
     never_sample[tokenizer.token_count :] = -torch.inf  # vocabulary padding decodes to nothing
     decoder = IncrementalDecoder(tokenizer)
     matcher = _StopMatcher(stop)
-    counts = new_counts(model.vocab_size)
-    generated = 0
+    rollback = _Rollback(session)
+    generated, text_so_far, released_chars = 0, "", 0
     started = time.perf_counter()
 
-    def record(text: str, token: int | None, finish: str | None = None) -> GenerationChunk:
+    def record(text: str, token: int | None, finish: str | None = None, final=None):
         return GenerationChunk(
             text=text,
             token=token,
@@ -147,24 +197,31 @@ def stream_generate(
             prompt_seconds=prompt_seconds,
             generation_seconds=time.perf_counter() - started,
             finish_reason=finish,
+            session=final,
         )
 
     while generated < max_tokens:
-        adjusted = apply_penalties(logits, counts, params) + never_sample
-        token = sample_token(adjusted, params, generator)
+        counts = session.counts if session.counts is not None else new_counts(model.vocab_size)
+        logits = apply_penalties(session.logits, counts, params) + never_sample
+        token = sample_token(logits, params, generator)
         if token == END_OF_TEXT:
-            yield record(matcher.flush() + decoder.flush(), None, "eos")
+            yield record(matcher.flush() + decoder.flush(), None, "eos", session)
             return
         generated += 1
-        text, stopped = matcher.push(decoder.feed(token))
+        decoded = decoder.feed(token)
+        text_so_far += decoded
+        released, stopped = matcher.push(decoded)
+        released_chars += len(released)
         if stopped:
-            yield record(text, token, "stop")
+            kept = rollback.session_at(model, tokenizer, text_so_far, released_chars)
+            yield record(released, token, "stop", kept)
             return
-        yield record(text, token)
-        counts = update_counts(counts, token, params.penalty_decay)
-        if generated < max_tokens:  # the last token needs no forward pass
-            logits, state = model.forward([token], state)
-    yield record(matcher.flush() + decoder.flush(), None, "length")
+        yield record(released, token)
+        session = _advance(model, session, token, params.penalty_decay)
+        if not decoder.holding_back:
+            rollback.add(len(text_so_far), session)
+        rollback.prune(released_chars)
+    yield record(matcher.flush() + decoder.flush(), None, "length", session)
 
 
 def generate(

@@ -37,9 +37,35 @@ class State:
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Flat ``blocks.{i}.att.shift``-style names, as used in state files."""
-        named = {}
+        return {
+            _tensor_name(index, field.name): getattr(layer, field.name)
+            for index, layer in enumerate(self.layers)
+            for field in dataclasses.fields(layer)
+        }
+
+    def with_tensors(self, named: dict[str, torch.Tensor]) -> State:
+        """A state shaped like this one, holding ``named`` tensors (named as ``named_tensors``).
+
+        Raises ValueError naming the first tensor that is missing or has the wrong shape.
+        """
+        layers = []
         for index, layer in enumerate(self.layers):
+            values = {}
             for field in dataclasses.fields(layer):
-                name = field.name.replace("_", ".", 1)
-                named[f"blocks.{index}.{name}"] = getattr(layer, field.name)
-        return named
+                name = _tensor_name(index, field.name)
+                template = getattr(layer, field.name)
+                tensor = named.get(name)
+                if tensor is None:
+                    raise ValueError(f"no {name} tensor")
+                if tensor.shape != template.shape:
+                    raise ValueError(
+                        f"{name} has shape {list(tensor.shape)}, expected {list(template.shape)}"
+                    )
+                values[field.name] = tensor.to(template.dtype)
+            layers.append(dataclasses.replace(layer, **values))
+        return State(generation=self.generation, layers=layers)
+
+
+def _tensor_name(index: int, field_name: str) -> str:
+    """``att_wkv`` of layer 3 -> ``blocks.3.att.wkv``."""
+    return f"blocks.{index}.{field_name.replace('_', '.', 1)}"

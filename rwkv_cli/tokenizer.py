@@ -133,6 +133,11 @@ class IncrementalDecoder:
         """The text completed by this token (possibly empty)."""
         return self._utf8.decode(self._tokenizer.token_bytes(token_id))
 
+    @property
+    def holding_back(self) -> bool:
+        """Whether part of a multi-byte character is waiting for its remaining bytes."""
+        return bool(self._utf8.getstate()[0])
+
     def flush(self) -> str:
         """Whatever is held back, as U+FFFD if incomplete; the decoder can then be reused."""
         return self._utf8.decode(b"", final=True)

@@ -7,10 +7,11 @@ codes when stderr is not a terminal; spinners are shown only on a terminal.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rwkv_cli.errors import RwkvCliError
 from rwkv_cli.generate import GenerationChunk
@@ -28,6 +29,49 @@ def activity(console: Console, message: str) -> Iterator[None]:
             yield
     else:
         yield
+
+
+PROGRESS_MIN_TOKENS = 1024  # below this, reading text is quick enough to need no progress bar
+
+
+@contextlib.contextmanager
+def prefill_progress(console: Console, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar for reading ``total`` tokens (terminal only); yields the update callback."""
+    if not console.is_terminal or total < PROGRESS_MIN_TOKENS:
+        yield lambda done: None
+        return
+    columns = (
+        TextColumn("Reading"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("prefill", total=total)
+        yield lambda done: progress.update(task, completed=done)
+
+
+def ask_line(console: Console) -> str | None:
+    """One line typed by the user (prompt on stderr); None at end of input (Ctrl-D)."""
+    try:
+        return console.input("[bold]> [/bold]")
+    except EOFError:
+        console.print()
+        return None
+
+
+def print_state_info(details: dict) -> None:
+    """``load-state --info``: the file's description, on stdout (it is what was asked for)."""
+    for key, value in details.items():
+        if key == "text_tail":
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{name}={item}" for name, item in value.items())
+        print(f"{key + ':':<17}{'-' if value is None else value}")
+    tail = details.get("text_tail") or ""
+    if tail:
+        print(f"{'text tail:':<17}{tail[-200:]!r}")
 
 
 def print_stats(console: Console, last: GenerationChunk) -> None:

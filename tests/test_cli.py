@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,20 +13,10 @@ from rwkv_cli.generate import generate
 from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.tokenizer import load_world_tokenizer
+from tests.cli_runner import assert_one_line_error, rwkv
 from tests.fixtures import write_pth
 
 GREEDY = ["--temperature", "0"]
-
-
-def rwkv(*args: str | Path, stdin: bytes | None = None, env: dict[str, str] | None = None):
-    """Run ``python -m rwkv_cli`` with piped (or empty) stdin; returns the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, "-m", "rwkv_cli", *map(str, args)],
-        input=stdin if stdin is not None else b"",
-        capture_output=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
 
 
 def expected_completion(
@@ -42,18 +31,6 @@ def expected_completion(
         generator=make_generator(seed)[0],
         max_tokens=max_tokens,
     )
-
-
-def assert_one_line_error(result, code: int, *fragments: str) -> None:
-    stderr = result.stderr.decode()
-    assert result.returncode == code, stderr
-    assert result.stdout == b""
-    assert "Traceback" not in stderr
-    lines = stderr.splitlines()
-    assert lines[0].startswith("Error: ")
-    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("Hint: "))
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_prompt_argument_prints_only_the_greedy_completion(rwkv7_pth) -> None:

@@ -60,9 +60,12 @@ def test_records_carry_text_tokens_and_counts() -> None:
     assert chunks[-1].prompt_tokens == len(load_world_tokenizer().encode("prompt"))
 
 
-def test_the_last_token_costs_no_forward_pass() -> None:
-    model, _ = _run(_byte_tokens("abcdef"), max_tokens=3)
-    assert len(model.fed) == 1 + 2  # the prompt, then tokens 1 and 2 (token 3 is never fed)
+def test_the_final_session_has_read_every_generated_token() -> None:
+    model, chunks = _run(_byte_tokens("abcdef"), max_tokens=3)
+    assert model.fed[1:] == [[ord("a") + 1], [ord("b") + 1], [ord("c") + 1]]
+    prompt_tokens = chunks[-1].prompt_tokens
+    assert chunks[-1].session.tokens_consumed == prompt_tokens + 3
+    assert all(chunk.session is None for chunk in chunks[:-1])
 
 
 def test_end_of_text_finishes_without_text() -> None:
@@ -139,8 +142,9 @@ def test_long_prompts_are_prefilled_in_chunks() -> None:
         generator=make_generator(0)[0],
         max_tokens=1,
     )
-    assert sum(map(len, model.fed)) == len(load_world_tokenizer().encode(prompt))
-    assert max(map(len, model.fed)) == 256
+    prompt_chunks = model.fed[:-1]  # the last call reads the generated token
+    assert sum(map(len, prompt_chunks)) == len(load_world_tokenizer().encode(prompt))
+    assert max(map(len, prompt_chunks)) == 256
 
 
 @pytest.mark.parametrize(

@@ -69,10 +69,11 @@ def test_whole_sequence_equals_token_by_token(model) -> None:
 def test_chunked_prefill_equals_one_forward(model) -> None:
     whole_logits, whole_state = model.forward(TOKENS)
     progress = []
-    logits, state = prefill(model, TOKENS, chunk_len=4, on_progress=progress.append)
+    session = prefill(model, TOKENS, chunk_len=4, on_progress=progress.append)
     assert progress == [4, 8, 12, 13]
-    assert _relative_error(logits, whole_logits) < 1e-6
-    _assert_states_close(state, whole_state, 1e-6)
+    assert session.tokens_consumed == len(TOKENS)
+    assert _relative_error(session.logits, whole_logits) < 1e-6
+    _assert_states_close(session.state, whole_state, 1e-6)
 
 
 def test_forward_leaves_the_input_state_untouched(model) -> None:

@@ -8,7 +8,12 @@ from typing import Protocol
 
 import torch
 
-from rwkv_cli.checkpoint import GENERATION_NAMES, Checkpoint, load_checkpoint
+from rwkv_cli.checkpoint import (
+    GENERATION_NAMES,
+    Checkpoint,
+    load_checkpoint,
+    weights_fingerprint,
+)
 from rwkv_cli.errors import UnsupportedModelError
 from rwkv_cli.models.rwkv7 import RWKV7
 from rwkv_cli.state import State
@@ -19,6 +24,7 @@ class Model(Protocol):
 
     generation: str
     dtype: torch.dtype
+    fingerprint: str  # identifies the exact weights (see checkpoint.weights_fingerprint)
 
     @property
     def vocab_size(self) -> int: ...
@@ -45,7 +51,9 @@ def model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.flo
             f"(this version runs {supported})",
             hint="see the README's roadmap for when other generations arrive",
         )
-    return model_class.from_tensors(checkpoint.tensors, dtype=dtype)
+    model = model_class.from_tensors(checkpoint.tensors, dtype=dtype)
+    model.fingerprint = weights_fingerprint(checkpoint.tensors)
+    return model
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Model:

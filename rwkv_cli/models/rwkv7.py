@@ -265,6 +265,7 @@ class RWKV7:
         self.ln_out = ln_out
         self.head = head  # (V, C)
         self.dtype = embedding.dtype
+        self.fingerprint = ""  # set by the loader, which sees the checkpoint's raw tensors
 
     @classmethod
     def from_tensors(

@@ -1,0 +1,73 @@
+"""Atomic file writes: a reader sees the old file or the new one, never a half-written one."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from rwkv_cli.errors import WriteError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename.
+
+    On any failure the temp file is removed, the previous file (if any) is left as it was, and a
+    :class:`WriteError` says why.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        descriptor, temp_name = tempfile.mkstemp(
+            dir=directory, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as error:
+        raise _write_error(path, error) from error
+    try:
+        os.chmod(temp_name, _mode_for(path))
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from error
+        raise
+    _fsync_directory(directory)
+
+
+def _mode_for(path: Path) -> int:
+    """Keep the mode of the file being replaced; a new file gets the umask's usual 0o666 mode."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (not possible on every platform; best effort)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _write_error(path: Path, error: OSError) -> WriteError:
+    if error.errno == errno.ENOSPC:
+        return WriteError(
+            f"disk full while writing {path}; the previous file is unchanged",
+            hint="free some space and run the command again",
+        )
+    reason = error.strerror or str(error)
+    return WriteError(
+        f"cannot write {path}: {reason}", hint="check the directory exists and is writable"
+    )

@@ -1,0 +1,333 @@
+"""State files: a saved :class:`Session` and everything needed to check and resume it.
+
+Format version 1 is a safetensors file (layout in the README, "The state file"). Tensors:
+``blocks.{i}.*`` (the model's recurrent state, float32), ``logits`` (next-token logits),
+``sampling.counts`` (penalty occurrence counts) and ``sampling.rng_state`` (uint8, the sampler's
+torch generator). String metadata names the model, the format, and how the state was made.
+
+BlinkDL "state tuning" files (``.pth`` with ``blocks.N.att.time_state``) load as initial states.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from rwkv_cli import __version__
+from rwkv_cli.checkpoint import GENERATION_NAMES, read_tensors
+from rwkv_cli.errors import RwkvCliError, StateFileError
+from rwkv_cli.fileio import atomic_write_bytes
+from rwkv_cli.generate import Session
+from rwkv_cli.models import Model
+from rwkv_cli.sampling import SamplingParams
+
+FORMAT_NAME = "rwkv-cli-state"
+FORMAT_VERSION = 1
+TEXT_TAIL_CHARS = 2000  # how much of the text read so far a state file keeps, for display only
+_LOGITS, _COUNTS, _RNG = "logits", "sampling.counts", "sampling.rng_state"
+_FORCE_HINT = "if the model is a fine-tune of the one that made the state, pass --force"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a state depends on: the model's shape, tokenizer and exact weights."""
+
+    generation: str
+    n_layer: int
+    n_embd: int
+    head_size: int  # 0 for RWKV-4, which has no heads
+    vocab_size: int
+    tokenizer: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, model: Model, tokenizer_name: str) -> ModelIdentity:
+        config = model.config
+        return cls(
+            generation=model.generation,
+            n_layer=config.n_layer,
+            n_embd=config.n_embd,
+            head_size=getattr(config, "head_size", 0),
+            vocab_size=config.vocab_size,
+            tokenizer=tokenizer_name,
+            fingerprint=model.fingerprint,
+        )
+
+    def describe(self) -> str:
+        name = GENERATION_NAMES.get(self.generation, f"RWKV-{self.generation}")
+        return f"{name} L{self.n_layer} D{self.n_embd}"
+
+    def difference(self, model: ModelIdentity) -> tuple[str, str | None] | None:
+        """How a state made by ``self`` does not fit ``model``: (message, hint), or None."""
+        if (self.generation, self.n_layer, self.n_embd) != (
+            model.generation,
+            model.n_layer,
+            model.n_embd,
+        ):
+            return f"state was made by {self.describe()}; model is {model.describe()}", None
+        if self.head_size != model.head_size:
+            return f"state has head size {self.head_size}; model has {model.head_size}", None
+        if self.vocab_size != model.vocab_size:
+            return (
+                f"state was made with a vocabulary of {self.vocab_size} tokens; "
+                f"model has {model.vocab_size}",
+                None,
+            )
+        if self.tokenizer != model.tokenizer:
+            return f"state used tokenizer {self.tokenizer}; model uses {model.tokenizer}", None
+        if self.fingerprint != model.fingerprint:
+            return (
+                f"state was made by other weights of the same shape (fingerprint "
+                f"{self.fingerprint}; model's is {model.fingerprint})",
+                _FORCE_HINT,
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class StateFile:
+    """The contents of a state file, read without needing the model."""
+
+    path: Path
+    identity: ModelIdentity
+    state_tensors: dict[str, torch.Tensor]
+    logits: torch.Tensor | None
+    counts: torch.Tensor | None
+    rng_state: torch.Tensor | None
+    model_spec: str
+    model_resolved: str
+    tokens_consumed: int
+    created: str
+    tool_version: str
+    sampling: SamplingParams | None = None
+    seed: int | None = None
+    text_tail: str = ""
+    chat: dict | None = None  # transcript and template, for chat sessions
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def session_for(self, model: Model, tokenizer_name: str, force: bool = False) -> Session:
+        """The saved session, after checking it fits ``model``; StateFileError if not."""
+        problem = self.identity.difference(ModelIdentity.of(model, tokenizer_name))
+        if problem is not None and not (force and problem[1] == _FORCE_HINT):
+            message, hint = problem
+            raise StateFileError(message, hint=hint)
+        try:
+            state = model.new_state().with_tensors(self.state_tensors)
+        except ValueError as error:
+            raise StateFileError(f"state file {self.path} is corrupt: {error}") from error
+        return Session(state, self.logits, self.counts, self.tokens_consumed)
+
+    def restore_generator(self, generator: torch.Generator) -> bool:
+        """Continue the saved sampler's random sequence; False when the file has none."""
+        if self.rng_state is None:
+            return False
+        try:
+            generator.set_state(self.rng_state)
+        except RuntimeError as error:
+            raise StateFileError(f"state file {self.path} has a corrupt RNG state") from error
+        return True
+
+    def info(self) -> dict:
+        """Everything about the file, as plain JSON-able values (for ``load-state --info``)."""
+        state_bytes = sum(t.numel() * t.element_size() for t in self.state_tensors.values())
+        return {
+            "path": str(self.path),
+            "file_bytes": self.path.stat().st_size,
+            "state_bytes": state_bytes,
+            "format": f"{FORMAT_NAME} {self.metadata.get('format_version', '')}",
+            "model": self.model_spec,
+            "model_resolved": self.model_resolved,
+            "architecture": self.identity.describe(),
+            "generation": self.identity.generation,
+            "n_layer": self.identity.n_layer,
+            "n_embd": self.identity.n_embd,
+            "head_size": self.identity.head_size,
+            "vocab_size": self.identity.vocab_size,
+            "tokenizer": self.identity.tokenizer,
+            "fingerprint": self.identity.fingerprint,
+            "tokens_consumed": self.tokens_consumed,
+            "created": self.created,
+            "tool_version": self.tool_version,
+            "sampling": self.sampling.to_dict() if self.sampling else None,
+            "seed": self.seed,
+            "has_logits": self.logits is not None,
+            "has_rng_state": self.rng_state is not None,
+            "chat": self.chat is not None,
+            "text_tail": self.text_tail,
+        }
+
+
+def save_state_file(
+    path: str | Path,
+    *,
+    model: Model,
+    tokenizer_name: str,
+    session: Session,
+    model_spec: str,
+    model_resolved: str,
+    sampling: SamplingParams | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    text_tail: str = "",
+    chat: dict | None = None,
+) -> None:
+    """Write ``session`` and its provenance to ``path`` atomically (format version 1)."""
+    state = session.state if session.state is not None else model.new_state()
+    tensors = {name: tensor.float().contiguous() for name, tensor in state.named_tensors().items()}
+    if session.logits is not None:
+        tensors[_LOGITS] = session.logits.float().contiguous()
+    if session.counts is not None:
+        tensors[_COUNTS] = session.counts.float().contiguous()
+    if generator is not None:
+        tensors[_RNG] = generator.get_state()
+    identity = ModelIdentity.of(model, tokenizer_name)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "generation": identity.generation,
+        "n_layer": str(identity.n_layer),
+        "n_embd": str(identity.n_embd),
+        "head_size": str(identity.head_size),
+        "vocab_size": str(identity.vocab_size),
+        "tokenizer": identity.tokenizer,
+        "fingerprint": identity.fingerprint,
+        "model": model_spec,
+        "model_resolved": model_resolved,
+        "tokens_consumed": str(session.tokens_consumed),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__,
+        "text_tail": text_tail[-TEXT_TAIL_CHARS:],
+    }
+    if sampling is not None:
+        metadata["sampling"] = json.dumps(sampling.to_dict())
+    if seed is not None:
+        metadata["seed"] = str(seed)
+    if chat is not None:
+        metadata["chat"] = json.dumps(chat, ensure_ascii=False)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def read_state_file(path: str | Path) -> StateFile:
+    """Read and structurally check a state file; StateFileError says what is wrong."""
+    path = Path(path)
+    metadata, tensors = _read_safetensors(path)
+    if metadata.get("format") != FORMAT_NAME:
+        raise StateFileError(
+            f"{path} is not an rwkv-cli state file",
+            hint="state files are made by `rwkv save-state` or `--save-state`",
+        )
+    version = metadata.get("format_version", "")
+    if version != str(FORMAT_VERSION):
+        raise StateFileError(
+            f"{path} is a state file of format version {version or '?'}; "
+            f"this rwkv-cli reads version {FORMAT_VERSION}",
+            hint="upgrade rwkv-cli to read newer state files",
+        )
+    try:
+        return _state_file_from(path, metadata, tensors)
+    except (KeyError, ValueError, TypeError) as error:
+        raise StateFileError(f"state file {path} is corrupt: bad metadata ({error})") from error
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise StateFileError(f"no such state file: {path}")
+    try:
+        with safe_open(path, framework="pt") as file:
+            return file.metadata() or {}, {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise StateFileError(
+            f"state file {path} is truncated or corrupt",
+            hint="state files are safetensors files written by rwkv-cli",
+        ) from error
+
+
+def _state_file_from(path: Path, metadata: dict[str, str], tensors: dict) -> StateFile:
+    identity = ModelIdentity(
+        generation=metadata["generation"],
+        n_layer=int(metadata["n_layer"]),
+        n_embd=int(metadata["n_embd"]),
+        head_size=int(metadata["head_size"]),
+        vocab_size=int(metadata["vocab_size"]),
+        tokenizer=metadata["tokenizer"],
+        fingerprint=metadata["fingerprint"],
+    )
+    for name in (_LOGITS, _COUNTS):
+        tensor = tensors.get(name)
+        if tensor is not None and tuple(tensor.shape) != (identity.vocab_size,):
+            raise ValueError(f"{name} has shape {list(tensor.shape)}")
+    sampling = metadata.get("sampling")
+    chat = metadata.get("chat")
+    return StateFile(
+        path=path,
+        identity=identity,
+        state_tensors={name: t for name, t in tensors.items() if name.startswith("blocks.")},
+        logits=tensors.get(_LOGITS),
+        counts=tensors.get(_COUNTS),
+        rng_state=tensors.get(_RNG),
+        model_spec=metadata["model"],
+        model_resolved=metadata.get("model_resolved", metadata["model"]),
+        tokens_consumed=int(metadata["tokens_consumed"]),
+        created=metadata.get("created", ""),
+        tool_version=metadata.get("tool_version", ""),
+        sampling=SamplingParams.from_dict(json.loads(sampling)) if sampling else None,
+        seed=int(metadata["seed"]) if "seed" in metadata else None,
+        text_tail=metadata.get("text_tail", ""),
+        chat=json.loads(chat) if chat else None,
+        metadata=metadata,
+    )
+
+
+def is_state_tuning_file(path: str | Path) -> bool:
+    """Whether ``path`` looks like a BlinkDL state-tuning checkpoint (a .pth zip archive)."""
+    try:
+        with Path(path).open("rb") as file:
+            return file.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def import_state_tuning(path: str | Path, model: Model) -> Session:
+    """An initial session from a BlinkDL state-tuning file: its ``time_state`` per layer.
+
+    Token-shift states start at zero, as in BlinkDL's demos; no token has been read, so the
+    session has no logits yet. RWKV-7 stores ``time_state`` as [head, value, key], our layout.
+    """
+    path = Path(path)
+    try:
+        tensors = read_tensors(path)
+    except RwkvCliError as error:
+        raise StateFileError(error.message, error.hint) from error
+    template = model.new_state()
+    named = template.named_tensors()
+    states = {name: t for name, t in tensors.items() if name.endswith(".att.time_state")}
+    if not states or len(states) != len(tensors):
+        raise StateFileError(
+            f"{path} is neither an rwkv-cli state file nor a state-tuning file",
+            hint="state-tuning files hold only blocks.N.att.time_state tensors",
+        )
+    for name, tensor in states.items():
+        target = name.replace(".att.time_state", ".att.wkv")
+        if target not in named:
+            raise StateFileError(
+                f"state-tuning file {path} has {name}, but the model has no such layer"
+            )
+        if tensor.shape != named[target].shape:
+            raise StateFileError(
+                f"state-tuning file {path} does not fit the model: {name} has shape "
+                f"{list(tensor.shape)}, model needs {list(named[target].shape)}",
+                hint="a state-tuning file only works with the model it was trained on",
+            )
+        if not torch.isfinite(tensor).all():
+            raise StateFileError(f"state-tuning file {path} holds non-finite values in {name}")
+        named[target] = tensor.float()
+    missing = len(template.layers) - len(states)
+    if missing:
+        raise StateFileError(f"state-tuning file {path} lacks {missing} of the model's layers")
+    return Session(template.with_tensors(named))
