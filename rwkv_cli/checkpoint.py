@@ -183,7 +183,8 @@ def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{list(tensor.shape)};".encode())
         flat = tensor.reshape(-1)
         if flat.numel():
-            positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).long()
+            steps = torch.arange(FINGERPRINT_SAMPLES, dtype=torch.int64)
+            positions = steps * (flat.numel() - 1) // (FINGERPRINT_SAMPLES - 1)
             digest.update(flat[positions].float().numpy().tobytes())
     return digest.hexdigest()[:16]
 

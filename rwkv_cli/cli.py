@@ -20,6 +20,7 @@ import typer
 from rwkv_cli import __version__
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.generate import Session, prefill, stream_generate
+from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
 from rwkv_cli.runtime import LoadedModel, Start, open_start
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
@@ -32,12 +33,13 @@ from rwkv_cli.textio import (
     unescape,
 )
 from rwkv_cli.ui import (
-    activity,
     ask_line,
     prefill_progress,
     print_error,
+    print_models,
     print_state_info,
     print_stats,
+    show_warnings_on,
     stderr_console,
 )
 
@@ -61,10 +63,14 @@ ModelOption = Annotated[
     typer.Option(
         "-m",
         "--model",
-        help="RWKV checkpoint file (.pth or .safetensors). With --state, defaults to the "
-        "model the state file names.",
+        help=f"A checkpoint file, a Hub repo (owner/name or owner/name:file) or an alias from "
+        f"`rwkv models`. Default: the model a --state file names, else {DEFAULT_MODEL}.",
         show_default=False,
     ),
+]
+RevisionOption = Annotated[
+    str | None,
+    typer.Option(help="Hub branch, tag or commit of the model.", show_default=False),
 ]
 StateOption = Annotated[
     Path | None,
@@ -173,6 +179,7 @@ def generate(
         ),
     ] = None,
     model: ModelOption = None,
+    revision: RevisionOption = None,
     state: StateOption = None,
     save_state: SaveStateOption = None,
     force: ForceOption = False,
@@ -192,7 +199,6 @@ def generate(
     Examples: rwkv generate "Once upon a time" -m model.pth · cat notes.txt | rwkv generate
     "Summary:" -m model.pth -n 200 --temperature 0 · rwkv generate "More:" --state s.rwkvstate
     """
-    _require_model_or_state(ctx, model, state)
     stdin = piped_stdin()
     if prompt is None and stdin is None and state is None:
         raise typer.BadParameter(
@@ -202,7 +208,7 @@ def generate(
         )
     text = read_prompt(prompt, stdin)
     console = stderr_console()
-    start = _open(console, model, state, force)
+    start = _open(console, model, state, force, revision)
     run = _Continuation.begin(
         ctx,
         start,
@@ -229,6 +235,7 @@ def save_state_command(
         Path, typer.Option("-o", "--output", help="State file to write.", show_default=False)
     ] = ...,
     model: ModelOption = None,
+    revision: RevisionOption = None,
     file: Annotated[
         Path | None,
         typer.Option("-f", "--file", help="Read the text from this file.", show_default=False),
@@ -242,7 +249,6 @@ def save_state_command(
     Process a system prompt or a whole document once; continue from it many times with
     `rwkv generate --state FILE` or `rwkv load-state FILE`.
     """
-    _require_model_or_state(ctx, model, state)
     stdin = piped_stdin()
     if text is None and stdin is None and file is None:
         raise typer.BadParameter(
@@ -254,7 +260,7 @@ def save_state_command(
     if file is not None:
         content = _read_text_file(file) + content
     console = stderr_console()
-    start = _open(console, model, state, force)
+    start = _open(console, model, state, force, revision)
     tokens = start.loaded.tokenizer.encode(content)
     with prefill_progress(console, len(tokens)) as on_progress:
         session = prefill(start.loaded.model, tokens, start.session, on_progress=on_progress)
@@ -283,6 +289,7 @@ def load_state_command(
     info: Annotated[bool, typer.Option("--info", help="Describe the file and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --info: print JSON.")] = False,
     model: ModelOption = None,
+    revision: RevisionOption = None,
     force: ForceOption = False,
     save_state: SaveStateOption = None,
     max_tokens: MaxTokensOption = 256,
@@ -309,7 +316,7 @@ def load_state_command(
         return
     console = stderr_console()
     stdin = piped_stdin()
-    start = _open(console, model, file, force)
+    start = _open(console, model, file, force, revision)
     run = _Continuation.begin(
         ctx,
         start,
@@ -330,13 +337,19 @@ def load_state_command(
         run.turn(console, unescape(line))
 
 
-def _require_model_or_state(ctx: typer.Context, model: str | None, state: Path | None) -> None:
-    if model is None and state is None:
-        raise typer.BadParameter(
-            "pass -m MODEL (or --state FILE to continue a saved state)",
-            ctx=ctx,
-            param_hint="'-m' / '--model'",
-        )
+@app.command()
+def download(
+    spec: Annotated[str, typer.Argument(help="Model to fetch (see --model).", show_default=False)],
+    revision: RevisionOption = None,
+) -> None:
+    """Download a model into the Hugging Face cache and print its local path."""
+    typer.echo(resolve_model(spec, revision, console=stderr_console()).path)
+
+
+@app.command()
+def models() -> None:
+    """List the model aliases and the checkpoints already downloaded."""
+    print_models(list_aliases(), cached_models())
 
 
 def _read_text_file(path: Path) -> str:
@@ -347,9 +360,10 @@ def _read_text_file(path: Path) -> str:
     return decode_utf8(data, str(path))
 
 
-def _open(console, model: str | None, state: Path | None, force: bool) -> Start:
-    with activity(console, "Loading the model"):
-        return open_start(model, state, force)
+def _open(
+    console, model: str | None, state: Path | None, force: bool, revision: str | None
+) -> Start:
+    return open_start(model, state, force, revision, console)
 
 
 def _sampling_params(ctx: typer.Context, saved: SamplingParams | None) -> SamplingParams:
@@ -468,6 +482,7 @@ def _first_line(error: BaseException) -> str:
 def main() -> None:
     """Console-script entry point and the single error boundary."""
     console = stderr_console()
+    show_warnings_on(console)
     debug = os.environ.get("RWKV_CLI_DEBUG") == "1"
     try:
         code = typer.main.get_command(app).main(prog_name="rwkv", standalone_mode=False)

@@ -6,13 +6,20 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from rwkv_cli.errors import WriteError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename.
+    """Replace ``path`` with ``data`` atomically (see ``atomic_write``)."""
+    atomic_write(path, lambda temp: temp.write_bytes(data))
+
+
+def atomic_write(path: str | Path, write_to: Callable[[Path], object]) -> None:
+    """Replace ``path`` with what ``write_to(temp_path)`` writes: a temp file in the same
+    directory, fsync, rename.
 
     On any failure the temp file is removed, the previous file (if any) is left as it was, and a
     :class:`WriteError` says why.
@@ -25,12 +32,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         )
     except OSError as error:
         raise _write_error(path, error) from error
+    os.close(descriptor)
     try:
         os.chmod(temp_name, _mode_for(path))
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        write_to(Path(temp_name))
+        _fsync_file(temp_name)
         os.replace(temp_name, path)
     except BaseException as error:
         with contextlib.suppress(OSError):
@@ -49,6 +55,14 @@ def _mode_for(path: Path) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def _fsync_file(name: str) -> None:
+    descriptor = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+
 from rwkv_cli.errors import InvalidInputError
 from rwkv_cli.generate import Session
-from rwkv_cli.models import Model, load_model
+from rwkv_cli.hub import DEFAULT_MODEL, resolve_model
+from rwkv_cli.models import Model
+from rwkv_cli.prepared import load_model_cached
 from rwkv_cli.statefile import StateFile, import_state_tuning, is_state_tuning_file, read_state_file
 from rwkv_cli.tokenizer import WorldTokenizer, tokenizer_for_vocab
+from rwkv_cli.ui import activity
+
+_PINNED_HUB_FILE = re.compile(r"^(?P<spec>[^@]+:[^@]+)@(?P<commit>[0-9a-f]{40})$")
 
 
 @dataclass(frozen=True)
@@ -19,7 +27,7 @@ class LoadedModel:
     model: Model
     tokenizer: WorldTokenizer
     spec: str  # as the user gave it
-    resolved: str  # where it was found: an absolute path
+    resolved: str  # where it was found: an absolute path, or repo:file@commit
 
 
 @dataclass(frozen=True)
@@ -31,38 +39,65 @@ class Start:
     state_file: StateFile | None = None
 
 
-def open_model(spec: str) -> LoadedModel:
-    """Load the model ``spec`` names (a checkpoint path)."""
-    path = Path(spec).expanduser()
-    model = load_model(path)
-    return LoadedModel(model, tokenizer_for_vocab(model.vocab_size), spec, str(path.resolve()))
+def open_model(
+    spec: str, revision: str | None = None, console: Console | None = None
+) -> LoadedModel:
+    """Load the model ``spec`` names: a local checkpoint, a Hub file or an alias (downloading it
+    on first use), through the converted-weights cache."""
+    resolved = resolve_model(spec, revision, console=console)
+    with activity(console, f"Loading {resolved.path.name}"):
+        model = load_model_cached(resolved.path)
+    tokenizer = tokenizer_for_vocab(model.vocab_size)
+    return LoadedModel(model, tokenizer, spec, resolved.resolved)
 
 
-def open_start(model_spec: str | None, state_path: Path | None, force: bool = False) -> Start:
+def open_start(
+    model_spec: str | None,
+    state_path: Path | None,
+    force: bool = False,
+    revision: str | None = None,
+    console: Console | None = None,
+) -> Start:
     """Load the model, and the saved state to continue from if ``state_path`` is given.
 
-    Without ``model_spec`` the model is the one the state file names. A BlinkDL state-tuning
-    file has no such record, so it needs ``model_spec``.
+    Without ``model_spec`` the model is the one the state file names, or else the default model.
+    A BlinkDL state-tuning file does not record its model, so it needs ``model_spec``.
     """
     if state_path is None:
-        if model_spec is None:
-            raise InvalidInputError("no model given", hint="pass -m MODEL (a checkpoint file)")
-        return Start(open_model(model_spec), Session())
+        return Start(open_model(model_spec or default_model(console), revision, console), Session())
     if is_state_tuning_file(state_path):
         if model_spec is None:
             raise InvalidInputError(
                 f"{state_path} is a state-tuning file, which does not record its model",
                 hint="pass the model it was trained for with -m MODEL",
             )
-        loaded = open_model(model_spec)
+        loaded = open_model(model_spec, revision, console)
         return Start(loaded, import_state_tuning(state_path, loaded.model))
     state_file = read_state_file(state_path)
-    loaded = open_model(model_spec or _saved_model_spec(state_file))
+    if model_spec is None:
+        loaded = _open_saved_model(state_file, console)
+    else:
+        loaded = open_model(model_spec, revision, console)
     session = state_file.session_for(loaded.model, loaded.tokenizer.name, force=force)
     return Start(loaded, session, state_file)
 
 
-def _saved_model_spec(state_file: StateFile) -> str:
-    """The model a state file names: where it was found, else how it was asked for."""
-    resolved = Path(state_file.model_resolved)
-    return str(resolved) if resolved.is_file() else state_file.model_spec
+def default_model(console: Console | None) -> str:
+    """The model used when none is named, announced so the download is no surprise."""
+    if console is not None:
+        console.print(
+            f"[dim]No model given: using the default, {DEFAULT_MODEL} (-m to choose)[/dim]"
+        )
+    return DEFAULT_MODEL
+
+
+def _open_saved_model(state_file: StateFile, console: Console | None) -> LoadedModel:
+    """The model a state file names: exactly where it was found, else how it was asked for."""
+    pinned = _PINNED_HUB_FILE.match(state_file.model_resolved)
+    if pinned:
+        loaded = open_model(pinned["spec"], pinned["commit"], console)
+    elif Path(state_file.model_resolved).is_file():
+        loaded = open_model(state_file.model_resolved, console=console)
+    else:
+        loaded = open_model(state_file.model_spec, console=console)
+    return LoadedModel(loaded.model, loaded.tokenizer, state_file.model_spec, loaded.resolved)

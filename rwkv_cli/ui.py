@@ -7,6 +7,7 @@ codes when stderr is not a terminal; spinners are shown only on a terminal.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -22,9 +23,9 @@ def stderr_console() -> Console:
 
 
 @contextlib.contextmanager
-def activity(console: Console, message: str) -> Iterator[None]:
+def activity(console: Console | None, message: str) -> Iterator[None]:
     """A spinner with ``message`` while the block runs, on a terminal only."""
-    if console.is_terminal:
+    if console is not None and console.is_terminal:
         with console.status(message):
             yield
     else:
@@ -74,6 +75,25 @@ def print_state_info(details: dict) -> None:
         print(f"{'text tail:':<17}{tail[-200:]!r}")
 
 
+def print_models(aliases: list, cached: list) -> None:
+    """``rwkv models``: aliases and cached checkpoints, as plain aligned text on stdout."""
+    print("Aliases (newest matching file of the repo; use with -m):")
+    width = max(len(alias.name) for alias in aliases)
+    for alias in aliases:
+        print(f"  {alias.name:<{width}}  {alias.repo_id}")
+    print("\nDownloaded:" if cached else "\nDownloaded: none yet (rwkv download MODEL)")
+    for model in cached:
+        print(f"  {model.repo_id}:{model.filename}  {_size(model.size)}  {model.path}")
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
 def print_stats(console: Console, last: GenerationChunk) -> None:
     """The one-line footer after a generation."""
     console.print(
@@ -81,6 +101,15 @@ def print_stats(console: Console, last: GenerationChunk) -> None:
         f"generated: {last.generated_tokens} tokens, {last.generation_tps:.1f} tok/s · "
         f"stop: {last.finish_reason}[/dim]"
     )
+
+
+def show_warnings_on(console: Console) -> None:
+    """Print Python warnings raised by the library as one ``Warning:`` line each."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        console.print(f"[yellow]Warning:[/yellow] {escape(str(message))}")
+
+    warnings.showwarning = show
 
 
 def print_error(console: Console, error: RwkvCliError) -> None:

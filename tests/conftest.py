@@ -16,6 +16,23 @@ from tests.fixtures import rwkv7_tensors, write_pth, write_safetensors
 from tests.hub_server import HubServer
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_homes(tmp_path_factory: pytest.TempPathFactory):
+    """rwkv-cli's own files and the Hugging Face cache go to temp dirs, and the Hub is off limits,
+    for this process and the CLI processes tests start. Tests that need a Hub use ``local_hub``."""
+    hf_home = tmp_path_factory.mktemp("hf-home")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RWKV_CLI_HOME", str(tmp_path_factory.mktemp("rwkv-cli-home")))
+    patch.setenv("HF_HOME", str(hf_home))
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    patch.delenv("HF_HUB_CACHE", raising=False)
+    patch.setattr(hf_constants, "HF_HOME", str(hf_home))
+    patch.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    patch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def rwkv7_pth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 128-wide RWKV-7 with the World vocabulary, as an official bf16 .pth."""
@@ -94,6 +111,7 @@ def local_hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyP
     home = tmp_path / "hf-home"
     settings = {
         "ENDPOINT": hub_server.url,
+        "HUGGINGFACE_CO_URL_TEMPLATE": hub_server.url + "/{repo_id}/resolve/{revision}/{filename}",
         "HF_HOME": str(home),
         "HF_HUB_CACHE": str(home / "hub"),
         "HF_TOKEN_PATH": str(home / "token"),

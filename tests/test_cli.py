@@ -141,9 +141,17 @@ def test_invalid_option_values_are_usage_errors(rwkv7_pth, option, value, fragme
     assert_one_line_error(result, 2, fragment)
 
 
-def test_unknown_option_and_missing_model_are_usage_errors() -> None:
+def test_unknown_option_is_a_usage_error() -> None:
     assert_one_line_error(rwkv("generate", "x", "--frobnicate"), 2, "--frobnicate")
-    assert_one_line_error(rwkv("generate", "x"), 2, "--model")
+
+
+def test_without_a_model_the_default_is_used() -> None:
+    result = rwkv("generate", "x")  # offline with an empty cache in the tests
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and result.stdout == b""
+    assert stderr.startswith("No model given: using the default, rwkv7-g1-0.1b")
+    assert "Error: rwkv7-g1-0.1b is not in the local cache" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_debug_variable_shows_the_traceback(tmp_path) -> None:

@@ -214,11 +214,6 @@ def test_state_tuning_file_needs_its_model(state_tuning_pth, rwkv7_pth) -> None:
     assert tuned.returncode == 0 and tuned.stdout != plain.stdout
 
 
-def test_no_model_and_no_state_is_a_usage_error() -> None:
-    assert_one_line_error(rwkv("generate", "x"), 2, "-m MODEL")
-    assert_one_line_error(rwkv("save-state", "x", "-o", "s"), 2, "-m MODEL")
-
-
 def test_ctrl_c_keeps_the_previous_state_file(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "s.rwkvstate"
     rwkv("save-state", "Safe.", "-m", rwkv7_pth, "-o", state)

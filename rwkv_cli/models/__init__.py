@@ -31,6 +31,14 @@ class Model(Protocol):
 
     def describe(self) -> str: ...
 
+    @staticmethod
+    def prepare(
+        tensors: dict[str, torch.Tensor], dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]: ...
+
+    @classmethod
+    def from_prepared(cls, prepared: dict[str, torch.Tensor]) -> Model: ...
+
     def new_state(self) -> State: ...
 
     def forward(
@@ -41,17 +49,22 @@ class Model(Protocol):
 MODEL_CLASSES = {RWKV7.generation: RWKV7}
 
 
-def model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Model:
-    """Build the model for a checkpoint's generation, or explain why it cannot run."""
-    model_class = MODEL_CLASSES.get(checkpoint.generation)
-    if model_class is None:
+def model_class(generation: str) -> type:
+    """The class that runs ``generation``, or an error explaining it is not supported yet."""
+    found = MODEL_CLASSES.get(generation)
+    if found is None:
         supported = ", ".join(GENERATION_NAMES[name] for name in MODEL_CLASSES)
         raise UnsupportedModelError(
-            f"{checkpoint.generation_name} checkpoints are not supported yet "
+            f"{GENERATION_NAMES.get(generation, generation)} checkpoints are not supported yet "
             f"(this version runs {supported})",
             hint="see the README's roadmap for when other generations arrive",
         )
-    model = model_class.from_tensors(checkpoint.tensors, dtype=dtype)
+    return found
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Model:
+    """Build the model for a checkpoint's generation, or explain why it cannot run."""
+    model = model_class(checkpoint.generation).from_tensors(checkpoint.tensors, dtype=dtype)
     model.fingerprint = weights_fingerprint(checkpoint.tensors)
     return model
 

@@ -96,12 +96,14 @@ class _Weights:
         return [_checkpoint_key(field.name) for field in dataclasses.fields(cls)]
 
     @classmethod
-    def take(cls, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype):
-        values = {}
-        for field in dataclasses.fields(cls):
-            tensor = tensors.get(prefix + _checkpoint_key(field.name))
-            values[field.name] = None if tensor is None else _prepare(tensor, dtype)
-        return cls(**values)
+    def take(cls, prepared: dict[str, torch.Tensor], prefix: str):
+        """This group's tensors from a prepared dict (``RWKV7.prepare``); absent ones are None."""
+        return cls(
+            **{
+                field.name: prepared.get(prefix + _checkpoint_key(field.name))
+                for field in dataclasses.fields(cls)
+            }
+        )
 
 
 def _prepare(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -267,33 +269,47 @@ class RWKV7:
         self.dtype = embedding.dtype
         self.fingerprint = ""  # set by the loader, which sees the checkpoint's raw tensors
 
+    @staticmethod
+    def prepare(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors, validated, in the layout the model runs on.
+
+        ln0 is folded into the embedding (and dropped), (1, 1, C) mixing vectors become (C,), and
+        everything is cast to ``dtype``. This is what the converted-weights cache stores.
+        """
+        config = RWKV7Config.from_tensors(tensors)
+        check_keys(tensors, config.n_layer)
+        check_shapes(tensors, config)
+        ln0 = [tensors[name].float() for name in ("blocks.0.ln0.weight", "blocks.0.ln0.bias")]
+        prepared = {
+            name: _prepare(tensor, dtype)
+            for name, tensor in tensors.items()
+            if not name.startswith("blocks.0.ln0.")
+        }
+        embedding = F.layer_norm(tensors["emb.weight"].float(), (config.n_embd,), *ln0)
+        prepared["emb.weight"] = embedding.to(dtype)
+        return prepared
+
+    @classmethod
+    def from_prepared(cls, prepared: dict[str, torch.Tensor]) -> RWKV7:
+        """Build the model around prepared tensors without copying them (they may be mmapped)."""
+        config = RWKV7Config.from_tensors(prepared)
+        blocks = [
+            Block(
+                norms=NormWeights.take(prepared, f"blocks.{index}."),
+                att=TimeMixWeights.take(prepared, f"blocks.{index}.att."),
+                ffn=ChannelMixWeights.take(prepared, f"blocks.{index}.ffn."),
+            )
+            for index in range(config.n_layer)
+        ]
+        ln_out = (prepared["ln_out.weight"], prepared["ln_out.bias"])
+        return cls(config, prepared["emb.weight"], blocks, ln_out, prepared["head.weight"])
+
     @classmethod
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
     ) -> RWKV7:
         """Build the model from a checkpoint's tensors (validated first)."""
-        config = RWKV7Config.from_tensors(tensors)
-        check_keys(tensors, config.n_layer)
-        check_shapes(tensors, config)
-        embedding = F.layer_norm(
-            tensors["emb.weight"].float(),
-            (config.n_embd,),
-            tensors["blocks.0.ln0.weight"].float(),
-            tensors["blocks.0.ln0.bias"].float(),
-        ).to(dtype)
-        blocks = [
-            Block(
-                norms=NormWeights.take(tensors, f"blocks.{index}.", dtype),
-                att=TimeMixWeights.take(tensors, f"blocks.{index}.att.", dtype),
-                ffn=ChannelMixWeights.take(tensors, f"blocks.{index}.ffn.", dtype),
-            )
-            for index in range(config.n_layer)
-        ]
-        ln_out = (
-            _prepare(tensors["ln_out.weight"], dtype),
-            _prepare(tensors["ln_out.bias"], dtype),
-        )
-        return cls(config, embedding, blocks, ln_out, _prepare(tensors["head.weight"], dtype))
+        return cls.from_prepared(cls.prepare(tensors, dtype))
 
     @property
     def vocab_size(self) -> int:

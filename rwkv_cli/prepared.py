@@ -1,0 +1,127 @@
+"""The converted-weights cache: each checkpoint is prepared once, then memory-mapped.
+
+The first load of a checkpoint reads it (``.pth`` only with ``weights_only=True``), validates it,
+puts it into the layout the model runs on (``Model.prepare``: ln0 folded, vectors squeezed, the
+compute dtype) and writes that as safetensors under ``$RWKV_CLI_HOME/converted``. Later loads
+memory-map that file: no pickle, no copy, and pages are only read as the model touches them.
+
+Converted files are keyed by the SHA-256 of the source file. A file in the Hugging Face cache is
+stored under its SHA-256 already; any other file is hashed once and the hash remembered against
+its size and modification time, so a changed file is converted again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from rwkv_cli.checkpoint import load_checkpoint, weights_fingerprint
+from rwkv_cli.errors import WriteError
+from rwkv_cli.fileio import atomic_write, atomic_write_bytes
+from rwkv_cli.models import Model, model_class
+from rwkv_cli.paths import converted_dir
+
+LAYOUT = "rwkv-cli-prepared"
+LAYOUT_VERSION = 1  # bump when prepare() changes what it stores
+_HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
+_INDEX = "hashes.json"
+_HASH_BLOCK = 16 * 1024 * 1024
+
+
+def load_model_cached(path: str | Path, dtype: torch.dtype = torch.float32) -> Model:
+    """The model in ``path``, from the converted cache (converting it on first use)."""
+    path = Path(path)
+    name = f"{source_hash(path)}-{_dtype_name(dtype)}-v{LAYOUT_VERSION}.safetensors"
+    cached = converted_dir() / name
+    return _load_converted(cached) or _convert(path, cached, dtype)
+
+
+def _convert(path: Path, cached: Path, dtype: torch.dtype) -> Model:
+    """Read and prepare the checkpoint, write the converted file, and load the model from it."""
+    checkpoint = load_checkpoint(path)
+    generation = checkpoint.generation
+    prepared = model_class(generation).prepare(checkpoint.tensors, dtype)
+    fingerprint = weights_fingerprint(checkpoint.tensors)
+    metadata = {
+        "format": LAYOUT,
+        "format_version": str(LAYOUT_VERSION),
+        "generation": generation,
+        "fingerprint": fingerprint,
+        "source": str(path),
+    }
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, lambda temp: save_file(prepared, temp, metadata=metadata))
+    except (WriteError, OSError, SafetensorError) as error:
+        reason = error.message if isinstance(error, WriteError) else str(error)
+        warnings.warn(f"could not cache the converted model: {reason}", stacklevel=2)
+        return _build(generation, prepared, fingerprint)
+    # Reload from the file so the weights are memory-mapped rather than held in this process.
+    return _load_converted(cached) or _build(generation, prepared, fingerprint)
+
+
+def _load_converted(cached: Path) -> Model | None:
+    """The model from a converted file, or None if it is missing or unusable (then rebuilt)."""
+    if not cached.is_file():
+        return None
+    try:
+        with safe_open(cached, framework="pt") as file:
+            metadata = file.metadata() or {}
+        layout = (metadata.get("format"), metadata.get("format_version"))
+        if layout != (LAYOUT, str(LAYOUT_VERSION)):
+            return None
+        prepared = load_file(cached)  # memory-mapped
+        return _build(metadata["generation"], prepared, metadata["fingerprint"])
+    except (SafetensorError, OSError, KeyError, ValueError):
+        cached.unlink(missing_ok=True)
+        return None
+
+
+def _build(generation: str, prepared: dict[str, torch.Tensor], fingerprint: str) -> Model:
+    model = model_class(generation).from_prepared(prepared)
+    model.fingerprint = fingerprint
+    return model
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def source_hash(path: Path) -> str:
+    """The SHA-256 of a checkpoint file, computed at most once per version of the file."""
+    resolved = path.resolve()
+    if _HF_BLOB.match(resolved.name) and resolved.parent.name == "blobs":
+        return resolved.name  # huggingface_hub stores LFS files under their SHA-256
+    stat = resolved.stat()
+    signature = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    index_path = converted_dir() / _INDEX
+    index = _read_index(index_path)
+    known = index.get(str(resolved))
+    if known is not None and {key: known.get(key) for key in signature} == signature:
+        return known["sha256"]
+    digest = hashlib.sha256()
+    with resolved.open("rb") as file:
+        while block := file.read(_HASH_BLOCK):
+            digest.update(block)
+    index[str(resolved)] = {**signature, "sha256": digest.hexdigest()}
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(index_path, json.dumps(index, indent=1).encode())
+    except (WriteError, OSError):
+        pass  # only a speed-up: the file is hashed again next time
+    return digest.hexdigest()
+
+
+def _read_index(index_path: Path) -> dict:
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}

@@ -1,0 +1,87 @@
+"""The converted-weights cache: convert once, memory-map afterwards, reconvert when needed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rwkv_cli import prepared
+from rwkv_cli.models import load_model
+from rwkv_cli.paths import converted_dir
+from rwkv_cli.prepared import load_model_cached, source_hash
+from tests.fixtures import rwkv7_tensors, write_pth
+
+TOKENS = [1, 500, 2000, 11, 261]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("RWKV_CLI_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _logits(model) -> torch.Tensor:
+    return model.forward(TOKENS)[0]
+
+
+def test_first_load_converts_and_later_loads_skip_the_checkpoint(home, rwkv7_pth, monkeypatch):
+    first = load_model_cached(rwkv7_pth)
+    converted = list(converted_dir().glob("*.safetensors"))
+    assert len(converted) == 1 and converted[0].name.endswith("-float32-v1.safetensors")
+
+    def no_reading(path):
+        raise AssertionError("the checkpoint was read again")
+
+    monkeypatch.setattr(prepared, "load_checkpoint", no_reading)
+    second = load_model_cached(rwkv7_pth)
+    direct = load_model(rwkv7_pth)
+    assert torch.equal(_logits(second), _logits(direct))
+    assert torch.equal(_logits(first), _logits(direct))
+    assert second.fingerprint == direct.fingerprint != ""
+
+
+def test_a_changed_source_file_is_converted_again(home, tmp_path):
+    path = write_pth(tmp_path / "model.pth", rwkv7_tensors(seed=0))
+    before = _logits(load_model_cached(path))
+    write_pth(path, rwkv7_tensors(seed=5))
+    os.utime(path, ns=(1, 1))  # a different modification time, whatever the clock resolution
+    after = _logits(load_model_cached(path))
+    assert not torch.equal(before, after)
+    assert torch.equal(after, _logits(load_model(path)))
+    assert len(list(converted_dir().glob("*.safetensors"))) == 2
+
+
+def test_the_hash_is_computed_once_per_file_version(home, rwkv7_pth, monkeypatch):
+    expected = source_hash(rwkv7_pth)
+    monkeypatch.setattr(prepared.hashlib, "sha256", None)  # hashing again would fail
+    assert source_hash(rwkv7_pth) == expected
+
+
+def test_hugging_face_blobs_are_named_by_their_hash(home, tmp_path):
+    digest = "ab" * 32
+    blob = tmp_path / "models--x--y" / "blobs" / digest
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"not hashed")
+    link = tmp_path / "model.pth"
+    link.symlink_to(blob)
+    assert source_hash(link) == digest
+
+
+def test_a_corrupt_converted_file_is_rebuilt(home, rwkv7_pth):
+    load_model_cached(rwkv7_pth)
+    (converted,) = converted_dir().glob("*.safetensors")
+    converted.write_bytes(converted.read_bytes()[:1000])
+    model = load_model_cached(rwkv7_pth)
+    assert torch.equal(_logits(model), _logits(load_model(rwkv7_pth)))
+    assert converted.stat().st_size > 1000
+
+
+def test_an_unwritable_cache_still_loads_with_a_warning(tmp_path, rwkv7_pth, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("RWKV_CLI_HOME", str(blocker))
+    with pytest.warns(UserWarning, match="could not cache the converted model"):
+        model = load_model_cached(rwkv7_pth)
+    assert torch.equal(_logits(model), _logits(load_model(rwkv7_pth)))
