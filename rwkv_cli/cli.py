@@ -16,11 +16,21 @@ from typing import Annotated
 
 import torch
 import typer
+from rich.console import Console
 
 from rwkv_cli import __version__
+from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
+from rwkv_cli.paths import chat_history_file
+from rwkv_cli.repl import (
+    ChatRepl,
+    ScriptLines,
+    TerminalLines,
+    chat_from_saved,
+    show_transcript_tail,
+)
 from rwkv_cli.runtime import LoadedModel, Start, open_start
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
@@ -335,6 +345,108 @@ def load_state_command(
     console.print("[dim]Type text to append (empty: just continue); Ctrl-D ends.[/dim]")
     while (line := ask_line(console)) is not None:
         run.turn(console, unescape(line))
+
+
+@app.command()
+def chat(
+    ctx: typer.Context,
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            "--state",
+            help="Resume a saved chat, or chat after a saved state (e.g. a document).",
+            show_default=False,
+            rich_help_panel=STATE,
+        ),
+    ] = None,
+    autosave: Annotated[
+        Path | None,
+        typer.Option(
+            help="Save the chat to this state file after every turn.",
+            show_default=False,
+            rich_help_panel=STATE,
+        ),
+    ] = None,
+    force: ForceOption = False,
+    system: Annotated[
+        str | None,
+        typer.Option(help="A system prompt before the conversation.", show_default=False),
+    ] = None,
+    think: Annotated[
+        bool, typer.Option("--think", help="Let G1 models think before answering.")
+    ] = False,
+    hide_thinking: Annotated[
+        bool, typer.Option("--hide-thinking", help="Do not show G1 thinking, only answers.")
+    ] = False,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            help="Turn format: world, g1 or pile (default: from the model).", show_default=False
+        ),
+    ] = None,
+    max_tokens: MaxTokensOption = MAX_REPLY_TOKENS,
+    temperature: TemperatureOption = CHAT_SAMPLING.temperature,
+    top_p: TopPOption = CHAT_SAMPLING.top_p,
+    top_k: TopKOption = CHAT_SAMPLING.top_k,
+    presence_penalty: PresenceOption = CHAT_SAMPLING.presence_penalty,
+    frequency_penalty: FrequencyOption = CHAT_SAMPLING.frequency_penalty,
+    penalty_decay: DecayOption = CHAT_SAMPLING.penalty_decay,
+    seed: SeedOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Chat with a model in the terminal (or one message per stdin line in scripts).
+
+    Replies stop at a blank line; /help lists the commands (/retry, /undo, /save, /set ...).
+    """
+    if template is not None and template not in TEMPLATES:
+        raise typer.BadParameter(
+            f"choose one of {', '.join(TEMPLATES)}", ctx=ctx, param_hint="'--template'"
+        )
+    console = stderr_console()
+    start = _open(console, model, state, force, revision)
+    saved = start.state_file
+    generator, seed_used = _generator(seed, saved)
+    loaded = start.loaded
+    base = Chat(
+        loaded,
+        TEMPLATES[template] if template else template_for(loaded),
+        _sampling_params(ctx, None),
+        generator,
+        max_tokens,
+        think,
+        start=start.session,
+    )
+    conversation = base
+    if saved is not None:
+        conversation = chat_from_saved(base, saved.chat, start.session, saved.sampling)
+        conversation.params = _sampling_params(ctx, saved.sampling)
+    if system is not None:
+        conversation.set_system(system)
+    on_terminal = sys.stdin.isatty()
+    if on_terminal or verbose:
+        model_line = (
+            f"{loaded.model.describe()} · cpu · {str(loaded.model.dtype).removeprefix('torch.')}"
+        )
+        console.print(
+            f"[dim]rwkv chat · {model_line} · {loaded.spec} · {conversation.template.name} "
+            f"template · seed {seed_used} · /help[/dim]"
+        )
+        show_transcript_tail(console, conversation)
+    lines = TerminalLines(chat_history_file()) if on_terminal else ScriptLines(sys.stdin)
+    stdout = Console(file=sys.stdout)
+    ChatRepl(
+        conversation,
+        console,
+        lines,
+        StdoutWriter(sys.stdout),
+        seed=seed_used,
+        autosave=autosave,
+        hide_thinking=hide_thinking,
+        dim_thinking=stdout.is_terminal and stdout.color_system is not None,
+        show_stats=on_terminal or verbose,
+    ).run()
 
 
 @app.command()

@@ -59,6 +59,7 @@ class GenerationChunk:
     generation_seconds: float
     finish_reason: str | None = None  # "length", "eos" or "stop" on the last record
     session: Session | None = None  # on the last record: the session after the released text
+    kept_tokens: tuple[int, ...] | None = None  # on the last record: the ids spelling that text
 
     @property
     def prompt_tps(self) -> float:
@@ -133,27 +134,32 @@ class _StopMatcher:
 class _Rollback:
     """Sessions at token boundaries not yet known to be kept, to cut a stop string from the state.
 
-    Each entry is (characters of generated text before the boundary, session there). Entries at
-    or before the released text are dropped but the last: a stop string can only start after it.
+    Each entry is (characters of generated text before the boundary, tokens generated before it,
+    session there). Entries at or before the released text are dropped but the last: a stop
+    string can only start after it.
     """
 
     def __init__(self, start: Session) -> None:
-        self.points: list[tuple[int, Session]] = [(0, start)]
+        self.points: list[tuple[int, int, Session]] = [(0, 0, start)]
 
-    def add(self, chars: int, session: Session) -> None:
-        self.points.append((chars, session))
+    def add(self, chars: int, tokens: int, session: Session) -> None:
+        self.points.append((chars, tokens, session))
 
     def prune(self, released_chars: int) -> None:
         while len(self.points) > 1 and self.points[1][0] <= released_chars:
             self.points.pop(0)
 
-    def session_at(self, model: Model, tokenizer: WorldTokenizer, text: str, chars: int) -> Session:
-        """The session after the first ``chars`` characters of the generated ``text``."""
-        base_chars, base = max(
+    def cut(
+        self, model: Model, tokenizer: WorldTokenizer, text: str, ids: list[int], chars: int
+    ) -> tuple[Session, tuple[int, ...]]:
+        """The session after the first ``chars`` characters of the generated ``text`` (spelled by
+        the generated ``ids``), and the token ids that spell exactly those characters."""
+        base_chars, base_tokens, base = max(
             (point for point in self.points if point[0] <= chars), key=lambda point: point[0]
         )
         remainder = tokenizer.encode(text[base_chars:chars])
-        return prefill(model, remainder, base) if remainder else base
+        session = prefill(model, remainder, base) if remainder else base
+        return session, (*ids[:base_tokens], *remainder)
 
 
 def stream_generate(
@@ -166,11 +172,12 @@ def stream_generate(
     max_tokens: int,
     stop: Sequence[str] = (),
     session: Session | None = None,
+    ban: Sequence[int] = (),
 ) -> Iterator[GenerationChunk]:
     """Continue ``prompt`` (after ``session``, if given) and yield records as tokens are sampled.
 
     With nothing read yet and an empty prompt, generation starts from the end-of-text token,
-    i.e. a fresh document.
+    i.e. a fresh document. Tokens in ``ban`` are never sampled (chat bans end-of-text).
     """
     session = session or Session()
     prompt_tokens = tokenizer.encode(prompt)
@@ -182,46 +189,49 @@ def stream_generate(
 
     never_sample = torch.zeros(model.vocab_size)
     never_sample[tokenizer.token_count :] = -torch.inf  # vocabulary padding decodes to nothing
+    never_sample[list(ban)] = -torch.inf
     decoder = IncrementalDecoder(tokenizer)
     matcher = _StopMatcher(stop)
     rollback = _Rollback(session)
-    generated, text_so_far, released_chars = 0, "", 0
+    ids: list[int] = []
+    text_so_far, released_chars = "", 0
     started = time.perf_counter()
 
-    def record(text: str, token: int | None, finish: str | None = None, final=None):
+    def record(text: str, token: int | None, finish=None, final=None, kept=None):
         return GenerationChunk(
             text=text,
             token=token,
             prompt_tokens=len(prompt_tokens),
-            generated_tokens=generated,
+            generated_tokens=len(ids),
             prompt_seconds=prompt_seconds,
             generation_seconds=time.perf_counter() - started,
             finish_reason=finish,
             session=final,
+            kept_tokens=kept,
         )
 
-    while generated < max_tokens:
+    while len(ids) < max_tokens:
         counts = session.counts if session.counts is not None else new_counts(model.vocab_size)
         logits = apply_penalties(session.logits, counts, params) + never_sample
         token = sample_token(logits, params, generator)
         if token == END_OF_TEXT:
-            yield record(matcher.flush() + decoder.flush(), None, "eos", session)
+            yield record(matcher.flush() + decoder.flush(), None, "eos", session, tuple(ids))
             return
-        generated += 1
+        ids.append(token)
         decoded = decoder.feed(token)
         text_so_far += decoded
         released, stopped = matcher.push(decoded)
         released_chars += len(released)
         if stopped:
-            kept = rollback.session_at(model, tokenizer, text_so_far, released_chars)
-            yield record(released, token, "stop", kept)
+            kept, kept_ids = rollback.cut(model, tokenizer, text_so_far, ids, released_chars)
+            yield record(released, token, "stop", kept, kept_ids)
             return
         yield record(released, token)
         session = _advance(model, session, token, params.penalty_decay)
         if not decoder.holding_back:
-            rollback.add(len(text_so_far), session)
+            rollback.add(len(text_so_far), len(ids), session)
         rollback.prune(released_chars)
-    yield record(matcher.flush() + decoder.flush(), None, "length", session)
+    yield record(matcher.flush() + decoder.flush(), None, "length", session, tuple(ids))
 
 
 def generate(

@@ -8,37 +8,27 @@ A *spec* is what users pass as ``-m SPEC``. The forms are tried in this order:
 4. an alias such as ``rwkv7-g1-0.1b``: a repo plus a file-name pattern. The newest match wins, so
    new releases are picked up without a code change.
 
-Files are stored in the Hugging Face cache in its usual layout (``blobs/``, ``snapshots/``,
-``refs/``), so ``huggingface_hub`` and ``hf cache`` see them too.
-
-Downloads resume. huggingface_hub 2.4 retries a dropped connection inside one call, but it writes
-to a temporary file whose name is unique to the process and deletes that file when the call fails.
-After a Ctrl-C, a crash or too many retries, the next run starts from zero. This module downloads
-into ``blobs/<etag>.incomplete`` instead, a name that stays the same between runs, and continues
-it with an HTTP ``Range`` request. Each file is checked against the Hub's ETag: the sha256 for LFS
-files, the git blob hash for small files.
+The file is then fetched into the Hugging Face cache by :mod:`rwkv_cli.download` (resumable,
+checked against the Hub's checksum). Before asking the Hub, and when it cannot be reached, the
+cache is looked in for a file the spec already means.
 
 Settings: huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``
-and ``HF_HUB_DISABLE_PROGRESS_BARS`` once, when it is first imported. This module reads the results
-from ``huggingface_hub.constants`` on every call, so set the variables before that import, or
-patch the constants. ``HF_TOKEN`` is read again for each request.
+and ``HF_HUB_DISABLE_PROGRESS_BARS`` once, when it is first imported. This module and
+:mod:`rwkv_cli.download` read the results from ``huggingface_hub.constants`` on every call, so
+set the variables before that import, or patch the constants. ``HF_TOKEN`` is read again for
+each request.
 """
 
 from __future__ import annotations
 
 import difflib
-import errno
-import hashlib
-import os
 import re
-import shutil
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import httpx2
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, scan_cache_dir
@@ -52,12 +42,17 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import WeakFileLock, build_hf_headers, get_session
 
-from rwkv_cli import __version__
+from rwkv_cli.download import (
+    GIT_SHA1,
+    LIBRARY,
+    RemoteFile,
+    download_to_cache,
+    error_reason,
+    notice,
+    repo_folder,
+)
 from rwkv_cli.errors import (
-    ChecksumMismatchError,
-    DiskFullError,
     HubAccessError,
     HubUnreachableError,
     InvalidInputError,
@@ -75,11 +70,7 @@ DEFAULT_MODEL = "rwkv7-g1-0.1b"
 """The model ``chat`` and ``generate`` use without ``-m``: the smallest RWKV-7 G1 (about 380 MB)."""
 
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
-RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
-"""Waits before each retry of a dropped download. The count starts again once bytes arrive."""
-_HASH_BLOCK_BYTES = 8 << 20  # reading back a partial download to hash it
 _HINT_LIST_LIMIT = 8  # file names shown in a hint before "... and N more"
-_LIBRARY = {"library_name": "rwkv-cli", "library_version": __version__}
 
 # Alias families: (alias prefix, repo, file-name stem, sizes as written in file names). A file
 # matches if its name is the stem, an optional version ("-v2.8", "-v1-fixed"), "-YYYYMMDD", anything
@@ -102,9 +93,7 @@ _REPO_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
 _REPO_FILE_SPEC = re.compile(rf"(?P<repo>{_REPO_ID}):(?P<file>[^:]+)")
 _REPO_SPEC = re.compile(_REPO_ID)
 _DATE = re.compile(r"(?<!\d)\d{8}(?!\d)")
-_SHA1 = re.compile(r"[0-9a-f]{40}")  # a git commit or blob id
 _SAFE_ETAG = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]*")  # it names a file in blobs/
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXPERIMENTAL = ("rwkv7a-", "rwkv7b-")
 _STATE_FILE = re.compile(r"(?:^|[-_.])state(?:[-_.]|$)", re.IGNORECASE)
 
@@ -116,7 +105,6 @@ _TOKEN_HINT = (
     "check the name; for a private or gated repo, set HF_TOKEN to a token that can read it "
     "(https://huggingface.co/settings/tokens)"
 )
-_SPACE_HINT = "free some space, or set HF_HOME (or HF_HUB_CACHE) to a disk with more room"
 
 
 @dataclass(frozen=True)
@@ -229,7 +217,7 @@ def resolve_model(
         return ResolvedModel(spec, local.resolve())
     target = _parse_spec(spec.strip())
     offline = constants.is_offline_mode()
-    pinned = revision is not None and _SHA1.fullmatch(revision) is not None
+    pinned = revision is not None and GIT_SHA1.fullmatch(revision) is not None
     if offline or pinned:  # a commit's files never change: a cached copy is the answer
         cached = _from_cache(spec, target, revision)
         if cached is not None:
@@ -246,9 +234,9 @@ def resolve_model(
         cached = _from_cache(spec, target, revision)
         if cached is None:
             raise
-        _say(console, f"{error.message}; using the cached {cached.repo_id}:{cached.filename}")
+        notice(console, f"{error.message}; using the cached {cached.repo_id}:{cached.filename}")
         return cached
-    path = _fetch(remote, progress, console)
+    path = download_to_cache(remote, progress=progress, console=console)
     return ResolvedModel(spec, path, remote.repo_id, remote.filename, remote.commit)
 
 
@@ -341,24 +329,7 @@ def _newest(names: list[str]) -> str | None:
 # --- the Hub: finding the file -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Remote:
-    """A file on the Hub, pinned to a commit, and where to fetch its bytes."""
-
-    repo_id: str
-    filename: str
-    revision: str | None  # as the user gave it
-    commit: str
-    etag: str
-    size: int | None
-    url: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.repo_id}:{self.filename}"
-
-
-def _locate(target: _HubSpec, revision: str | None) -> _Remote:
+def _locate(target: _HubSpec, revision: str | None) -> RemoteFile:
     """Ask the Hub which file and commit the spec means; no bytes are downloaded."""
     endpoint = constants.ENDPOINT
     filename, ref = target.filename, revision or constants.DEFAULT_REVISION
@@ -371,14 +342,14 @@ def _locate(target: _HubSpec, revision: str | None) -> _Remote:
     url = f"{endpoint}/{target.repo_id}/resolve/{quote(ref, safe='')}/{quote(filename)}"
     with _hub_errors(target.repo_id, revision):
         try:
-            meta = get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT, **_LIBRARY)
+            meta = get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT, **LIBRARY)
         except RemoteEntryNotFoundError:
             meta = None
     if meta is None:
         names, _ = _list_repo(target.repo_id, revision)
         raise _no_such_file(target, names)
     commit, etag = meta.commit_hash or "", meta.etag or ""
-    if not _SHA1.fullmatch(commit) or not _SAFE_ETAG.fullmatch(etag):
+    if not GIT_SHA1.fullmatch(commit) or not _SAFE_ETAG.fullmatch(etag):
         raise HubUnreachableError(
             f"{endpoint} does not answer like a Hugging Face Hub (commit or ETag header missing)",
             hint="check HF_ENDPOINT",
@@ -387,12 +358,12 @@ def _locate(target: _HubSpec, revision: str | None) -> _Remote:
         url = f"{endpoint}/{target.repo_id}/resolve/{commit}/{quote(filename)}"
     else:
         url = meta.location
-    return _Remote(target.repo_id, filename, revision, commit, etag, meta.size, url)
+    return RemoteFile(target.repo_id, filename, revision, commit, etag, meta.size, url)
 
 
 def _list_repo(repo_id: str, revision: str | None) -> tuple[list[str], str | None]:
     """The repo's file names at ``revision`` and the commit they belong to."""
-    api = HfApi(endpoint=constants.ENDPOINT, **_LIBRARY)
+    api = HfApi(endpoint=constants.ENDPOINT, **LIBRARY)
     with _hub_errors(repo_id, revision):
         info = api.model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     return [sibling.rfilename for sibling in info.siblings or []], info.sha
@@ -456,25 +427,17 @@ def _translate(error: Exception, repo_id: str, revision: str | None) -> RwkvCliE
         return HubUnreachableError(
             f"{endpoint} does not answer like a Hugging Face Hub", hint="check HF_ENDPOINT"
         )
-    return HubUnreachableError(f"cannot reach {endpoint} ({_reason(error)})", hint=_OFFLINE_HINT)
-
-
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return HubUnreachableError(
+        f"cannot reach {endpoint} ({error_reason(error)})", hint=_OFFLINE_HINT
+    )
 
 
 # --- the cache ---------------------------------------------------------------------------------
 
 
-def _storage(repo_id: str) -> Path:
-    """The repo's folder in the Hugging Face cache (``models--OWNER--NAME``)."""
-    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
-
-
 def _from_cache(spec: str, target: _HubSpec, revision: str | None) -> ResolvedModel | None:
     """Resolve from what is cached, without the network: the ref's snapshot first."""
-    storage = _storage(target.repo_id)
+    storage = repo_folder(target.repo_id)
     if not (storage / "snapshots").is_dir():
         return None
     for commit in _cached_commits(storage, revision):
@@ -488,7 +451,7 @@ def _from_cache(spec: str, target: _HubSpec, revision: str | None) -> ResolvedMo
 
 def _cached_commits(storage: Path, revision: str | None) -> list[str]:
     """Snapshots to look in: the commit the revision names; for no revision, then all others."""
-    if revision is not None and _SHA1.fullmatch(revision):
+    if revision is not None and GIT_SHA1.fullmatch(revision):
         return [revision]
     ref = storage / "refs" / (revision or constants.DEFAULT_REVISION)
     preferred = [ref.read_text().strip()] if ref.is_file() else []
@@ -501,222 +464,6 @@ def _cached_commits(storage: Path, revision: str | None) -> list[str]:
     return preferred + [p.name for p in others]
 
 
-def _fetch(remote: _Remote, progress: bool | None, console: Console) -> Path:
-    """The cached file for ``remote``, downloaded first if it is not there yet."""
-    storage = _storage(remote.repo_id)
-    pointer = storage / "snapshots" / remote.commit / remote.filename
-    try:
-        if not pointer.exists():
-            blob = storage / "blobs" / remote.etag
-            lock = Path(constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{remote.etag}.lock"
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            with WeakFileLock(lock):
-                if not blob.exists():
-                    _download(remote, blob, progress, console)
-                _link(blob, pointer)
-        _write_ref(storage, remote.revision or constants.DEFAULT_REVISION, remote.commit)
-    except PermissionError as error:
-        raise RwkvCliError(
-            f"cannot write to the Hugging Face cache: {error}",
-            hint="set HF_HOME (or HF_HUB_CACHE) to a writable directory",
-        ) from error
-    return pointer
-
-
-def _link(blob: Path, pointer: Path) -> None:
-    """Point the snapshot entry at the blob, as huggingface_hub does (moved where no symlinks)."""
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    if pointer.is_symlink():
-        pointer.unlink()  # a link to a blob that was deleted
-    try:
-        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
-    except OSError:
-        os.replace(blob, pointer)
-
-
-def _write_ref(storage: Path, revision: str, commit: str) -> None:
-    ref = storage / "refs" / revision
-    if revision == commit or (ref.is_file() and ref.read_text().strip() == commit):
-        return
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    temporary = ref.with_name(ref.name + ".tmp")
-    temporary.write_text(commit)
-    os.replace(temporary, ref)
-
-
-# --- downloading -------------------------------------------------------------------------------
-
-
-class _Checksum:
-    """The Hub's ETag as a checksum: sha256 for LFS files, the git blob sha1 for small files."""
-
-    def __init__(self, etag: str, size: int | None) -> None:
-        self.expected = etag.lower()
-        self.kind: str | None = None
-        if _SHA256.fullmatch(self.expected):
-            self.kind = "sha256"
-        elif _SHA1.fullmatch(self.expected) and size is not None:
-            self.kind = "git blob sha1"
-        self._size = size
-        self.reset()
-
-    def reset(self) -> None:
-        if self.kind == "sha256":
-            self._hash = hashlib.sha256()
-        elif self.kind is not None:
-            self._hash = hashlib.sha1(b"blob %d\0" % self._size)  # git hashes a header first
-
-    def update(self, data: bytes) -> None:
-        if self.kind is not None:
-            self._hash.update(data)
-
-    def actual(self) -> str | None:
-        return self._hash.hexdigest() if self.kind is not None else None
-
-
-class _Dropped(Exception):
-    """A transfer that broke off in a way worth retrying (network trouble, HTTP 5xx or 429)."""
-
-
-def _download(remote: _Remote, blob: Path, progress: bool | None, console: Console) -> None:
-    """Download into ``<blob>.incomplete`` (continuing what is there), verify, move into place."""
-    partial = blob.with_name(blob.name + ".incomplete")
-    have = partial.stat().st_size if partial.exists() else 0
-    if have and (remote.size is None or have > remote.size):
-        partial.unlink()  # cannot be the start of this file
-        have = 0
-    if remote.size is not None:
-        _check_space(blob.parent, remote.size - have, remote.label)
-    checksum = _Checksum(remote.etag, remote.size)
-    if have:
-        _hash_file(partial, checksum)
-        _say(
-            console, f"Resuming {remote.label} ({_size(have)} of {_size(remote.size)} already here)"
-        )
-    else:
-        _say(console, f"Downloading {remote.label} ({_size(remote.size)})")
-    show = progress is not False and console.is_terminal
-    show = show and (progress is True or not constants.HF_HUB_DISABLE_PROGRESS_BARS)
-    try:
-        with (
-            partial.open("ab") as out,
-            _progress_bar(console, _basename(remote.filename), remote.size, have, show) as report,
-        ):
-            _transfer(remote, out, checksum, report)
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        partial.unlink(missing_ok=True)
-        raise DiskFullError(
-            f"the disk is full: could not save {remote.label} in {blob.parent}", hint=_SPACE_HINT
-        ) from error
-    _verify(remote, partial, checksum)
-    os.replace(partial, blob)
-
-
-def _transfer(
-    remote: _Remote, out: IO[bytes], checksum: _Checksum, report: Callable[[int], None]
-) -> None:
-    """Fetch the rest of the file into ``out``, resuming after each drop, up to the retry limit."""
-    retries_left = len(RETRY_DELAYS_S)
-    while True:
-        start = out.tell()
-        try:
-            _get(remote, out, checksum, report)
-            return
-        except (_Dropped, httpx2.TransportError) as error:
-            if out.tell() > start:
-                retries_left = len(RETRY_DELAYS_S)  # it was moving: a fresh set of retries
-            if retries_left == 0:
-                raise HubUnreachableError(
-                    f"download of {remote.label} broke off at {_size(out.tell())} "
-                    f"of {_size(remote.size)} ({_reason(error)})",
-                    hint="run the same command again: the download resumes where it stopped",
-                ) from error
-            time.sleep(RETRY_DELAYS_S[len(RETRY_DELAYS_S) - retries_left])
-            retries_left -= 1
-
-
-def _get(
-    remote: _Remote, out: IO[bytes], checksum: _Checksum, report: Callable[[int], None]
-) -> None:
-    """One GET of the bytes from ``out.tell()`` onwards, appended to ``out``."""
-    have = out.tell()
-    headers = build_hf_headers(**_LIBRARY)
-    if _origin(remote.url) != _origin(constants.ENDPOINT):
-        headers.pop("authorization", None)  # a signed CDN URL: the token stays on the Hub
-    headers["Accept-Encoding"] = "identity"
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    session = get_session()
-    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
-    with session.stream("GET", remote.url, headers=headers, timeout=timeout) as response:
-        status = response.status_code
-        if have and status in (200, 416):  # the server ignored or refused the range: start over
-            out.seek(0)
-            out.truncate()
-            checksum.reset()
-            report(0)
-            if status == 416:
-                raise _Dropped("the server refused to resume (HTTP 416)")
-            have = 0
-        elif status >= 500 or status == 429:
-            raise _Dropped(f"HTTP {status}")
-        elif status not in (200, 206):
-            raise HubUnreachableError(
-                f"download of {remote.label} failed: HTTP {status}",
-                hint="run the same command again; if it persists, check HF_ENDPOINT and HF_TOKEN",
-            )
-        for chunk in response.iter_bytes():  # as it arrives: a drop loses nothing received
-            _write_chunk(out, chunk)
-            checksum.update(chunk)
-            have += len(chunk)
-            report(have)
-
-
-def _write_chunk(out: IO[bytes], chunk: bytes) -> None:
-    out.write(chunk)
-
-
-def _verify(remote: _Remote, partial: Path, checksum: _Checksum) -> None:
-    """Delete the download and raise if its size or checksum is not the Hub's."""
-    size = partial.stat().st_size
-    actual = checksum.actual()
-    if remote.size is not None and size != remote.size:
-        problem = f"{_size(size)} instead of {_size(remote.size)}"
-    elif actual is not None and actual != checksum.expected:
-        problem = f"{checksum.kind} {actual[:12]}… instead of {checksum.expected[:12]}…"
-    else:
-        return
-    partial.unlink(missing_ok=True)
-    raise ChecksumMismatchError(
-        f"the download of {remote.label} is corrupt ({problem}) and was deleted",
-        hint="run the command again; if it happens again, check HF_ENDPOINT and any proxy",
-    )
-
-
-def _hash_file(path: Path, checksum: _Checksum) -> None:
-    with path.open("rb") as file:
-        while block := file.read(_HASH_BLOCK_BYTES):
-            checksum.update(block)
-
-
-def _check_space(directory: Path, needed: int, label: str) -> None:
-    free = shutil.disk_usage(directory).free
-    if needed > free:
-        raise DiskFullError(
-            f"not enough disk space for {label}: {_size(needed)} needed, {_size(free)} free "
-            f"in {directory}",
-            hint=_SPACE_HINT,
-        )
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port
-
-
 # --- output ------------------------------------------------------------------------------------
 
 
@@ -724,49 +471,3 @@ def _stderr_console() -> Console:
     from rwkv_cli.ui import stderr_console  # late: ui imports the generation stack
 
     return stderr_console()
-
-
-def _say(console: Console, text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)  # one line, never wrapped
-
-
-@contextmanager
-def _progress_bar(
-    console: Console, description: str, total: int | None, done: int, show: bool
-) -> Iterator[Callable[[int], None]]:
-    """A download bar on ``console`` when ``show``; yields a function taking the bytes done."""
-    if not show:
-        yield lambda _done: None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(description, total=total, completed=done)
-        yield lambda now: bar.update(task, completed=now)
-
-
-def _size(size: int | None) -> str:
-    """Bytes in decimal units, as download sizes are usually shown: 382 MB, 1.5 GB."""
-    if size is None:
-        return "unknown size"
-    if size < 1000:
-        return f"{size} B"
-    units = ["kB", "MB", "GB", "TB"]
-    value, unit = size / 1000, units.pop(0)
-    while value >= 1000 and units:
-        value, unit = value / 1000, units.pop(0)
-    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"

@@ -19,3 +19,8 @@ def home_dir() -> Path:
 def converted_dir() -> Path:
     """Checkpoints converted to rwkv-cli's prepared safetensors layout."""
     return home_dir() / "converted"
+
+
+def chat_history_file() -> Path:
+    """Lines typed in ``rwkv chat``, for recall with the arrow keys."""
+    return home_dir() / "chat_history"

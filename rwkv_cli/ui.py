@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from rwkv_cli.download import format_size
 from rwkv_cli.errors import RwkvCliError
 from rwkv_cli.generate import GenerationChunk
 
@@ -83,15 +84,7 @@ def print_models(aliases: list, cached: list) -> None:
         print(f"  {alias.name:<{width}}  {alias.repo_id}")
     print("\nDownloaded:" if cached else "\nDownloaded: none yet (rwkv download MODEL)")
     for model in cached:
-        print(f"  {model.repo_id}:{model.filename}  {_size(model.size)}  {model.path}")
-
-
-def _size(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size} B"
+        print(f"  {model.repo_id}:{model.filename}  {format_size(model.size)}  {model.path}")
 
 
 def print_stats(console: Console, last: GenerationChunk) -> None:

@@ -75,6 +75,20 @@ def test_end_of_text_finishes_without_text() -> None:
     assert chunks[-1].generated_tokens == 4
 
 
+def test_banned_tokens_are_never_sampled() -> None:
+    _, chunks = _run(
+        [*_byte_tokens("ab"), END_OF_TEXT, *_byte_tokens("cd")], ban=[END_OF_TEXT], max_tokens=4
+    )
+    assert END_OF_TEXT not in [chunk.token for chunk in chunks]
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_the_last_record_names_the_tokens_spelling_the_text() -> None:
+    script = _byte_tokens("kept|cut")
+    _, chunks = _run(script, stop=["|"])
+    assert chunks[-1].kept_tokens == tuple(_byte_tokens("kept"))
+
+
 def test_zero_max_tokens_generates_nothing() -> None:
     _, chunks = _run(_byte_tokens("abc"), max_tokens=0)
     assert [(chunk.text, chunk.finish_reason) for chunk in chunks] == [("", "length")]

@@ -17,7 +17,7 @@ from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import constants as hf_constants
 from rich.console import Console
 
-from rwkv_cli import hub
+from rwkv_cli import download, hub
 from rwkv_cli.errors import (
     ChecksumMismatchError,
     DiskFullError,
@@ -59,7 +59,7 @@ G1_FILES = {
 
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub, "RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr(download, "RETRY_DELAYS_S", (0.0, 0.0))
 
 
 @pytest.fixture
@@ -304,7 +304,7 @@ CUT_AT = 100_000
 def test_an_interrupted_download_resumes_where_it_stopped(
     g1: LocalHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hub, "RETRY_DELAYS_S", ())  # give up at the first drop, like a Ctrl-C
+    monkeypatch.setattr(download, "RETRY_DELAYS_S", ())  # give up at the first drop, like a Ctrl-C
     g1.server.cut_once(G1_NEW, after=CUT_AT)
 
     with pytest.raises(HubUnreachableError) as caught:
@@ -335,7 +335,7 @@ def test_a_dropped_connection_is_resumed_within_the_same_call(g1: LocalHub) -> N
 def test_a_server_that_ignores_range_gets_a_clean_restart(
     g1: LocalHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hub, "RETRY_DELAYS_S", ())
+    monkeypatch.setattr(download, "RETRY_DELAYS_S", ())
     g1.server.cut_once(G1_NEW, after=CUT_AT)
     with pytest.raises(HubUnreachableError):
         resolve("rwkv7-g1-0.1b")
@@ -417,7 +417,7 @@ def test_disk_full_leaves_nothing_half_written(
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(out.write(chunk))
 
-    monkeypatch.setattr(hub, "_write_chunk", write_then_fail)
+    monkeypatch.setattr(download, "_write_chunk", write_then_fail)
 
     with pytest.raises(DiskFullError) as caught:
         resolve("rwkv7-g1-0.1b")
@@ -430,7 +430,9 @@ def test_too_little_space_is_reported_before_downloading(
     g1: LocalHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(hub.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(
+        download.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000)
+    )
 
     with pytest.raises(DiskFullError, match=re.escape("300 kB needed, 1.0 kB free")):
         resolve("rwkv7-g1-0.1b")
@@ -479,7 +481,7 @@ def test_cached_models_lists_downloaded_checkpoints(
 ) -> None:
     assert cached_models() == []
     with monkeypatch.context() as patch:  # leave a partial download behind: it is not listed
-        patch.setattr(hub, "RETRY_DELAYS_S", ())
+        patch.setattr(download, "RETRY_DELAYS_S", ())
         g1.server.cut_once(G1_04, after=CUT_AT)
         with pytest.raises(HubUnreachableError):
             resolve("rwkv7-g1-0.4b")

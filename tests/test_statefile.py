@@ -149,6 +149,7 @@ def test_a_stop_string_is_cut_from_the_state_too(loaded) -> None:
     )
     assert "".join(chunk.text for chunk in chunks) == kept
     assert chunks[-1].finish_reason == "stop"
+    assert loaded.tokenizer.decode(chunks[-1].kept_tokens) == kept
 
     # The kept session must equal reading the prompt, the whole generated tokens that fit in
     # the kept text, then the rest of the kept text.

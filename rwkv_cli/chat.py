@@ -1,0 +1,222 @@
+"""Conversations: turn templates and a chat session whose model state always equals its transcript.
+
+A :class:`Chat` keeps the transcript as messages, each with the exact token ids the model read for
+it, and the model session after the last one. Replaying the messages' tokens from the starting
+session gives the same state, which is how ``/undo`` and ``/system`` recompute when no snapshot is
+at hand; recent snapshots make ``/retry`` and ``/undo`` instant.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from rwkv_cli.generate import END_OF_TEXT, GenerationChunk, Session, prefill, stream_generate
+from rwkv_cli.runtime import LoadedModel
+from rwkv_cli.sampling import SamplingParams
+
+CHAT_SAMPLING = SamplingParams(  # BlinkDL's chat demo for World/G1 models (API_DEMO_CHAT.py)
+    temperature=1.0, top_p=0.3, presence_penalty=0.5, frequency_penalty=0.5, penalty_decay=0.996
+)
+MAX_REPLY_TOKENS = 500
+SNAPSHOTS_KEPT = 8  # sessions remembered for /retry and /undo; older ones are replayed
+_BLANK_LINES = re.compile(r"\n{2,}")  # a blank line ends a turn, so user text may not hold one
+
+
+@dataclass(frozen=True)
+class Template:
+    """How turns are written. A reply ends at a blank line or where the next user turn starts."""
+
+    name: str
+    user: str
+    assistant: str
+    system: str = "System"
+    supports_thinking: bool = False
+
+    def system_turn(self, text: str) -> str:
+        return f"{self.system}: {normalize(text)}\n\n"
+
+    def user_turn(self, text: str, think: bool = False) -> str:
+        """The user's message and the start of the reply (with G1's thinking switch)."""
+        opening = f"{self.user}: {normalize(text)}\n\n{self.assistant}:"
+        if not self.supports_thinking:
+            return opening
+        return opening + (" <think" if think else " <think>\n</think")  # G1 templates
+
+    def reply_end(self) -> str:
+        return "\n\n"
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return ("\n\n", f"\n{self.user}:")
+
+
+TEMPLATES = {
+    "world": Template("world", "User", "Assistant"),
+    "g1": Template("g1", "User", "Assistant", supports_thinking=True),
+    "pile": Template("pile", "User", "Bot"),
+}
+
+
+def normalize(text: str) -> str:
+    """User text as the official templates expect: CRLF unified, blank lines collapsed, trimmed."""
+    return _BLANK_LINES.sub("\n", text.replace("\r\n", "\n")).strip()
+
+
+def template_for(loaded: LoadedModel) -> Template:
+    """G1 for G1 models (named so on the Hub), World for other World models, Pile otherwise."""
+    if loaded.tokenizer.vocab_size != 65536:
+        return TEMPLATES["pile"]
+    names = f"{loaded.spec} {loaded.resolved}".lower()
+    return TEMPLATES["g1"] if re.search(r"(^|[^a-z])g1", names) else TEMPLATES["world"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of the transcript: its role, its text, and the token ids the model read for it."""
+
+    role: str  # "system", "user" or "assistant"
+    text: str
+    tokens: tuple[int, ...]
+
+
+@dataclass
+class Chat:
+    """A conversation with a model; ``session`` is always the state after ``messages``."""
+
+    loaded: LoadedModel
+    template: Template
+    params: SamplingParams = CHAT_SAMPLING
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    max_reply_tokens: int = MAX_REPLY_TOKENS
+    think: bool = False
+    start: Session = field(default_factory=Session)  # before the first message
+    messages: list[Message] = field(default_factory=list)
+    session: Session | None = None
+    _snapshots: dict[int, Session] = field(default_factory=dict)  # message count -> session
+
+    def __post_init__(self) -> None:
+        if self.session is None:
+            self.session = self._replay(self.messages)
+        self._remember()
+
+    # --- turns ---------------------------------------------------------------------------------
+
+    def send(self, text: str) -> Iterator[GenerationChunk]:
+        """Add a user message and stream the reply; the reply joins the transcript at the end."""
+        turn = self.template.user_turn(text, self.think)
+        self._append(Message("user", text, tuple(self.loaded.tokenizer.encode(turn))))
+        return self._reply()
+
+    def retry(self) -> Iterator[GenerationChunk]:
+        """A new sample for the last reply, from the session before it (nothing recomputed)."""
+        if not self.messages or self.messages[-1].role != "assistant":
+            raise ValueError("there is no reply to retry")
+        self._truncate(len(self.messages) - 1)
+        return self._reply()
+
+    def undo(self) -> None:
+        """Drop the last exchange (the user's message and the reply)."""
+        users = [index for index, message in enumerate(self.messages) if message.role == "user"]
+        if not users:
+            raise ValueError("there is nothing to undo")
+        self._truncate(users[-1])
+
+    def reset(self) -> None:
+        """Forget the conversation but keep the system prompt."""
+        self._truncate(1 if self.messages and self.messages[0].role == "system" else 0)
+
+    def set_system(self, text: str) -> None:
+        """Replace the system prompt (empty: remove it); the conversation is read again after it."""
+        rest = [message for message in self.messages if message.role != "system"]
+        if text.strip():
+            turn = self.template.system_turn(text)
+            rest.insert(0, Message("system", text, tuple(self.loaded.tokenizer.encode(turn))))
+        self.messages = rest
+        self._snapshots.clear()
+        self.session = self._replay(rest)
+        self._remember()
+
+    @property
+    def system(self) -> str | None:
+        first = self.messages[0] if self.messages else None
+        return first.text if first is not None and first.role == "system" else None
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    def to_metadata(self) -> dict:
+        """The ``chat`` entry of a state file: template, thinking switch and transcript."""
+        return {
+            "template": self.template.name,
+            "think": self.think,
+            "messages": [
+                {"role": m.role, "text": m.text, "tokens": list(m.tokens)} for m in self.messages
+            ],
+        }
+
+    @staticmethod
+    def messages_from_metadata(chat: dict) -> list[Message]:
+        return [Message(m["role"], m["text"], tuple(m["tokens"])) for m in chat["messages"]]
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _reply(self) -> Iterator[GenerationChunk]:
+        before = replace(self.session, counts=None)  # penalties count each reply afresh
+        text, kept_tokens, last = [], None, None
+        try:
+            for last in stream_generate(
+                self.loaded.model,
+                self.loaded.tokenizer,
+                "",
+                params=self.params,
+                generator=self.generator,
+                max_tokens=self.max_reply_tokens,
+                stop=self.template.stops,
+                session=before,
+                ban=(END_OF_TEXT,),
+            ):
+                text.append(last.text)
+                yield last
+            kept_tokens = last.kept_tokens
+        finally:  # also on Ctrl-C or an abandoned stream: keep what was shown
+            self._close_reply(before, "".join(text), kept_tokens, last)
+
+    def _close_reply(self, before: Session, text: str, kept, last) -> None:
+        """Append the reply and the turn's end; the state follows exactly that text."""
+        tokenizer = self.loaded.tokenizer
+        end = tuple(tokenizer.encode(self.template.reply_end()))
+        if kept is None:  # interrupted: spell the text shown so far afresh
+            body = tuple(tokenizer.encode(text))
+            session = prefill(self.loaded.model, body + end, before)
+        else:
+            body = kept
+            session = prefill(self.loaded.model, end, last.session)
+        self.messages.append(Message("assistant", text, body + end))
+        self.session = replace(session, counts=None)
+        self._remember()
+
+    def _append(self, message: Message) -> None:
+        self.messages.append(message)
+        self.session = prefill(self.loaded.model, message.tokens, self.session)
+        self._remember()
+
+    def _truncate(self, count: int) -> None:
+        self.messages = self.messages[:count]
+        snapshot = self._snapshots.get(count)
+        self.session = snapshot if snapshot is not None else self._replay(self.messages)
+        self._snapshots = {n: s for n, s in self._snapshots.items() if n <= count}
+        self._remember()
+
+    def _replay(self, messages: list[Message]) -> Session:
+        session = self.start
+        for message in messages:
+            session = prefill(self.loaded.model, message.tokens, session)
+        return replace(session, counts=None)
+
+    def _remember(self) -> None:
+        self._snapshots[len(self.messages)] = self.session
+        for count in sorted(self._snapshots)[:-SNAPSHOTS_KEPT]:
+            del self._snapshots[count]

@@ -1,0 +1,369 @@
+"""The chat REPL: reading messages and commands, streaming replies, and the slash commands.
+
+Replies go to stdout as they are generated (G1 thinking dimmed on a terminal, or hidden);
+prompts, the header, per-reply statistics and command output go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol, TextIO
+
+from rich.console import Console
+from rich.markup import escape
+
+from rwkv_cli.chat import TEMPLATES, Chat, Message
+from rwkv_cli.errors import InvalidInputError, RwkvCliError
+from rwkv_cli.generate import GenerationChunk, Session
+from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.statefile import TEXT_TAIL_CHARS, read_state_file, save_state_file
+from rwkv_cli.textio import OutputClosedError, StdoutWriter
+from rwkv_cli.ui import print_error
+
+MULTILINE_FENCE = '"""'
+THINK_END = "</think>"
+HELP = """Commands:
+  /help                 this list
+  /reset                forget the conversation (keeps the system prompt)
+  /retry                a new sample of the last reply
+  /undo                 drop the last exchange
+  /save FILE            save the conversation and its state
+  /load FILE            continue a saved conversation
+  /set NAME VALUE       temperature, top_p, top_k, presence_penalty, frequency_penalty,
+                        penalty_decay, max_tokens, think (on/off), seed
+  /system TEXT          set the system prompt (empty: remove it)
+  /info                 model, template, settings and sizes
+  /bye                  leave (Ctrl-D works too)
+A line with only \"\"\" starts and ends a multi-line message. Ctrl-C stops a reply."""
+
+
+class LineSource(Protocol):
+    def read(self) -> str | None:
+        """The next message or command; None when input ends."""
+
+
+class ScriptLines:
+    """One message per line from a non-terminal stdin; never waits for a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def read(self) -> str | None:
+        try:
+            line = self.stream.readline()
+        except UnicodeDecodeError as error:
+            raise InvalidInputError("stdin is not valid UTF-8") from error
+        return None if line == "" else line.rstrip("\n")
+
+
+class TerminalLines:
+    """Line editing and persistent history (prompt_toolkit); prompts are drawn on stderr."""
+
+    def __init__(self, history_file: Path) -> None:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import FileHistory
+        from prompt_toolkit.output import create_output
+
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+        self.session = PromptSession(
+            history=FileHistory(str(history_file)), output=create_output(stdout=sys.stderr)
+        )
+
+    def read(self) -> str | None:
+        while True:
+            try:
+                line = self.session.prompt("> ")
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt clears the line; Ctrl-D leaves
+            except EOFError:
+                return None
+            if line.strip() != MULTILINE_FENCE:
+                return line
+            return self._block()
+
+    def _block(self) -> str | None:
+        lines = []
+        while True:
+            try:
+                line = self.session.prompt("… ")
+            except EOFError:
+                return None
+            if line.strip() == MULTILINE_FENCE:
+                return "\n".join(lines)
+            lines.append(line)
+
+
+@dataclass
+class ReplyRenderer:
+    """Shows a raw reply stream: G1's closing '>' dropped, thinking dimmed or hidden, the answer
+    without its leading space. Text that may still be the start of ``</think>`` is held back."""
+
+    writer: StdoutWriter
+    starts_with_tag_end: bool  # G1 prompts end in "<think" or "</think": the reply begins ">"
+    thinking: bool
+    hide_thinking: bool
+    dim: bool
+    raw: str = ""
+    shown_thought: int = 0
+    shown_answer: int = 0
+
+    def feed(self, text: str, final: bool = False) -> None:
+        self.raw += text
+        thought, answer, closed = self._split()
+        visible = len(thought) if closed or final else max(0, len(thought) - len(THINK_END))
+        if visible > self.shown_thought:
+            self._write_thought(thought[self.shown_thought : visible])
+            self.shown_thought = visible
+        if len(answer) > self.shown_answer:
+            self.writer.write(answer[self.shown_answer :])
+            self.shown_answer = len(answer)
+
+    def _split(self) -> tuple[str, str, bool]:
+        body = self.raw[1:] if self.starts_with_tag_end and self.raw.startswith(">") else self.raw
+        if not self.thinking:
+            return "", body.lstrip(), False
+        end = body.find(THINK_END)
+        if end < 0:
+            return body, "", False
+        return body[:end], body[end + len(THINK_END) :].lstrip(), True
+
+    def _write_thought(self, text: str) -> None:
+        if self.hide_thinking:
+            return
+        self.writer.write(f"\x1b[2m{text}\x1b[22m" if self.dim else text)
+
+
+@dataclass
+class ChatRepl:
+    """Runs a chat: messages from ``lines``, replies to stdout, everything else to ``console``."""
+
+    chat: Chat
+    console: Console
+    lines: LineSource
+    writer: StdoutWriter
+    seed: int | None = None
+    autosave: Path | None = None
+    hide_thinking: bool = False
+    dim_thinking: bool = False
+    show_stats: bool = True
+
+    def run(self) -> None:
+        while (line := self.lines.read()) is not None:
+            if line.strip().startswith("/"):
+                if not self.command(line.strip()):
+                    return
+            elif line.strip():
+                self._stream(self.chat.send(line))
+
+    # --- replies -------------------------------------------------------------------------------
+
+    def _stream(self, stream: Iterator[GenerationChunk]) -> None:
+        template = self.chat.template
+        renderer = ReplyRenderer(
+            self.writer,
+            starts_with_tag_end=template.supports_thinking,
+            thinking=template.supports_thinking and self.chat.think,
+            hide_thinking=self.hide_thinking,
+            dim=self.dim_thinking,
+        )
+        last = None
+        try:
+            with contextlib.closing(stream):
+                for last in stream:
+                    renderer.feed(last.text)
+                renderer.feed("", final=True)
+        except KeyboardInterrupt:
+            self.console.print("[dim](stopped)[/dim]")
+        except OutputClosedError:
+            raise
+        self.writer.write("\n")
+        if self.show_stats and last is not None and last.finish_reason is not None:
+            self.console.print(
+                f"[dim]{last.generated_tokens} tokens · {last.generation_tps:.1f} tok/s[/dim]"
+            )
+        self._autosave()
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means leave the chat."""
+        name, _, argument = line.partition(" ")
+        handler = self._commands().get(name.lower())
+        if handler is None:
+            self.console.print(f"Unknown command {escape(name)}; /help lists the commands.")
+            return True
+        try:
+            return handler(argument.strip()) is not False
+        except (RwkvCliError, ValueError) as error:
+            message = error.message if isinstance(error, RwkvCliError) else str(error)
+            print_error(self.console, RwkvCliError(message, getattr(error, "hint", None)))
+            return True
+
+    def _commands(self) -> dict[str, Callable[[str], object]]:
+        return {
+            "/help": lambda _: self.console.print(escape(HELP)),
+            "/bye": lambda _: False,
+            "/exit": lambda _: False,
+            "/reset": self._reset,
+            "/retry": lambda _: self._stream(self.chat.retry()),
+            "/undo": self._undo,
+            "/save": self._save,
+            "/load": self._load,
+            "/set": self._set,
+            "/system": self._system,
+            "/info": self._info,
+        }
+
+    def _reset(self, _: str) -> None:
+        self.chat.reset()
+        self.console.print("[dim]Conversation cleared.[/dim]")
+        self._autosave()
+
+    def _undo(self, _: str) -> None:
+        self.chat.undo()
+        self.console.print("[dim]Last exchange removed.[/dim]")
+        self._autosave()
+
+    def _system(self, text: str) -> None:
+        self.chat.set_system(text)
+        self.console.print("[dim]System prompt " + ("set." if text else "removed.") + "[/dim]")
+        self._autosave()
+
+    def _save(self, argument: str) -> None:
+        save_chat(self.chat, _one_path(argument), self.seed)
+        self.console.print(f"[dim]Saved to {escape(argument)}.[/dim]")
+
+    def _load(self, argument: str) -> None:
+        self.chat = load_chat(self.chat, _one_path(argument))
+        self.console.print(f"[dim]Loaded {escape(argument)}.[/dim]")
+        show_transcript_tail(self.console, self.chat)
+
+    def _set(self, argument: str) -> None:
+        name, _, value = argument.partition(" ")
+        name, value = name.replace("-", "_").lower(), value.strip()
+        if not value:
+            raise InvalidInputError("usage: /set NAME VALUE (see /help)")
+        if name == "think":
+            if value.lower() not in ("on", "off"):
+                raise InvalidInputError("think is on or off")
+            self.chat.think = value.lower() == "on"
+        elif name == "max_tokens":
+            self.chat.max_reply_tokens = _number(int, name, value, minimum=1)
+        elif name == "seed":
+            self.chat.generator, self.seed = make_generator(_number(int, name, value, minimum=0))
+        elif name in SamplingParams.__dataclass_fields__:
+            kind = int if name == "top_k" else float
+            changed = replace(self.chat.params, **{name: _number(kind, name, value)})
+            self.chat.params = changed.validated()
+        else:
+            raise InvalidInputError(f"unknown setting {name!r} (see /help)")
+        self.console.print(f"[dim]{name} = {value}[/dim]")
+
+    def _info(self, _: str) -> None:
+        chat, loaded = self.chat, self.chat.loaded
+        settings = ", ".join(f"{k}={v}" for k, v in chat.params.to_dict().items())
+        dtype = str(loaded.model.dtype).removeprefix("torch.")
+        rows = {
+            "model": f"{loaded.spec} ({loaded.resolved})",
+            "architecture": f"{loaded.model.describe()}, {dtype}, cpu",
+            "template": chat.template.name + (" (thinking)" if chat.think else ""),
+            "system": chat.system or "-",
+            "messages": str(len(chat.messages)),
+            "tokens read": str(chat.session.tokens_consumed),
+            "sampling": f"{settings}, max_tokens={chat.max_reply_tokens}, seed={self.seed}",
+        }
+        for key, value in rows.items():
+            self.console.print(f"{key + ':':<14}{escape(value)}")
+
+    def _autosave(self) -> None:
+        if self.autosave is not None:
+            save_chat(self.chat, self.autosave, self.seed)
+
+
+def _one_path(argument: str) -> Path:
+    parts = shlex.split(argument)
+    if len(parts) != 1:
+        raise InvalidInputError("give one file name")
+    return Path(parts[0]).expanduser()
+
+
+def _number(kind: type, name: str, value: str, minimum: float | None = None):
+    try:
+        number = kind(value)
+    except ValueError:
+        raise InvalidInputError(f"{name} must be a number, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise InvalidInputError(f"{name} must be at least {minimum}, got {value}")
+    return number
+
+
+def save_chat(chat: Chat, path: Path, seed: int | None) -> None:
+    """Write the conversation (state, transcript, settings, sampler position) to a state file."""
+    loaded = chat.loaded
+    tokens = [token for message in chat.messages for token in message.tokens]
+    save_state_file(
+        path,
+        model=loaded.model,
+        tokenizer_name=loaded.tokenizer.name,
+        session=chat.session,
+        model_spec=loaded.spec,
+        model_resolved=loaded.resolved,
+        sampling=chat.params,
+        seed=seed,
+        generator=chat.generator,
+        text_tail=loaded.tokenizer.decode(tokens)[-TEXT_TAIL_CHARS:],
+        chat={
+            **chat.to_metadata(),
+            "max_tokens": chat.max_reply_tokens,
+            "fresh_start": chat.start.state is None and chat.start.logits is None,
+        },
+    )
+
+
+def load_chat(current: Chat, path: Path, force: bool = False) -> Chat:
+    """The conversation saved in ``path``, continued with ``current``'s model."""
+    saved = read_state_file(path)
+    loaded = current.loaded
+    session = saved.session_for(loaded.model, loaded.tokenizer.name, force=force)
+    generator = current.generator
+    saved.restore_generator(generator)
+    return chat_from_saved(current, saved.chat, session, saved.sampling)
+
+
+def chat_from_saved(base: Chat, chat: dict | None, session, sampling) -> Chat:
+    """A chat continuing ``session``; with the saved ``chat`` record, its transcript too."""
+    params = sampling or base.params
+    if chat is None:  # a plain saved state (e.g. a document): the conversation starts after it
+        return replace(
+            base, params=params, start=session, messages=[], session=session, _snapshots={}
+        )
+    fresh = bool(chat.get("fresh_start"))
+    messages = Chat.messages_from_metadata(chat) if fresh else []
+    return replace(
+        base,
+        template=TEMPLATES.get(chat.get("template"), base.template),
+        think=bool(chat.get("think", base.think)),
+        max_reply_tokens=int(chat.get("max_tokens", base.max_reply_tokens)),
+        params=params,
+        start=Session() if fresh else session,
+        messages=messages,
+        session=session,
+        _snapshots={},
+    )
+
+
+def show_transcript_tail(console: Console, chat: Chat, turns: int = 4) -> None:
+    """The last few turns of a resumed conversation, so the user knows where it stands."""
+    for message in _visible(chat.messages)[-turns:]:
+        who = "You" if message.role == "user" else ("System" if message.role == "system" else "AI")
+        text = message.text.strip().replace("\n", " ")
+        console.print(f"[dim]{who}: {escape(text[:300])}[/dim]")
+
+
+def _visible(messages: list[Message]) -> list[Message]:
+    return [message for message in messages if message.text.strip()]

@@ -1,0 +1,226 @@
+"""Chat sessions through the library: the transcript, /retry, /undo, save/load, stop rules, and
+the invariant that the model state always equals a fresh replay of the transcript."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+import torch
+
+from rwkv_cli.chat import TEMPLATES, Chat, normalize, template_for
+from rwkv_cli.generate import END_OF_TEXT, Session, prefill
+from rwkv_cli.repl import ReplyRenderer, load_chat, save_chat
+from rwkv_cli.runtime import LoadedModel, open_model
+from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.state import State
+from rwkv_cli.textio import StdoutWriter
+from rwkv_cli.tokenizer import load_world_tokenizer
+
+WORLD = TEMPLATES["world"]
+
+
+@pytest.fixture(scope="module")
+def loaded(rwkv7_pth) -> LoadedModel:
+    return open_model(str(rwkv7_pth))
+
+
+def _chat(loaded: LoadedModel, seed: int = 0, **options) -> Chat:
+    return Chat(loaded, WORLD, generator=make_generator(seed)[0], max_reply_tokens=8, **options)
+
+
+def _say(chat: Chat, text: str) -> str:
+    return "".join(chunk.text for chunk in chat.send(text))
+
+
+def _assert_state_is_the_transcript(chat: Chat) -> None:
+    replayed = Session()
+    for message in chat.messages:
+        replayed = prefill(chat.loaded.model, message.tokens, replayed)
+    assert chat.session.tokens_consumed == replayed.tokens_consumed
+    if chat.messages:
+        assert torch.allclose(chat.session.logits, replayed.logits, rtol=1e-4, atol=1e-4)
+        ours, theirs = chat.session.state.named_tensors(), replayed.state.named_tensors()
+        for name, tensor in ours.items():
+            assert torch.allclose(tensor, theirs[name], rtol=1e-4, atol=1e-5), name
+    transcript = chat.loaded.tokenizer.decode([t for m in chat.messages for t in m.tokens])
+    turns = {"system": WORLD.system_turn, "user": WORLD.user_turn}
+    rendered = "".join(turns.get(m.role, lambda text: text + "\n\n")(m.text) for m in chat.messages)
+    assert transcript == rendered
+
+
+def test_a_turn_adds_the_user_message_and_the_reply(loaded) -> None:
+    chat = _chat(loaded)
+    reply = _say(chat, "Hello\n\n\nthere")
+    user, assistant = chat.messages
+    assert (user.role, user.text, assistant.role, assistant.text) == (
+        "user",
+        "Hello\n\n\nthere",
+        "assistant",
+        reply,
+    )
+    assert loaded.tokenizer.decode(user.tokens) == "User: Hello\nthere\n\nAssistant:"
+    assert loaded.tokenizer.decode(assistant.tokens) == reply + "\n\n"
+    _assert_state_is_the_transcript(chat)
+
+
+def test_state_equals_the_transcript_through_every_command(loaded) -> None:
+    chat = _chat(loaded)
+    _say(chat, "One")
+    _say(chat, "Two")
+    _assert_state_is_the_transcript(chat)
+    list(chat.retry())
+    _assert_state_is_the_transcript(chat)
+    chat.undo()
+    assert [m.text for m in chat.messages if m.role == "user"] == ["One"]
+    _assert_state_is_the_transcript(chat)
+    chat.set_system("Be brief.")
+    assert chat.messages[0].role == "system" and chat.system == "Be brief."
+    _assert_state_is_the_transcript(chat)
+    chat.reset()
+    assert [m.role for m in chat.messages] == ["system"]
+    _assert_state_is_the_transcript(chat)
+
+
+def test_retry_samples_again_without_reading_the_prompt_again(loaded) -> None:
+    chat = _chat(loaded, seed=3)
+    first = _say(chat, "Tell me something")
+    fed = []
+    original = loaded.model.forward
+
+    def counting_forward(tokens, state=None):
+        fed.append(len(tokens))
+        return original(tokens, state)
+
+    loaded.model.forward = counting_forward
+    try:
+        second = "".join(chunk.text for chunk in chat.retry())
+    finally:
+        del loaded.model.forward
+    assert second != first
+    assert [m.role for m in chat.messages] == ["user", "assistant"]
+    prompt_length = len(chat.messages[0].tokens)
+    assert prompt_length not in fed and max(fed) <= 2  # only reply tokens and the turn's end
+
+
+def test_undo_beyond_the_kept_snapshots_replays_the_transcript(loaded, monkeypatch) -> None:
+    monkeypatch.setattr("rwkv_cli.chat.SNAPSHOTS_KEPT", 1)
+    chat = _chat(loaded)
+    _say(chat, "a")
+    _say(chat, "b")
+    chat.undo()
+    _assert_state_is_the_transcript(chat)
+    chat.undo()
+    assert chat.messages == [] and chat.session.tokens_consumed == 0
+
+
+def test_an_interrupted_reply_keeps_exactly_what_was_shown(loaded) -> None:
+    chat = _chat(loaded)
+    chat.max_reply_tokens = 50
+    stream = chat.send("Go on")
+    shown = "".join(chunk.text for chunk in itertools.islice(stream, 5))
+    stream.close()  # what Ctrl-C does in the REPL
+    assert chat.messages[-1].text == shown
+    _assert_state_is_the_transcript(chat)
+
+
+def test_save_then_load_gives_the_same_next_reply(loaded, tmp_path) -> None:
+    chat = _chat(loaded, seed=9)
+    chat.params = SamplingParams(temperature=1.0, top_p=0.9)
+    _say(chat, "Remember me")
+    path = tmp_path / "chat.rwkvstate"
+    save_chat(chat, path, seed=9)
+    expected = _say(chat, "And now?")
+
+    resumed = load_chat(_chat(loaded, seed=123), path)
+    assert [m.text for m in resumed.messages] == [m.text for m in chat.messages[:2]]
+    assert resumed.params == chat.params
+    assert _say(resumed, "And now?") == expected
+    resumed.undo()  # the loaded transcript can be undone: it is replayed from a fresh state
+    _assert_state_is_the_transcript(resumed)
+
+
+def test_chat_after_a_plain_saved_state_starts_there(loaded, tmp_path) -> None:
+    prefix = prefill(loaded.model, loaded.tokenizer.encode("A document.\n\n"))
+    chat = _chat(loaded, start=prefix)
+    _say(chat, "Summarize")
+    replayed = prefill(loaded.model, [t for m in chat.messages for t in m.tokens], prefix)
+    assert torch.allclose(chat.session.logits, replayed.logits, rtol=1e-4, atol=1e-4)
+
+
+class _Scripted:
+    """A fake model that emits a fixed token sequence, one token per forward call."""
+
+    generation, dtype, vocab_size, fingerprint = "test", torch.float32, 65536, "x"
+
+    def __init__(self, script: list[int]) -> None:
+        self.script, self.calls = script, 0
+
+    def new_state(self) -> State:
+        return State("test", [])
+
+    def forward(self, tokens, state=None):
+        logits = torch.zeros(self.vocab_size)
+        logits[self.script[min(self.calls, len(self.script) - 1)]] = 10.0
+        self.calls += 1
+        return logits, state or self.new_state()
+
+
+def _scripted_chat(reply: str | list[int]) -> Chat:
+    tokenizer = load_world_tokenizer()
+    script = reply if isinstance(reply, list) else [b + 1 for b in reply.encode()]
+    loaded = LoadedModel(_Scripted(script), tokenizer, "scripted", "scripted")
+    return Chat(loaded, WORLD, params=SamplingParams(temperature=0), max_reply_tokens=40)
+
+
+@pytest.mark.parametrize(
+    ("script", "kept"),
+    [
+        (" Hi there\n\nUser: next", " Hi there"),
+        (" Sure.\nUser: fake turn", " Sure."),
+        (" a\nb\n\nc", " a\nb"),  # a single newline stays inside the reply
+    ],
+)
+def test_replies_stop_at_a_blank_line_or_a_new_user_turn(script, kept) -> None:
+    chat = _scripted_chat(script)
+    assert _say(chat, "Hi") == kept
+    assert chat.messages[-1].text == kept
+    assert load_world_tokenizer().decode(chat.messages[-1].tokens) == kept + "\n\n"
+
+
+def test_end_of_text_is_never_sampled_in_a_reply() -> None:
+    chat = _scripted_chat([ord("o") + 1, END_OF_TEXT, END_OF_TEXT])
+    reply = _say(chat, "Hi")
+    assert reply.startswith("o") and len(reply) == 40
+
+
+def test_user_text_is_normalised() -> None:
+    assert normalize("a\r\n\r\nb\n\n\n\nc  ") == "a\nb\nc"
+    assert WORLD.user_turn("x") == "User: x\n\nAssistant:"
+    g1 = TEMPLATES["g1"]
+    assert g1.user_turn("x", think=True) == "User: x\n\nAssistant: <think"
+    assert g1.user_turn("x", think=False) == "User: x\n\nAssistant: <think>\n</think"
+    assert WORLD.system_turn("Be\n\nkind") == "System: Be\nkind\n\n"
+
+
+def test_template_follows_the_model(loaded) -> None:
+    assert template_for(loaded).name == "world"
+    g1 = LoadedModel(loaded.model, loaded.tokenizer, "rwkv7-g1-0.1b", "BlinkDL/rwkv7-g1:x.pth@y")
+    assert template_for(g1).name == "g1"
+
+
+def _render(raw_chunks: list[str], thinking: bool, hide: bool = False) -> str:
+    out = io.StringIO()
+    renderer = ReplyRenderer(StdoutWriter(out), True, thinking, hide, dim=False)
+    for chunk in raw_chunks:
+        renderer.feed(chunk)
+    renderer.feed("", final=True)
+    return out.getvalue()
+
+
+def test_g1_thinking_is_shown_or_hidden_and_the_tag_never_leaks() -> None:
+    chunks = [">", "Let me", " think.</th", "ink>", " The answer", " is 4."]
+    assert _render(chunks, thinking=True) == "Let me think.The answer is 4."
+    assert _render(chunks, thinking=True, hide=True) == "The answer is 4."
+    assert _render([">", " Plain", " answer"], thinking=False) == "Plain answer"
