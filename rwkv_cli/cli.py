@@ -19,7 +19,9 @@ import typer
 from rich.console import Console
 
 from rwkv_cli import __version__
+from rwkv_cli.bench import benchmark
 from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
+from rwkv_cli.cpu import use_threads
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
@@ -31,7 +33,7 @@ from rwkv_cli.repl import (
     chat_from_saved,
     show_transcript_tail,
 )
-from rwkv_cli.runtime import LoadedModel, Start, open_start
+from rwkv_cli.runtime import LoadedModel, Start, default_model, open_start
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
 from rwkv_cli.textio import (
@@ -43,8 +45,10 @@ from rwkv_cli.textio import (
     unescape,
 )
 from rwkv_cli.ui import (
+    activity,
     ask_line,
     prefill_progress,
+    print_bench,
     print_error,
     print_models,
     print_state_info,
@@ -175,8 +179,19 @@ def _root(
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version."),
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            envvar="RWKV_CLI_THREADS",
+            min=1,
+            help="CPU threads for the model (default: the physical cores).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run RWKV language models from the terminal."""
+    use_threads(threads)
 
 
 @app.command()
@@ -447,6 +462,27 @@ def chat(
         dim_thinking=stdout.is_terminal and stdout.color_system is not None,
         show_stats=on_terminal or verbose,
     ).run()
+
+
+@app.command()
+def bench(
+    model: ModelOption = None,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", min=1, help="Prompt length to prefill.")
+    ] = 512,
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", min=1, help="Tokens to decode one by one.")
+    ] = 128,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure load time, prefill and decode speed, and peak memory of a model on this machine."""
+    console = stderr_console()
+    with activity(console, "Benchmarking"):
+        result = benchmark(model or default_model(console), prompt_tokens, decode_tokens)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_bench(result)
 
 
 @app.command()

@@ -87,6 +87,31 @@ def print_models(aliases: list, cached: list) -> None:
         print(f"  {model.repo_id}:{model.filename}  {format_size(model.size)}  {model.path}")
 
 
+def print_bench(result) -> None:
+    """``rwkv bench``: one aligned table on stdout."""
+    gib = 1024**3
+    rows = [
+        (
+            "model",
+            f"{result.model} ({result.architecture}, {result.dtype}, {result.threads} threads)",
+        ),
+        ("load (cached)", f"{result.load_seconds:.2f} s"),
+        (
+            "prefill",
+            f"{result.prefill_tokens_per_second:.1f} tok/s ({result.prompt_tokens} tokens)",
+        ),
+        ("decode", f"{result.decode_tokens_per_second:.1f} tok/s ({result.decode_tokens} tokens)"),
+        (
+            "peak RSS",
+            f"{result.peak_rss_bytes / gib:.2f} GiB "
+            f"({result.peak_rss_bytes / result.weight_bytes:.2f}x the weights, "
+            f"{result.weight_bytes / gib:.2f} GiB)",
+        ),
+    ]
+    for name, value in rows:
+        print(f"{name + ':':<15}{value}")
+
+
 def print_stats(console: Console, last: GenerationChunk) -> None:
     """The one-line footer after a generation."""
     console.print(

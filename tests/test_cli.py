@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def test_truncated_checkpoint(tmp_path, rwkv7_pth) -> None:
     assert_one_line_error(rwkv("generate", "x", "-m", path), 1, "truncated or corrupt")
 
 
-def test_unsupported_generation(tmp_path) -> None:
+def test_corrupt_checkpoint_of_a_detected_generation(tmp_path) -> None:
     import torch
 
     tensors = {
@@ -117,7 +118,9 @@ def test_unsupported_generation(tmp_path) -> None:
         for name in ("emb.weight", "head.weight", "blocks.0.att.time_maa_x", "blocks.0.ln1.weight")
     }
     path = write_pth(tmp_path / "rwkv6.pth", tensors)
-    assert_one_line_error(rwkv("generate", "x", "-m", path), 1, "RWKV-6", "not supported yet")
+    assert_one_line_error(
+        rwkv("generate", "x", "-m", path), 1, "corrupt RWKV-6 checkpoint", "emb.weight"
+    )
 
 
 def test_non_utf8_stdin(rwkv7_pth) -> None:
@@ -194,3 +197,16 @@ def test_closed_pipe_ends_quietly(rwkv7_pth) -> None:
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == 0
     assert stderr == b""
+
+
+def test_bench_reports_speed_and_memory(rwkv7_pth) -> None:
+    args = ("bench", "-m", rwkv7_pth, "--prompt-tokens", "40", "--decode-tokens", "4")
+    result = rwkv("--threads", "1", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["threads"] == 1 and report["architecture"] == "RWKV-7 L2 D128"
+    assert report["prompt_tokens"] == 40 and report["decode_tokens"] == 4
+    assert report["prefill_tokens_per_second"] > 0 and report["decode_tokens_per_second"] > 0
+    assert report["peak_rss_bytes"] > report["weight_bytes"] > 30_000_000  # 2 x 65536 x 128 fp32
+    table = rwkv(*args).stdout.decode()
+    assert "prefill:" in table and "decode:" in table and "peak RSS:" in table

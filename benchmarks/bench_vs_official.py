@@ -1,0 +1,123 @@
+"""rwkv-cli against BlinkDL's official `rwkv` package, same machine, same run, same workload.
+
+For each model shape, writes a random checkpoint in the official bf16 .pth format, then measures
+in fresh processes: prefill tok/s for a prompt, decode tok/s (greedy, one token at a time) and
+peak RSS; rwkv-cli through `rwkv bench --json`, the official package in `cpu fp32` mode.
+
+    python benchmarks/bench_vs_official.py [--prompt-tokens 512] [--decode-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"RWKV-7 0.1B": {"n_layer": 12, "n_embd": 768, "lora": 64}}
+
+OFFICIAL = r"""
+import json, os, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+from rwkv.model import RWKV
+
+def peak_rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+path, prompt_tokens, decode_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = RWKV(path.removesuffix(".pth"), "cpu fp32")
+prompt = torch.randint(1, 65530, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
+started = time.perf_counter()
+logits, state = model.forward(prompt.tolist(), None)
+prefill = prompt_tokens / (time.perf_counter() - started)
+started = time.perf_counter()
+for _ in range(decode_tokens):
+    logits, state = model.forward([int(torch.argmax(logits))], state)
+decode = decode_tokens / (time.perf_counter() - started)
+print(json.dumps({"prefill": prefill, "decode": decode, "peak_rss": peak_rss()}))
+"""
+
+
+def run_ours(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "rwkv_cli",
+        "--threads",
+        str(args.threads),
+        "bench",
+        "-m",
+        str(checkpoint),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--decode-tokens",
+        str(args.decode_tokens),
+        "--json",
+    ]
+    subprocess.run(command, env=env, check=True, capture_output=True)  # converts once
+    result = json.loads(subprocess.run(command, env=env, check=True, capture_output=True).stdout)
+    return {
+        "prefill": result["prefill_tokens_per_second"],
+        "decode": result["decode_tokens_per_second"],
+        "peak_rss": result["peak_rss_bytes"],
+        "weights": result["weight_bytes"],
+    }
+
+
+def run_official(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) -> dict:
+    official_env = {**env, "RWKV_V7_ON": "1", "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"}
+    command = [
+        sys.executable,
+        "-c",
+        OFFICIAL,
+        str(checkpoint),
+        str(args.prompt_tokens),
+        str(args.decode_tokens),
+        str(args.threads),
+    ]
+    output = subprocess.run(command, env=official_env, check=True, capture_output=True).stdout
+    return json.loads(output.decode().strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures import rwkv7_tensors, write_pth
+
+    gib = 1024**3
+    print(
+        f"{'shape':<13} {'system':<22} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS':>15}"
+    )
+    for name, shape in SHAPES.items():
+        with tempfile.TemporaryDirectory() as work:
+            checkpoint = write_pth(Path(work) / "model.pth", rwkv7_tensors(**shape))
+            env = {**os.environ, "RWKV_CLI_HOME": str(Path(work) / "home")}
+            ours = run_ours(checkpoint, args, env)
+            theirs = run_official(checkpoint, args, env)
+        for system, result in (("rwkv-cli fp32", ours), ("official rwkv cpu fp32", theirs)):
+            rss = (
+                f"{result['peak_rss'] / gib:.2f} GiB ({result['peak_rss'] / ours['weights']:.1f}x)"
+            )
+            print(
+                f"{name:<13} {system:<22} {result['prefill']:>14.1f} {result['decode']:>13.1f} "
+                f"{rss:>15}"
+            )
+        print(
+            f"{name:<13} {'ratio':<22} {ours['prefill'] / theirs['prefill']:>13.2f}x "
+            f"{ours['decode'] / theirs['decode']:>12.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``rwkv bench``: load time, prefill and decode speed, and peak memory, for one model."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rwkv_cli.generate import prefill
+from rwkv_cli.runtime import open_model
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    architecture: str
+    dtype: str
+    threads: int
+    load_seconds: float
+    prompt_tokens: int
+    prefill_tokens_per_second: float
+    decode_tokens: int
+    decode_tokens_per_second: float
+    peak_rss_bytes: int
+    weight_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def benchmark(spec: str, prompt_tokens: int = 512, decode_tokens: int = 128) -> BenchResult:
+    """Load ``spec`` (its converted cache already warm), read a prompt, then decode greedily."""
+    open_model(spec)  # converts on first use, so the timed load below is the everyday one
+    started = time.perf_counter()
+    loaded = open_model(spec)
+    load_seconds = time.perf_counter() - started
+    model = loaded.model
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, loaded.tokenizer.token_count, (prompt_tokens,), generator=generator)
+
+    started = time.perf_counter()
+    session = prefill(model, prompt.tolist())
+    prefill_seconds = time.perf_counter() - started
+
+    logits, state = session.logits, session.state
+    started = time.perf_counter()
+    for _ in range(decode_tokens):
+        logits, state = model.forward([int(torch.argmax(logits))], state)
+    decode_seconds = time.perf_counter() - started
+
+    return BenchResult(
+        model=spec,
+        architecture=model.describe(),
+        dtype=str(model.dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        load_seconds=load_seconds,
+        prompt_tokens=prompt_tokens,
+        prefill_tokens_per_second=prompt_tokens / prefill_seconds,
+        decode_tokens=decode_tokens,
+        decode_tokens_per_second=decode_tokens / decode_seconds,
+        peak_rss_bytes=peak_rss_bytes(),
+        weight_bytes=weight_bytes(model),
+    )
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's weight tensors (each counted once)."""
+    seen, total = set(), 0
+    for tensor in _tensors(model):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _tensors(value, depth: int = 0):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < 4 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item, depth + 1)
+    elif depth < 4 and hasattr(value, "__dict__"):
+        for item in vars(value).values():
+            yield from _tensors(item, depth + 1)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM on Linux; ru_maxrss elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
