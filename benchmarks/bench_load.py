@@ -23,7 +23,9 @@ def peak_rss():  # VmHWM: this process's peak resident memory (ru_maxrss survive
             return int(line.split()[1]) * 1024
 """
 
-CHILD = PEAK_RSS + """
+CHILD = (
+    PEAK_RSS
+    + """
 import json, sys, time
 from rwkv_cli.runtime import open_model
 started = time.perf_counter()
@@ -32,12 +34,16 @@ elapsed = time.perf_counter() - started
 loaded.model.forward([1, 2, 3])  # touch every weight once
 print(json.dumps({"seconds": elapsed, "peak_rss": peak_rss()}))
 """
+)
 
-BASELINE = PEAK_RSS + """
+BASELINE = (
+    PEAK_RSS
+    + """
 import json
 import torch, rwkv_cli.runtime  # the interpreter, torch and rwkv-cli without a model
 print(json.dumps({"peak_rss": peak_rss()}))
 """
+)
 
 
 def run(code: str, *args: str, env: dict[str, str]) -> dict:

@@ -32,7 +32,10 @@ GENERATION_NAMES = {
 }
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_FORMATS_HINT = "rwkv-cli reads BlinkDL's RWKV-4 to RWKV-7 .pth files (or the same as safetensors)"
+_FORMATS_HINT = (
+    "rwkv-cli reads BlinkDL's RWKV-4 to RWKV-7 .pth files (or the same as safetensors) "
+    "and Hugging Face transformers RWKV-4 weights"
+)
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -50,10 +53,58 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint file and detect its generation; raise a user-facing error if unusable."""
+    """Read a checkpoint file and detect its generation; raise a user-facing error if unusable.
+
+    Hugging Face transformers RWKV-4 weights (``pytorch_model.bin`` or ``model.safetensors``) are
+    renamed to BlinkDL's layout, so they run exactly like the ``.pth`` they were converted from.
+    """
     path = Path(path)
     tensors = read_tensors(path)
-    return Checkpoint(path=path, generation=detect_generation(tensors), tensors=tensors)
+    if is_transformers_layout(tensors):
+        tensors = from_transformers_layout(tensors)
+        generation = detect_generation(tensors)
+        if generation != "4":
+            raise UnsupportedModelError(
+                f"{GENERATION_NAMES[generation]} in the Hugging Face transformers layout is not "
+                "supported (only RWKV-4 is)",
+                hint="use BlinkDL's original .pth release of the same model",
+            )
+    else:
+        generation = detect_generation(tensors)
+    return Checkpoint(path=path, generation=generation, tensors=tensors)
+
+
+# Hugging Face transformers' RwkvForCausalLM (RWKV-4) names the same tensors differently, and
+# stores the same values (its converter only renames keys; time_decay is kept raw and exponentiated
+# at run time, as in BlinkDL's files). Applied in order to every key but head.weight.
+_TRANSFORMERS_PREFIX = "rwkv."
+_TRANSFORMERS_RENAMES = (
+    (re.compile(r"^embeddings\."), "emb."),
+    (re.compile(r"^blocks\.0\.pre_ln\."), "blocks.0.ln0."),
+    (re.compile(r"^(blocks\.\d+)\.attention\."), r"\1.att."),
+    (re.compile(r"^(blocks\.\d+)\.feed_forward\."), r"\1.ffn."),
+    (re.compile(r"\.time_mix_key$"), ".time_mix_k"),
+    (re.compile(r"\.time_mix_value$"), ".time_mix_v"),
+    (re.compile(r"\.time_mix_receptance$"), ".time_mix_r"),
+)
+
+
+def is_transformers_layout(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the tensors are named like transformers' RWKV models (``rwkv.blocks.0....``)."""
+    return "rwkv.embeddings.weight" in tensors
+
+
+def from_transformers_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under BlinkDL's names (``rwkv.blocks.0.attention.key.weight`` ->
+    ``blocks.0.att.key.weight``); names it does not know are kept as they are."""
+    renamed = {}
+    for name, tensor in tensors.items():
+        if name.startswith(_TRANSFORMERS_PREFIX):
+            name = name.removeprefix(_TRANSFORMERS_PREFIX)
+            for pattern, replacement in _TRANSFORMERS_RENAMES:
+                name = pattern.sub(replacement, name)
+        renamed[name] = tensor
+    return renamed
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -156,7 +207,8 @@ def _reject_non_models(names: set[str]) -> None:
         )
     if any(name.startswith(("rwkv.", "model.")) for name in names):
         raise UnsupportedModelError(
-            "this checkpoint uses the Hugging Face transformers layout, which is not supported yet",
+            "this checkpoint uses a Hugging Face transformers layout rwkv-cli does not read "
+            "(it reads transformers' RWKV-4 only)",
             hint="use BlinkDL's original .pth release of the same model",
         )
     missing = [name for name in ("emb.weight", "head.weight") if name not in names]

@@ -26,7 +26,7 @@ from rwkv_cli.sampling import (
     update_counts,
 )
 from rwkv_cli.state import State
-from rwkv_cli.tokenizer import IncrementalDecoder, WorldTokenizer
+from rwkv_cli.tokenizer import IncrementalDecoder, Tokenizer
 
 PREFILL_CHUNK_LEN = 256  # tokens per forward call while reading a prompt; bounds peak memory
 END_OF_TEXT = 0  # token id 0 ends a document in every RWKV vocabulary
@@ -150,7 +150,7 @@ class _Rollback:
             self.points.pop(0)
 
     def cut(
-        self, model: Model, tokenizer: WorldTokenizer, text: str, ids: list[int], chars: int
+        self, model: Model, tokenizer: Tokenizer, text: str, ids: list[int], chars: int
     ) -> tuple[Session, tuple[int, ...]]:
         """The session after the first ``chars`` characters of the generated ``text`` (spelled by
         the generated ``ids``), and the token ids that spell exactly those characters."""
@@ -164,7 +164,7 @@ class _Rollback:
 
 def stream_generate(
     model: Model,
-    tokenizer: WorldTokenizer,
+    tokenizer: Tokenizer,
     prompt: str,
     *,
     params: SamplingParams,
@@ -236,7 +236,7 @@ def stream_generate(
 
 def generate(
     model: Model,
-    tokenizer: WorldTokenizer,
+    tokenizer: Tokenizer,
     prompt: str,
     **options,
 ) -> str:

@@ -14,7 +14,7 @@ from rwkv_cli.hub import DEFAULT_MODEL, resolve_model
 from rwkv_cli.models import Model
 from rwkv_cli.prepared import load_model_cached
 from rwkv_cli.statefile import StateFile, import_state_tuning, is_state_tuning_file, read_state_file
-from rwkv_cli.tokenizer import WorldTokenizer, tokenizer_for_vocab
+from rwkv_cli.tokenizer import Tokenizer, tokenizer_for_vocab
 from rwkv_cli.ui import activity
 
 _PINNED_HUB_FILE = re.compile(r"^(?P<spec>[^@]+:[^@]+)@(?P<commit>[0-9a-f]{40})$")
@@ -25,7 +25,7 @@ class LoadedModel:
     """A model with its tokenizer, and the names it was asked for and found under."""
 
     model: Model
-    tokenizer: WorldTokenizer
+    tokenizer: Tokenizer
     spec: str  # as the user gave it
     resolved: str  # where it was found: an absolute path, or repo:file@commit
 

@@ -1,4 +1,12 @@
-"""The RWKV "World" tokenizer: greedy longest match over UTF-8 bytes.
+"""The tokenizers of RWKV models, and a UTF-8-safe incremental decoder for streaming.
+
+Two vocabularies exist (chosen from the model's vocabulary size, ``tokenizer_for_vocab``):
+
+- "World" (``rwkv_vocab_v20230424``, 65536 rows): World and G1 models, described below;
+- the GPT-NeoX "20B" tokenizer (``20B_tokenizer.json``, 50277 ids, padded to 50304 by RWKV-7
+  Pile models): RWKV-4 Pile/Raven and RWKV-7 Pile models, run by the ``tokenizers`` library.
+
+Both satisfy :class:`Tokenizer`. The World tokenizer is a greedy longest match over UTF-8 bytes.
 
 The vocabulary file ``rwkv_vocab_v20230424.txt`` has one entry per line,
 ``<id> <literal> <length>``: the literal is a Python ``str`` (standing for its UTF-8 bytes) or
@@ -15,11 +23,14 @@ from __future__ import annotations
 
 import ast
 import codecs
+import copy
 import functools
 import os
 from collections.abc import Iterable
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
+
+import tokenizers
 
 from rwkv_cli.errors import TokenizerError, UnsupportedModelError
 
@@ -38,6 +49,32 @@ _VOCAB_HINT = (
     f"The World vocabulary ships with rwkv-cli as rwkv_cli/data/{VOCAB_FILE}; "
     "reinstalling rwkv-cli restores a damaged copy."
 )
+
+NEOX_NAME = "20B_tokenizer"
+NEOX_FILE = f"{NEOX_NAME}.json"
+NEOX_TOKEN_COUNT = 50277  # ids 0..50276: 50254 BPE entries and 23 added runs of spaces
+NEOX_PADDED_VOCAB = 50304  # RWKV-7 Pile models pad their head to a multiple of 64 rows
+_NEOX_HINT = (
+    f"The 20B tokenizer ships with rwkv-cli as rwkv_cli/data/{NEOX_FILE}; "
+    "reinstalling rwkv-cli restores a damaged copy."
+)
+
+
+class Tokenizer(Protocol):
+    """What generation and chat need from a tokenizer (both vocabularies provide it)."""
+
+    name: str  # recorded in state files
+    vocab_size: int  # rows of the model's embedding and head it serves
+    token_count: int  # ids below this decode; the rest, up to vocab_size, are padding
+    eos_id: int  # end-of-text
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 class WorldTokenizer:
@@ -125,7 +162,7 @@ class IncrementalDecoder:
     until the rest arrives. Bytes that can never form a character come out as U+FFFD.
     """
 
-    def __init__(self, tokenizer: WorldTokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -151,17 +188,170 @@ def load_world_tokenizer() -> WorldTokenizer:
         return WorldTokenizer.from_file(path)
 
 
-def tokenizer_for_vocab(vocab_size: int) -> WorldTokenizer:
+class NeoXTokenizer:
+    """GPT-NeoX's "20B" byte-level BPE tokenizer, through the ``tokenizers`` library.
+
+    Encoding and decoding are exactly the library's (as the official ``rwkv`` package uses it);
+    ``token_bytes`` gives each token's raw bytes, so streamed text can be cut at UTF-8 character
+    boundaries. The special tokens (end-of-text 0, padding 1) decode to nothing.
+    """
+
+    name = NEOX_NAME
+    token_count = NEOX_TOKEN_COUNT
+    eos_id = EOS_ID
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, vocab_size: int = NEOX_TOKEN_COUNT) -> None:
+        """Wrap a loaded ``20B_tokenizer.json`` for a model with ``vocab_size`` rows."""
+        self._tokenizer = tokenizer
+        self._bytes_by_id = _neox_token_bytes(tokenizer)
+        if len(self._bytes_by_id) != NEOX_TOKEN_COUNT:
+            raise TokenizerError(
+                f"The 20B tokenizer has {len(self._bytes_by_id)} tokens; "
+                f"expected {NEOX_TOKEN_COUNT}.",
+                hint=_NEOX_HINT,
+            )
+        _check_neox_fits(vocab_size)
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike[str], vocab_size: int = NEOX_TOKEN_COUNT
+    ) -> NeoXTokenizer:
+        """Load a ``tokenizers`` JSON file such as ``20B_tokenizer.json``."""
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(os.fspath(path))
+        except Exception as error:  # the library raises plain Exception for bad files
+            raise TokenizerError(
+                f"Cannot read the tokenizer {os.fspath(path)!r}: {str(error).strip()[:200]}.",
+                hint=_NEOX_HINT,
+            ) from error
+        return cls(tokenizer, vocab_size)
+
+    def with_vocab_size(self, vocab_size: int) -> NeoXTokenizer:
+        """The same tokenizer for a model whose head has ``vocab_size`` rows (padding unused)."""
+        _check_neox_fits(vocab_size)
+        padded = copy.copy(self)  # shares the loaded vocabulary
+        padded.vocab_size = vocab_size
+        return padded
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for ``text``."""
+        return self._tokenizer.encode(text).ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for (``b""`` for the special tokens)."""
+        if not 0 <= token_id < NEOX_TOKEN_COUNT:
+            raise _unknown_neox_id_error(token_id)
+        return self._bytes_by_id[token_id]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The concatenated bytes of ``ids``; special tokens contribute nothing."""
+        return b"".join([self.token_bytes(token_id) for token_id in ids])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _byte_level_characters() -> dict[str, int]:
+    """Byte-level BPE (GPT-2, GPT-NeoX) spells every byte as one printable character: the
+    printable Latin-1 bytes stand for themselves, the other 68 bytes (controls, space, 0x7F-0xA0,
+    0xAD) for U+0100 onwards, in byte order. Returns character -> byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    characters = {byte: chr(byte) for byte in printable}
+    others = (byte for byte in range(256) if byte not in characters)
+    characters.update({byte: chr(0x100 + index) for index, byte in enumerate(others)})
+    return {character: byte for byte, character in characters.items()}
+
+
+def _neox_token_bytes(tokenizer: tokenizers.Tokenizer) -> list[bytes]:
+    """Each id's bytes, as the library's decoder produces them: special tokens are skipped,
+    BPE tokens are byte-level spellings, added tokens (runs of spaces) are their own text."""
+    byte_of = _byte_level_characters()
+    added = tokenizer.get_added_tokens_decoder()
+    vocabulary = tokenizer.get_vocab(with_added_tokens=True)
+    by_id: list[bytes | None] = [None] * len(vocabulary)
+    for text, token_id in vocabulary.items():
+        if token_id >= len(by_id):
+            raise TokenizerError(f"The 20B tokenizer's ids are not contiguous ({token_id}).")
+        token = added.get(token_id)
+        if token is not None and token.special:
+            by_id[token_id] = b""
+        elif token is None and all(character in byte_of for character in text):
+            by_id[token_id] = bytes(byte_of[character] for character in text)
+        else:
+            by_id[token_id] = text.encode("utf-8")
+    return [token if token is not None else b"" for token in by_id]
+
+
+def _check_neox_fits(vocab_size: int) -> None:
+    if vocab_size < NEOX_TOKEN_COUNT:
+        raise TokenizerError(
+            f"The 20B tokenizer has {NEOX_TOKEN_COUNT} tokens, more than the model's "
+            f"vocabulary of {vocab_size}."
+        )
+
+
+def _unknown_neox_id_error(token_id: object) -> TokenizerError:
+    return TokenizerError(
+        f"Token id {token_id!r} is not in the 20B vocabulary "
+        f"(valid ids are 0 to {NEOX_TOKEN_COUNT - 1}).",
+        hint="The ids must come from the 20B (GPT-NeoX) tokenizer.",
+    )
+
+
+@functools.cache
+def load_neox_tokenizer(vocab_size: int = NEOX_TOKEN_COUNT) -> NeoXTokenizer:
+    """The 20B tokenizer shipped with rwkv-cli, for a model with ``vocab_size`` rows."""
+    if vocab_size != NEOX_TOKEN_COUNT:
+        return load_neox_tokenizer().with_vocab_size(vocab_size)
+    data = resources.files("rwkv_cli").joinpath("data", NEOX_FILE)
+    with resources.as_file(data) as path:
+        return NeoXTokenizer.from_file(path)
+
+
+# Names accepted by tokenizer_by_name (case-insensitive), for a --tokenizer option.
+TOKENIZER_ALIASES = {
+    "world": VOCAB_NAME,
+    VOCAB_NAME.lower(): VOCAB_NAME,
+    "20b": NEOX_NAME,
+    "neox": NEOX_NAME,
+    "gpt-neox": NEOX_NAME,
+    NEOX_NAME.lower(): NEOX_NAME,
+}
+TOKENIZER_CHOICES = ("world", "20b")  # the short names to offer users
+
+
+def tokenizer_for_vocab(vocab_size: int) -> Tokenizer:
     """The tokenizer a model with ``vocab_size`` output rows was trained with."""
     if vocab_size == VOCAB_SIZE:
         return load_world_tokenizer()
-    if vocab_size in (50277, 50304):
-        raise UnsupportedModelError(
-            f"models with the 20B (GPT-NeoX) tokenizer (vocabulary {vocab_size}) "
-            "are not supported yet",
-            hint="World and G1 models (vocabulary 65536) work now",
+    if vocab_size in (NEOX_TOKEN_COUNT, NEOX_PADDED_VOCAB):
+        return load_neox_tokenizer(vocab_size)
+    raise UnsupportedModelError(
+        f"no known tokenizer has a vocabulary of {vocab_size}",
+        hint="choose one with --tokenizer (world or 20b)",
+    )
+
+
+def tokenizer_by_name(name: str, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer called ``name`` ("world", "20b" or a full name), for a model with
+    ``vocab_size`` rows when given: it must not have more tokens than the model has rows."""
+    canonical = TOKENIZER_ALIASES.get(name.lower())
+    if canonical is None:
+        raise TokenizerError(
+            f"unknown tokenizer {name!r}", hint=f"choose one of: {', '.join(TOKENIZER_CHOICES)}"
         )
-    raise UnsupportedModelError(f"no known tokenizer has a vocabulary of {vocab_size}")
+    if canonical == NEOX_NAME:
+        return load_neox_tokenizer(vocab_size or NEOX_TOKEN_COUNT)
+    tokenizer = load_world_tokenizer()
+    if vocab_size is not None and tokenizer.token_count > vocab_size:
+        raise TokenizerError(
+            f"the World tokenizer has {tokenizer.token_count} tokens, more than the model's "
+            f"vocabulary of {vocab_size}",
+            hint="models with a vocabulary of 50277 or 50304 use --tokenizer 20b",
+        )
+    return tokenizer
 
 
 def _parse_vocabulary(lines: Iterable[str], source: str) -> dict[int, bytes]:

@@ -44,10 +44,12 @@ def test_generation_is_detected_from_keys(keys, generation) -> None:
 
 
 @pytest.mark.parametrize(("keys", "name"), [(V4, "RWKV-4"), (V5_2, "RWKV-5.2"), (V6, "RWKV-6")])
-def test_other_generations_are_named_and_refused(tmp_path, keys, name) -> None:
+def test_malformed_checkpoints_are_refused_naming_their_generation(tmp_path, keys, name) -> None:
     path = write_pth(tmp_path / "model-x070.pth", _fake(keys))  # the name must not matter
     checkpoint = load_checkpoint(path)
-    with pytest.raises(UnsupportedModelError, match=f"{name} checkpoints are not supported yet"):
+    refused = (CheckpointError, UnsupportedModelError)
+    message = rf"(incomplete {name} checkpoint|unsupported {name} variant)"
+    with pytest.raises(refused, match=message):
         model_from_checkpoint(checkpoint)
 
 
@@ -62,8 +64,8 @@ def test_state_tuning_file_is_explained() -> None:
         detect_generation(tensors)
 
 
-def test_transformers_layout_is_explained() -> None:
-    tensors = {"rwkv.embeddings.weight": torch.zeros(4, 4), "head.weight": torch.zeros(4, 4)}
+def test_unknown_transformers_layout_is_explained() -> None:
+    tensors = {"model.embeddings.weight": torch.zeros(4, 4), "lm_head.weight": torch.zeros(4, 4)}
     with pytest.raises(UnsupportedModelError, match="transformers layout"):
         detect_generation(tensors)
 

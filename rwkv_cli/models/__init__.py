@@ -15,6 +15,9 @@ from rwkv_cli.checkpoint import (
     weights_fingerprint,
 )
 from rwkv_cli.errors import UnsupportedModelError
+from rwkv_cli.models.rwkv4 import RWKV4
+from rwkv_cli.models.rwkv5 import RWKV5_0, RWKV5_1, RWKV5_2
+from rwkv_cli.models.rwkv6 import RWKV6
 from rwkv_cli.models.rwkv7 import RWKV7
 from rwkv_cli.state import State
 
@@ -46,7 +49,9 @@ class Model(Protocol):
     ) -> tuple[torch.Tensor, State]: ...
 
 
-MODEL_CLASSES = {RWKV7.generation: RWKV7}
+MODEL_CLASSES = {
+    model.generation: model for model in (RWKV4, RWKV5_0, RWKV5_1, RWKV5_2, RWKV6, RWKV7)
+}
 
 
 def model_class(generation: str) -> type:

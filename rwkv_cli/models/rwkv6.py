@@ -1,0 +1,133 @@
+"""RWKV-6 "Finch" in plain torch.
+
+RWKV-6 is RWKV-5.2 with data-dependent token shift and decay: a small LoRA (``time_maa_w1/w2``)
+computes per-token offsets to the five interpolation weights (w, k, v, r, g), and another
+(``time_decay_w1/w2``) a per-token offset to the decay. Token mixing is written
+``x + (x_prev - x)·μ``. Sources: BlinkDL/RWKV-LM ``RWKV-v5/src/model.py`` (``x060``) and the
+official ``rwkv`` package (shared/DESIGN.md sections 3-4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rwkv_cli.errors import CheckpointError
+from rwkv_cli.kernels.wkv5 import wkv5
+from rwkv_cli.models.common import WeightGroup, previous_tokens, tensor_shape
+from rwkv_cli.models.rwkv5 import RWKV5, RWKV5Config, wkv_output
+
+GENERATION = "6"
+MIXED_INPUTS = 5  # the token-shift LoRA makes offsets for the w, k, v, r, g inputs, in order
+
+
+@dataclass(frozen=True)
+class RWKV6Config(RWKV5Config):
+    """Dimensions of an RWKV-6 model: RWKV-5's plus the two LoRA widths."""
+
+    mix_lora: int
+    decay_lora: int
+
+
+@dataclass
+class TimeMixWeights(WeightGroup):
+    """``blocks.N.att.*``; LoRA matrices are stored (in, out), linear weights (out, in)."""
+
+    time_maa_x: torch.Tensor
+    time_maa_w: torch.Tensor
+    time_maa_k: torch.Tensor
+    time_maa_v: torch.Tensor
+    time_maa_r: torch.Tensor
+    time_maa_g: torch.Tensor
+    time_maa_w1: torch.Tensor  # (C, 5·D)
+    time_maa_w2: torch.Tensor  # (5, D, C)
+    time_decay: torch.Tensor  # (C,) float32
+    time_decay_w1: torch.Tensor  # (C, D_decay)
+    time_decay_w2: torch.Tensor  # (D_decay, C)
+    time_faaaa: torch.Tensor  # (H, N) float32: the current token's bonus u
+    receptance_weight: torch.Tensor
+    key_weight: torch.Tensor
+    value_weight: torch.Tensor
+    gate_weight: torch.Tensor
+    output_weight: torch.Tensor
+    ln_x_weight: torch.Tensor  # float32
+    ln_x_bias: torch.Tensor  # float32
+
+
+@dataclass
+class ChannelMixWeights(WeightGroup):
+    """``blocks.N.ffn.*`` of RWKV-6: ``x + (x_prev - x)·μ`` token mixing."""
+
+    time_maa_k: torch.Tensor
+    time_maa_r: torch.Tensor
+    key_weight: torch.Tensor
+    receptance_weight: torch.Tensor
+    value_weight: torch.Tensor
+
+    def mixed_inputs(self, x: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(key input, receptance input), each (T, C)."""
+        return tuple(torch.lerp(x, prev, mix) for mix in (self.time_maa_k, self.time_maa_r))
+
+
+class RWKV6(RWKV5):
+    """An RWKV-6 model ready to run: ``forward(tokens, state) -> (logits, state)``."""
+
+    generation = GENERATION
+    time_mix_weights = TimeMixWeights
+    channel_mix_weights = ChannelMixWeights
+    has_gate = True
+    per_channel_decay = True
+
+    @classmethod
+    def read_config(cls, tensors: dict[str, torch.Tensor]) -> RWKV6Config:
+        label = cls.label()
+        base = RWKV5Config.read_base(tensors, "blocks.0.att.time_faaaa", label)
+        mix_width = tensor_shape(tensors, "blocks.0.att.time_maa_w1", 2, label)[1]
+        if mix_width % MIXED_INPUTS:
+            raise CheckpointError(
+                f"corrupt {label} checkpoint: time_maa_w1 width {mix_width} is not 5 LoRAs"
+            )
+        return RWKV6Config(
+            **base,
+            mix_lora=mix_width // MIXED_INPUTS,
+            decay_lora=tensor_shape(tensors, "blocks.0.att.time_decay_w1", 2, label)[1],
+        )
+
+    @classmethod
+    def normalize(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors  # every RWKV-6 release stores the bonus as time_faaaa
+
+    @classmethod
+    def expected_shapes(cls, config: RWKV6Config) -> dict[str, tuple[int, ...]]:
+        c, d, d_decay = config.n_embd, config.mix_lora, config.decay_lora
+        return {
+            **super().expected_shapes(config),
+            "att.time_decay": (c,),
+            "att.time_maa_w1": (c, MIXED_INPUTS * d),
+            "att.time_maa_w2": (MIXED_INPUTS, d, c),
+            "att.time_decay_w1": (c, d_decay),
+            "att.time_decay_w2": (d_decay, c),
+        }
+
+    def time_mix(
+        self, att: TimeMixWeights, x: torch.Tensor, state
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t, h, n = x.shape[0], self.config.n_head, self.config.head_size
+        delta = previous_tokens(x, state.att_shift) - x  # (T, C)
+        lora = torch.tanh((x + delta * att.time_maa_x) @ att.time_maa_w1)  # (T, 5·D)
+        lora = lora.view(t, MIXED_INPUTS, -1).transpose(0, 1)  # (5, T, D)
+        offsets = torch.bmm(lora, att.time_maa_w2)  # (5, T, C)
+        mixes = (att.time_maa_w, att.time_maa_k, att.time_maa_v, att.time_maa_r, att.time_maa_g)
+        xw, xk, xv, xr, xg = (
+            x + delta * (mix + offset) for mix, offset in zip(mixes, offsets, strict=True)
+        )
+        heads = (t, h, n)
+        r = F.linear(xr, att.receptance_weight).view(heads)
+        k = F.linear(xk, att.key_weight).view(heads)
+        v = F.linear(xv, att.value_weight).view(heads)
+        decay_lora = torch.tanh(xw @ att.time_decay_w1) @ att.time_decay_w2  # (T, C)
+        decay = torch.exp(-torch.exp(att.time_decay + decay_lora.float()))
+        y, wkv = wkv5(state.att_wkv, r, decay.view(heads), k, v, att.time_faaaa)
+        return wkv_output(att, y, h, x.dtype, xg), {"att_wkv": wkv}
