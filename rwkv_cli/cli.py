@@ -44,6 +44,7 @@ from rwkv_cli.textio import (
     read_prompt,
     unescape,
 )
+from rwkv_cli.tokenizer import TOKENIZER_CHOICES
 from rwkv_cli.ui import (
     activity,
     ask_line,
@@ -79,6 +80,14 @@ ModelOption = Annotated[
         "--model",
         help=f"A checkpoint file, a Hub repo (owner/name or owner/name:file) or an alias from "
         f"`rwkv models`. Default: the model a --state file names, else {DEFAULT_MODEL}.",
+        show_default=False,
+    ),
+]
+TokenizerOption = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Tokenizer: {' or '.join(TOKENIZER_CHOICES)} (default: from the vocabulary size, "
+        "or a state file's).",
         show_default=False,
     ),
 ]
@@ -205,6 +214,7 @@ def generate(
     ] = None,
     model: ModelOption = None,
     revision: RevisionOption = None,
+    tokenizer: TokenizerOption = None,
     state: StateOption = None,
     save_state: SaveStateOption = None,
     force: ForceOption = False,
@@ -233,7 +243,7 @@ def generate(
         )
     text = read_prompt(prompt, stdin)
     console = stderr_console()
-    start = _open(console, model, state, force, revision)
+    start = _open(console, model, state, force, revision, tokenizer)
     run = _Continuation.begin(
         ctx,
         start,
@@ -261,6 +271,7 @@ def save_state_command(
     ] = ...,
     model: ModelOption = None,
     revision: RevisionOption = None,
+    tokenizer: TokenizerOption = None,
     file: Annotated[
         Path | None,
         typer.Option("-f", "--file", help="Read the text from this file.", show_default=False),
@@ -285,7 +296,7 @@ def save_state_command(
     if file is not None:
         content = _read_text_file(file) + content
     console = stderr_console()
-    start = _open(console, model, state, force, revision)
+    start = _open(console, model, state, force, revision, tokenizer)
     tokens = start.loaded.tokenizer.encode(content)
     with prefill_progress(console, len(tokens)) as on_progress:
         session = prefill(start.loaded.model, tokens, start.session, on_progress=on_progress)
@@ -315,6 +326,7 @@ def load_state_command(
     as_json: Annotated[bool, typer.Option("--json", help="With --info: print JSON.")] = False,
     model: ModelOption = None,
     revision: RevisionOption = None,
+    tokenizer: TokenizerOption = None,
     force: ForceOption = False,
     save_state: SaveStateOption = None,
     max_tokens: MaxTokensOption = 256,
@@ -341,7 +353,7 @@ def load_state_command(
         return
     console = stderr_console()
     stdin = piped_stdin()
-    start = _open(console, model, file, force, revision)
+    start = _open(console, model, file, force, revision, tokenizer)
     run = _Continuation.begin(
         ctx,
         start,
@@ -367,6 +379,7 @@ def chat(
     ctx: typer.Context,
     model: ModelOption = None,
     revision: RevisionOption = None,
+    tokenizer: TokenizerOption = None,
     state: Annotated[
         Path | None,
         typer.Option(
@@ -420,7 +433,7 @@ def chat(
             f"choose one of {', '.join(TEMPLATES)}", ctx=ctx, param_hint="'--template'"
         )
     console = stderr_console()
-    start = _open(console, model, state, force, revision)
+    start = _open(console, model, state, force, revision, tokenizer)
     saved = start.state_file
     generator, seed_used = _generator(seed, saved)
     loaded = start.loaded
@@ -509,9 +522,14 @@ def _read_text_file(path: Path) -> str:
 
 
 def _open(
-    console, model: str | None, state: Path | None, force: bool, revision: str | None
+    console,
+    model: str | None,
+    state: Path | None,
+    force: bool,
+    revision: str | None,
+    tokenizer: str | None,
 ) -> Start:
-    return open_start(model, state, force, revision, console)
+    return open_start(model, state, force, revision, console, tokenizer)
 
 
 def _sampling_params(ctx: typer.Context, saved: SamplingParams | None) -> SamplingParams:

@@ -14,7 +14,7 @@ from rwkv_cli.hub import DEFAULT_MODEL, resolve_model
 from rwkv_cli.models import Model
 from rwkv_cli.prepared import load_model_cached
 from rwkv_cli.statefile import StateFile, import_state_tuning, is_state_tuning_file, read_state_file
-from rwkv_cli.tokenizer import Tokenizer, tokenizer_for_vocab
+from rwkv_cli.tokenizer import Tokenizer, tokenizer_by_name, tokenizer_for_vocab
 from rwkv_cli.ui import activity
 
 _PINNED_HUB_FILE = re.compile(r"^(?P<spec>[^@]+:[^@]+)@(?P<commit>[0-9a-f]{40})$")
@@ -40,15 +40,22 @@ class Start:
 
 
 def open_model(
-    spec: str, revision: str | None = None, console: Console | None = None
+    spec: str,
+    revision: str | None = None,
+    console: Console | None = None,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
     """Load the model ``spec`` names: a local checkpoint, a Hub file or an alias (downloading it
-    on first use), through the converted-weights cache."""
+    on first use), through the converted-weights cache. The tokenizer follows from the
+    vocabulary size unless ``tokenizer`` names one."""
     resolved = resolve_model(spec, revision, console=console)
     with activity(console, f"Loading {resolved.path.name}"):
         model = load_model_cached(resolved.path)
-    tokenizer = tokenizer_for_vocab(model.vocab_size)
-    return LoadedModel(model, tokenizer, spec, resolved.resolved)
+    if tokenizer is None:
+        chosen = tokenizer_for_vocab(model.vocab_size)
+    else:
+        chosen = tokenizer_by_name(tokenizer, vocab_size=model.vocab_size)
+    return LoadedModel(model, chosen, spec, resolved.resolved)
 
 
 def open_start(
@@ -57,27 +64,31 @@ def open_start(
     force: bool = False,
     revision: str | None = None,
     console: Console | None = None,
+    tokenizer: str | None = None,
 ) -> Start:
     """Load the model, and the saved state to continue from if ``state_path`` is given.
 
-    Without ``model_spec`` the model is the one the state file names, or else the default model.
+    Without ``model_spec`` the model is the one the state file names, or else the default model;
+    without ``tokenizer``, a state file's tokenizer, or else the one the vocabulary implies.
     A BlinkDL state-tuning file does not record its model, so it needs ``model_spec``.
     """
     if state_path is None:
-        return Start(open_model(model_spec or default_model(console), revision, console), Session())
+        spec = model_spec or default_model(console)
+        return Start(open_model(spec, revision, console, tokenizer), Session())
     if is_state_tuning_file(state_path):
         if model_spec is None:
             raise InvalidInputError(
                 f"{state_path} is a state-tuning file, which does not record its model",
                 hint="pass the model it was trained for with -m MODEL",
             )
-        loaded = open_model(model_spec, revision, console)
+        loaded = open_model(model_spec, revision, console, tokenizer)
         return Start(loaded, import_state_tuning(state_path, loaded.model))
     state_file = read_state_file(state_path)
+    tokenizer = tokenizer or state_file.identity.tokenizer
     if model_spec is None:
-        loaded = _open_saved_model(state_file, console)
+        loaded = _open_saved_model(state_file, console, tokenizer)
     else:
-        loaded = open_model(model_spec, revision, console)
+        loaded = open_model(model_spec, revision, console, tokenizer)
     session = state_file.session_for(loaded.model, loaded.tokenizer.name, force=force)
     return Start(loaded, session, state_file)
 
@@ -91,13 +102,15 @@ def default_model(console: Console | None) -> str:
     return DEFAULT_MODEL
 
 
-def _open_saved_model(state_file: StateFile, console: Console | None) -> LoadedModel:
+def _open_saved_model(
+    state_file: StateFile, console: Console | None, tokenizer: str
+) -> LoadedModel:
     """The model a state file names: exactly where it was found, else how it was asked for."""
     pinned = _PINNED_HUB_FILE.match(state_file.model_resolved)
     if pinned:
-        loaded = open_model(pinned["spec"], pinned["commit"], console)
+        loaded = open_model(pinned["spec"], pinned["commit"], console, tokenizer)
     elif Path(state_file.model_resolved).is_file():
-        loaded = open_model(state_file.model_resolved, console=console)
+        loaded = open_model(state_file.model_resolved, None, console, tokenizer)
     else:
-        loaded = open_model(state_file.model_spec, console=console)
+        loaded = open_model(state_file.model_spec, None, console, tokenizer)
     return LoadedModel(loaded.model, loaded.tokenizer, state_file.model_spec, loaded.resolved)

@@ -210,3 +210,13 @@ def test_bench_reports_speed_and_memory(rwkv7_pth) -> None:
     assert report["peak_rss_bytes"] > report["weight_bytes"] > 30_000_000  # 2 x 65536 x 128 fp32
     table = rwkv(*args).stdout.decode()
     assert "prefill:" in table and "decode:" in table and "peak RSS:" in table
+
+
+def test_tokenizer_override(rwkv7_pth) -> None:
+    args = ("generate", "Hi", "-m", rwkv7_pth, "-n", "4", "--temperature", "0")
+    world = rwkv(*args, "--tokenizer", "world")
+    assert world.returncode == 0 and world.stdout == rwkv(*args).stdout
+    wrong = rwkv(*args, "--tokenizer", "20b")  # 50277 tokens do not spell World ids
+    assert wrong.returncode == 0 and wrong.stdout != world.stdout
+    unknown = rwkv(*args, "--tokenizer", "klingon")
+    assert unknown.returncode == 1 and b"klingon" in unknown.stderr

@@ -132,3 +132,26 @@ def test_bf16_compute_stays_close_to_fp32(tensors, model) -> None:
 def test_out_of_range_token_is_refused(model) -> None:
     with pytest.raises(Exception, match="out of range"):
         model.forward([model.vocab_size])
+
+
+def test_sequence_logits_give_every_position_and_carry_gradients(tensors) -> None:
+    model = RWKV7.from_tensors(tensors)
+    all_logits, _ = model.sequence_logits(TOKENS)
+    state = None
+    for position, token in enumerate(TOKENS):
+        logits, state = model.forward([token], state)
+        assert _relative_error(all_logits[position], logits) < 1e-5
+
+    trainable = {name: tensor.float().requires_grad_() for name, tensor in tensors.items()}
+    logits, _ = RWKV7.from_tensors(trainable).sequence_logits(TOKENS[:-1])
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(TOKENS[1:]))
+    loss.backward()
+    for name in (
+        "emb.weight",
+        "blocks.0.ln0.weight",
+        "blocks.1.att.w1",
+        "blocks.1.att.v0",
+        "blocks.0.ffn.value.weight",
+        "head.weight",
+    ):
+        assert trainable[name].grad is not None and trainable[name].grad.abs().sum() > 0, name

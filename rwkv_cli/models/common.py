@@ -120,8 +120,10 @@ def check_keys(
     block_keys: Iterable[str],
     label: str,
     hint: str | None = None,
+    optional: Iterable[str] = (),
 ) -> None:
-    """Refuse checkpoints with missing tensors or tensors this implementation would ignore."""
+    """Refuse checkpoints with missing tensors or tensors this implementation would ignore;
+    ``optional`` names tensors that may be absent."""
     block_keys = list(block_keys)
     expected = set(MODEL_KEYS) | {f"blocks.0.{key}" for key in FIRST_BLOCK_KEYS}
     for index in range(n_layer):
@@ -134,7 +136,7 @@ def check_keys(
         raise UnsupportedModelError(
             f"unsupported {label} variant: unexpected tensors {shown}", hint=hint
         )
-    missing = sorted(expected - set(tensors))
+    missing = sorted(expected - set(tensors) - set(optional))
     if missing:
         raise CheckpointError(f"incomplete {label} checkpoint: missing {missing[0]}")
 
@@ -216,6 +218,9 @@ class RecurrentModel:
     channel_mix_weights: ClassVar[type[WeightGroup]] = ChannelMixWeights
     float32_keys: ClassVar[tuple[str, ...]] = ()  # block key suffixes kept in float32
     rescale_layer: ClassVar[int] = RESCALE_LAYER
+    rescales_in_fp16: ClassVar[bool] = True  # RWKV-7 needs no rescaling (official package)
+    optional_keys: ClassVar[frozenset[str]] = frozenset()  # tensors a checkpoint may lack
+    variant_hint: ClassVar[str | None] = None  # hint for checkpoints with unexpected tensors
 
     def __init__(
         self,
@@ -231,7 +236,8 @@ class RecurrentModel:
         self.ln_out = ln_out
         self.head = head  # (V, C)
         self.dtype = embedding.dtype
-        self.rescaled = self.dtype == torch.float16  # prepare() scaled the weights to match
+        # prepare() scaled the weights to match
+        self.rescaled = self.rescales_in_fp16 and self.dtype == torch.float16
         self.fingerprint = ""  # set by the loader, which sees the checkpoint's raw tensors
 
     # --- what each generation supplies -----------------------------------------------------
@@ -254,10 +260,17 @@ class RecurrentModel:
     def new_layer_state(self) -> Any:
         raise NotImplementedError
 
-    def time_mix(self, att: Any, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, dict]:
+    def time_mix(
+        self, att: Any, x: torch.Tensor, state: Any, carry: dict
+    ) -> tuple[torch.Tensor, dict]:
         """Time mixing of the ln1-normed (T, C) input: the output (T, C) and the new values of
-        the layer state's recurrent ``att_*`` fields (the frame records the token shifts)."""
+        the layer state's recurrent ``att_*`` fields (the frame records the token shifts).
+        ``carry`` passes values from layer to layer within one forward (RWKV-7's first values)."""
         raise NotImplementedError
+
+    def channel_mix(self, ffn: Any, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Channel mixing of the ln2-normed (T, C) input."""
+        return channel_mix(ffn, x, shift)
 
     # --- the shared frame --------------------------------------------------------------------
 
@@ -286,7 +299,14 @@ class RecurrentModel:
         """
         tensors = cls.normalize(tensors)
         config = cls.read_config(tensors)
-        check_keys(tensors, config.n_layer, cls.block_keys(), cls.label())
+        check_keys(
+            tensors,
+            config.n_layer,
+            cls.block_keys(),
+            cls.label(),
+            hint=cls.variant_hint,
+            optional=cls.optional_keys,
+        )
         c = config.n_embd
         shapes = {
             "emb.weight": (config.vocab_size, c),
@@ -313,7 +333,7 @@ class RecurrentModel:
         suffix = parts[2] if parts[0] == "blocks" else name
         if suffix in cls.float32_keys:
             return tensor.float().contiguous()
-        if dtype == torch.float16 and suffix in _RESCALED_WEIGHTS:
+        if cls.rescales_in_fp16 and dtype == torch.float16 and suffix in _RESCALED_WEIGHTS:
             tensor = tensor.float() / 2 ** (int(parts[1]) // cls.rescale_layer)
         return tensor.to(dtype).contiguous()
 
@@ -357,26 +377,44 @@ class RecurrentModel:
 
         The input state is left untouched. Call with one token to decode, many to prefill.
         """
+        x, new_state = self._run(tokens, state)
+        return self._logits(x[-1]), new_state
+
+    def sequence_logits(
+        self, tokens: Sequence[int], state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """The logits after every token (T, V), for perplexity and training: unlike ``forward``
+        this keeps autograd on, so gradients reach weights that require them."""
+        x, new_state = self._run(tokens, state)
+        return self._logits(x), new_state
+
+    def _run(self, tokens: Sequence[int], state: State | None) -> tuple[torch.Tensor, State]:
+        """The final residual stream (T, C) and the new state."""
         check_tokens(tokens, self.vocab_size)
         state = state if state is not None else self.new_state()
         x = self.embedding[torch.as_tensor(tokens)]  # (T, C)
+        carry: dict = {}
         new_layers = []
         for index, (block, layer_state) in enumerate(zip(self.blocks, state.layers, strict=True)):
-            x, new_layer = self._block(block, x, layer_state)
+            x, new_layer = self._block(block, x, layer_state, carry)
             new_layers.append(new_layer)
             if self.rescaled and (index + 1) % self.rescale_layer == 0:
                 x = x / 2
-        x = F.layer_norm(x[-1], (self.config.n_embd,), *self.ln_out)
-        logits = F.linear(x, self.head).float()  # (V,)
-        return logits, State(generation=self.generation, layers=new_layers)
+        return x, State(generation=self.generation, layers=new_layers)
 
-    def _block(self, block: Block, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, (self.config.n_embd,), *self.ln_out)
+        return F.linear(x, self.head).float()  # (..., V)
+
+    def _block(
+        self, block: Block, x: torch.Tensor, state: Any, carry: dict
+    ) -> tuple[torch.Tensor, Any]:
         size = (self.config.n_embd,)
         normed = F.layer_norm(x, size, block.norms.ln1_weight, block.norms.ln1_bias)
-        mixed, att_state = self.time_mix(block.att, normed, state)
+        mixed, att_state = self.time_mix(block.att, normed, state, carry)
         x = x + mixed
         ffn_normed = F.layer_norm(x, size, block.norms.ln2_weight, block.norms.ln2_bias)
-        x = x + channel_mix(block.ffn, ffn_normed, state.ffn_shift)
+        x = x + self.channel_mix(block.ffn, ffn_normed, state.ffn_shift)
         # Clones, so the state does not keep the whole (T, C) activations alive.
         shifts = {"att_shift": normed[-1].clone(), "ffn_shift": ffn_normed[-1].clone()}
         new_state = dataclasses.replace(state, **shifts, **att_state)

@@ -100,7 +100,7 @@ class RWKV4(RecurrentModel):
         )
 
     def time_mix(
-        self, att: TimeMixWeights, x: torch.Tensor, state: LayerState
+        self, att: TimeMixWeights, x: torch.Tensor, state: LayerState, carry: dict
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prev = previous_tokens(x, state.att_shift)
         xk, xv, xr = lerp_inputs(x, prev, (att.time_mix_k, att.time_mix_v, att.time_mix_r))

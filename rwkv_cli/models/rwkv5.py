@@ -150,7 +150,7 @@ class RWKV5(RecurrentModel):
         )
 
     def time_mix(
-        self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState
+        self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState, carry: dict
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t, h, n = x.shape[0], self.config.n_head, self.config.head_size
         mixes = (att.time_mix_k, att.time_mix_v, att.time_mix_r)

@@ -112,7 +112,7 @@ class RWKV6(RWKV5):
         }
 
     def time_mix(
-        self, att: TimeMixWeights, x: torch.Tensor, state
+        self, att: TimeMixWeights, x: torch.Tensor, state, carry: dict
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t, h, n = x.shape[0], self.config.n_head, self.config.head_size
         delta = previous_tokens(x, state.att_shift) - x  # (T, C)
