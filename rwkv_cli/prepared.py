@@ -29,7 +29,7 @@ from rwkv_cli.models import Model, model_class
 from rwkv_cli.paths import converted_dir
 
 LAYOUT = "rwkv-cli-prepared"
-LAYOUT_VERSION = 1  # bump when prepare() changes what it stores
+LAYOUT_VERSION = 2  # bump when prepare() changes what it stores (2: projections stored (in, out))
 _HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
 _INDEX = "hashes.json"
 _HASH_BLOCK = 16 * 1024 * 1024

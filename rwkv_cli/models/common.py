@@ -29,6 +29,10 @@ from rwkv_cli.state import State
 # does not see the scale, so the logits are unchanged up to rounding.
 RESCALE_LAYER = 6
 _RESCALED_WEIGHTS = ("att.output.weight", "ffn.value.weight")
+# Projection matrices are stored (out, in) in checkpoints and kept (in, out) once prepared, so
+# the model computes ``x @ W``: for one token that streams W in the order a matrix-vector product
+# reads it, about a quarter faster on a CPU than multiplying by the transpose.
+_PROJECTIONS = ("receptance.weight", "key.weight", "value.weight", "output.weight", "gate.weight")
 
 MERGED_STATE_HINT = (
     "this model has a state-tuning state merged in: pass the base model, and the time_state "
@@ -36,6 +40,12 @@ MERGED_STATE_HINT = (
 )
 MODEL_KEYS = frozenset({"emb.weight", "head.weight", "ln_out.weight", "ln_out.bias"})
 FIRST_BLOCK_KEYS = frozenset({"ln0.weight", "ln0.bias"})  # block 0's extra LayerNorm, folded
+
+
+def is_projection(name: str) -> bool:
+    """Whether the checkpoint tensor ``name`` is a projection matrix (kept (in, out) once
+    prepared)."""
+    return name == "head.weight" or name.endswith(_PROJECTIONS)
 
 
 def checkpoint_key(field_name: str) -> str:
@@ -202,8 +212,8 @@ class ChannelMixWeights(WeightGroup):
 def channel_mix(ffn: Any, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """RWKV-4/5/6 channel mixing: ``σ(R·xr) ⊙ V·relu(K·xk)²``."""
     xk, xr = ffn.mixed_inputs(x, previous_tokens(x, shift))
-    hidden = torch.relu(F.linear(xk, ffn.key_weight)) ** 2  # (T, F)
-    return torch.sigmoid(F.linear(xr, ffn.receptance_weight)) * F.linear(hidden, ffn.value_weight)
+    hidden = torch.relu(xk @ ffn.key_weight) ** 2  # (T, F)
+    return torch.sigmoid(xr @ ffn.receptance_weight) * (hidden @ ffn.value_weight)
 
 
 class RecurrentModel:
@@ -234,7 +244,7 @@ class RecurrentModel:
         self.embedding = embedding  # (V, C), ln0 already applied
         self.blocks = blocks
         self.ln_out = ln_out
-        self.head = head  # (V, C)
+        self.head = head  # (C, V)
         self.dtype = embedding.dtype
         # prepare() scaled the weights to match
         self.rescaled = self.rescales_in_fp16 and self.dtype == torch.float16
@@ -335,12 +345,17 @@ class RecurrentModel:
             return tensor.float().contiguous()
         if cls.rescales_in_fp16 and dtype == torch.float16 and suffix in _RESCALED_WEIGHTS:
             tensor = tensor.float() / 2 ** (int(parts[1]) // cls.rescale_layer)
+        if is_projection(name):
+            tensor = tensor.t()  # (out, in) -> (in, out)
         return tensor.to(dtype).contiguous()
 
     @classmethod
     def from_prepared(cls, prepared: dict[str, torch.Tensor]):
         """Build the model around prepared tensors without copying them (they may be mmapped)."""
-        config = cls.read_config(prepared)
+        as_in_checkpoint = {  # shape views only, for reading the dimensions
+            name: tensor.t() if is_projection(name) else tensor for name, tensor in prepared.items()
+        }
+        config = cls.read_config(as_in_checkpoint)
         blocks = [
             Block(
                 norms=NormWeights.take(prepared, f"blocks.{index}."),
@@ -404,7 +419,7 @@ class RecurrentModel:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x, (self.config.n_embd,), *self.ln_out)
-        return F.linear(x, self.head).float()  # (..., V)
+        return (x @ self.head).float()  # (..., V)
 
     def _block(
         self, block: Block, x: torch.Tensor, state: Any, carry: dict

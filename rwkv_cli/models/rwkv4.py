@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.kernels.wkv4 import INITIAL_MAX, wkv4
@@ -104,10 +103,10 @@ class RWKV4(RecurrentModel):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prev = previous_tokens(x, state.att_shift)
         xk, xv, xr = lerp_inputs(x, prev, (att.time_mix_k, att.time_mix_v, att.time_mix_r))
-        r = torch.sigmoid(F.linear(xr, att.receptance_weight))
-        k = F.linear(xk, att.key_weight)
-        v = F.linear(xv, att.value_weight)
+        r = torch.sigmoid(xr @ att.receptance_weight)
+        k = xk @ att.key_weight
+        v = xv @ att.value_weight
         decay = -torch.exp(att.time_decay)
         y, aa, bb, pp = wkv4(state.att_aa, state.att_bb, state.att_pp, decay, att.time_first, k, v)
-        out = F.linear(r * y.to(x.dtype), att.output_weight)
+        out = (r * y.to(x.dtype)) @ att.output_weight
         return out, {"att_aa": aa, "att_bb": bb, "att_pp": pp}

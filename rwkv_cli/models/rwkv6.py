@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rwkv_cli.errors import CheckpointError
 from rwkv_cli.kernels.wkv5 import wkv5
@@ -124,9 +123,9 @@ class RWKV6(RWKV5):
             x + delta * (mix + offset) for mix, offset in zip(mixes, offsets, strict=True)
         )
         heads = (t, h, n)
-        r = F.linear(xr, att.receptance_weight).view(heads)
-        k = F.linear(xk, att.key_weight).view(heads)
-        v = F.linear(xv, att.value_weight).view(heads)
+        r = (xr @ att.receptance_weight).view(heads)
+        k = (xk @ att.key_weight).view(heads)
+        v = (xv @ att.value_weight).view(heads)
         decay_lora = torch.tanh(xw @ att.time_decay_w1) @ att.time_decay_w2  # (T, C)
         decay = torch.exp(-torch.exp(att.time_decay + decay_lora.float()))
         y, wkv = wkv5(state.att_wkv, r, decay.view(heads), k, v, att.time_faaaa)
