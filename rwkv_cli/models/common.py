@@ -93,6 +93,16 @@ class WkvLayerState:
     att_wkv: torch.Tensor  # (H, N, N) float32, indexed [head, value, key]
     ffn_shift: torch.Tensor  # (C,) last ln2 output, for channel mixing's token shift
 
+    @classmethod
+    def zeros(cls, config: Any, dtype: torch.dtype) -> WkvLayerState:
+        """The empty state of one layer: shifts in the model's dtype, the WKV state float32."""
+        c, h, n = config.n_embd, config.n_head, config.head_size
+        return cls(
+            att_shift=torch.zeros(c, dtype=dtype),
+            att_wkv=torch.zeros(h, n, n, dtype=torch.float32),
+            ffn_shift=torch.zeros(c, dtype=dtype),
+        )
+
 
 def previous_tokens(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Token shift: row t holds x[t-1], row 0 the last input of the previous call."""

@@ -142,12 +142,7 @@ class RWKV5(RecurrentModel):
         }
 
     def new_layer_state(self) -> WkvLayerState:
-        c, h, n = self.config.n_embd, self.config.n_head, self.config.head_size
-        return WkvLayerState(
-            att_shift=torch.zeros(c, dtype=self.dtype),
-            att_wkv=torch.zeros(h, n, n, dtype=torch.float32),
-            ffn_shift=torch.zeros(c, dtype=self.dtype),
-        )
+        return WkvLayerState.zeros(self.config, self.dtype)
 
     def time_mix(
         self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState, carry: dict
