@@ -18,7 +18,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"RWKV-7 0.1B": {"n_layer": 12, "n_embd": 768, "lora": 64}}
+# name: (fixture function in tests/fixtures.py, its arguments, official RWKV_V7_ON switch)
+SHAPES = {
+    "RWKV-7 0.1B": ("rwkv7_tensors", {"n_layer": 12, "n_embd": 768, "lora": 64}, "1"),
+    "RWKV-4 169M": ("rwkv4_tensors", {"n_layer": 12, "n_embd": 768}, "0"),
+}
 
 OFFICIAL = r"""
 import json, os, sys, time
@@ -33,7 +37,7 @@ def peak_rss():
 
 path, prompt_tokens, decode_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = RWKV(path.removesuffix(".pth"), "cpu fp32")
-prompt = torch.randint(1, 65530, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
+prompt = torch.randint(1, 50000, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
 started = time.perf_counter()
 logits, state = model.forward(prompt.tolist(), None)
 prefill = prompt_tokens / (time.perf_counter() - started)
@@ -71,8 +75,8 @@ def run_ours(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) ->
     }
 
 
-def run_official(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) -> dict:
-    official_env = {**env, "RWKV_V7_ON": "1", "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"}
+def run_official(checkpoint: Path, args: argparse.Namespace, env: dict[str, str], v7: str) -> dict:
+    official_env = {**env, "RWKV_V7_ON": v7, "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"}
     command = [
         sys.executable,
         "-c",
@@ -93,18 +97,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from tests.fixtures import rwkv7_tensors, write_pth
+    from tests import fixtures
 
     gib = 1024**3
     print(
         f"{'shape':<13} {'system':<22} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS':>15}"
     )
-    for name, shape in SHAPES.items():
+    for name, (fixture, shape, v7) in SHAPES.items():
         with tempfile.TemporaryDirectory() as work:
-            checkpoint = write_pth(Path(work) / "model.pth", rwkv7_tensors(**shape))
+            tensors = getattr(fixtures, fixture)(**shape)
+            checkpoint = fixtures.write_pth(Path(work) / "model.pth", tensors)
+            del tensors
             env = {**os.environ, "RWKV_CLI_HOME": str(Path(work) / "home")}
             ours = run_ours(checkpoint, args, env)
-            theirs = run_official(checkpoint, args, env)
+            theirs = run_official(checkpoint, args, env, v7)
         for system, result in (("rwkv-cli fp32", ours), ("official rwkv cpu fp32", theirs)):
             rss = (
                 f"{result['peak_rss'] / gib:.2f} GiB ({result['peak_rss'] / ours['weights']:.1f}x)"

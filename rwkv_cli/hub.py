@@ -6,7 +6,8 @@ A *spec* is what users pass as ``-m SPEC``. The forms are tried in this order:
 2. ``OWNER/NAME:FILENAME``, one file of a Hub repo;
 3. ``OWNER/NAME``, a repo: its newest checkpoint by the 8-digit date in the file names;
 4. an alias such as ``rwkv7-g1-0.1b``: a repo plus a file-name pattern. The newest match wins, so
-   new releases are picked up without a code change.
+   new releases are picked up without a code change;
+5. ``demo``: the small demo model shipped with rwkv-cli (:mod:`rwkv_cli.demo`), a local file.
 
 The file is then fetched into the Hugging Face cache by :mod:`rwkv_cli.download` (resumable,
 checked against the Hub's checksum). Before asking the Hub, and when it cannot be reached, the
@@ -43,6 +44,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from rwkv_cli.demo import DEMO_SPEC, demo_checkpoint
 from rwkv_cli.download import (
     GIT_SHA1,
     LIBRARY,
@@ -215,6 +217,10 @@ def resolve_model(
         if revision is not None:
             raise InvalidInputError(f"a revision applies to Hub models, not to the file {spec}")
         return ResolvedModel(spec, local.resolve())
+    if spec.strip().lower() == DEMO_SPEC:
+        if revision is not None:
+            raise InvalidInputError("a revision applies to Hub models, not to the demo model")
+        return ResolvedModel(spec, demo_checkpoint())
     target = _parse_spec(spec.strip())
     offline = constants.is_offline_mode()
     pinned = revision is not None and GIT_SHA1.fullmatch(revision) is not None
@@ -282,12 +288,13 @@ def _parse_spec(spec: str) -> _HubSpec:
     alias = ALIASES.get(spec.lower())
     if alias is not None:
         return _HubSpec(alias.repo_id, alias=alias)
-    close = difflib.get_close_matches(spec.lower(), ALIASES, n=3)
+    close = difflib.get_close_matches(spec.lower(), [*ALIASES, DEMO_SPEC], n=3)
     suggestion = f"did you mean {' or '.join(close)}? " if close else ""
     raise ModelNotFoundError(
         f"unknown model '{spec}': not a local file, a Hub repo (OWNER/NAME[:FILENAME]) "
         "or a known alias",
-        hint=f"{suggestion}'rwkv models' lists the aliases, e.g. {DEFAULT_MODEL}",
+        hint=f"{suggestion}'rwkv models' lists the aliases, e.g. {DEFAULT_MODEL}; "
+        f"{DEMO_SPEC} is a small model that ships with rwkv-cli",
     )
 
 

@@ -8,13 +8,21 @@ from pathlib import Path
 
 from rich.console import Console
 
-from rwkv_cli.errors import InvalidInputError
+from rwkv_cli.demo import DEMO_SPEC
+from rwkv_cli.errors import HubUnreachableError, InvalidInputError, NotCachedError
 from rwkv_cli.generate import Session
-from rwkv_cli.hub import DEFAULT_MODEL, resolve_model
+from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from rwkv_cli.models import Model
 from rwkv_cli.prepared import load_model_cached
 from rwkv_cli.statefile import StateFile, import_state_tuning, is_state_tuning_file, read_state_file
-from rwkv_cli.tokenizer import Tokenizer, tokenizer_by_name, tokenizer_for_vocab
+from rwkv_cli.tokenizer import (
+    BPETokenizer,
+    Tokenizer,
+    bpe_name,
+    bundled_tokenizer_path,
+    tokenizer_by_name,
+    tokenizer_for_vocab,
+)
 from rwkv_cli.ui import activity
 
 _PINNED_HUB_FILE = re.compile(r"^(?P<spec>[^@]+:[^@]+)@(?P<commit>[0-9a-f]{40})$")
@@ -45,17 +53,48 @@ def open_model(
     console: Console | None = None,
     tokenizer: str | None = None,
 ) -> LoadedModel:
-    """Load the model ``spec`` names: a local checkpoint, a Hub file or an alias (downloading it
-    on first use), through the converted-weights cache. The tokenizer follows from the
-    vocabulary size unless ``tokenizer`` names one."""
-    resolved = resolve_model(spec, revision, console=console)
+    """Load the model ``spec`` names: a local checkpoint, a Hub file, an alias (downloading it
+    on first use) or the demo model, through the converted-weights cache. For the tokenizer see
+    ``choose_tokenizer``."""
+    resolved = _resolve(spec, revision, console)
     with activity(console, f"Loading {resolved.path.name}"):
         model = load_model_cached(resolved.path)
-    if tokenizer is None:
-        chosen = tokenizer_for_vocab(model.vocab_size)
-    else:
-        chosen = tokenizer_by_name(tokenizer, vocab_size=model.vocab_size)
+    chosen = choose_tokenizer(resolved, model.vocab_size, tokenizer)
     return LoadedModel(model, chosen, spec, resolved.resolved)
+
+
+def choose_tokenizer(resolved: ResolvedModel, vocab_size: int, name: str | None) -> Tokenizer:
+    """The tokenizer of a model with ``vocab_size`` rows.
+
+    A local checkpoint with a ``tokenizer.json`` in its folder (the demo model) uses that file,
+    unless ``name`` names another tokenizer. Otherwise ``name`` ("world", "20b", ...) decides, and
+    without it the vocabulary size (65536: World; 50277 or 50304: 20B).
+    """
+    bundled = bundled_tokenizer_path(resolved.path) if resolved.repo_id is None else None
+    if bundled is not None and (name is None or name.lower() == bpe_name(bundled)):
+        return BPETokenizer.from_file(bundled, vocab_size=vocab_size)
+    if name is None:
+        return tokenizer_for_vocab(vocab_size)
+    return tokenizer_by_name(name, vocab_size=vocab_size)
+
+
+def _resolve(spec: str, revision: str | None, console: Console | None) -> ResolvedModel:
+    """``resolve_model``; when the default model can be neither found in the cache nor
+    downloaded, the error says so and suggests the demo model, which is always there."""
+    try:
+        return resolve_model(spec, revision, console=console)
+    except (NotCachedError, HubUnreachableError) as error:
+        if spec.strip().lower() != DEFAULT_MODEL:
+            raise
+        message = error.message  # "... is not in the local cache and HF_HUB_OFFLINE is set"
+        if isinstance(error, HubUnreachableError):
+            not_here = f"{DEFAULT_MODEL} is not in the local cache and cannot be downloaded"
+            message = f"{not_here}: {message}"
+        raise type(error)(
+            message,
+            hint=f"try the small demo model that ships with rwkv-cli: -m {DEMO_SPEC} "
+            f"(or: {error.hint})",
+        ) from error
 
 
 def open_start(
