@@ -113,7 +113,7 @@ class Tmux:
 
     def screen(self) -> str:
         return subprocess.run(
-            ["tmux", "capture-pane", "-p", "-t", self.name, "-S", "-200"],
+            ["tmux", "capture-pane", "-p", "-J", "-t", self.name, "-S", "-200"],
             check=True,
             capture_output=True,
             text=True,
