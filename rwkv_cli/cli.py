@@ -21,7 +21,7 @@ from rich.console import Console
 from rwkv_cli import __version__
 from rwkv_cli.bench import benchmark
 from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
-from rwkv_cli.cpu import use_threads
+from rwkv_cli.cpu import configure_cpu
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
@@ -200,7 +200,7 @@ def _root(
     ] = None,
 ) -> None:
     """Run RWKV language models from the terminal."""
-    use_threads(threads)
+    configure_cpu(threads)
 
 
 @app.command()

@@ -1,0 +1,196 @@
+"""Compiled kernels: C++ and CUDA sources in ``rwkv_cli/csrc``, built on first use and cached.
+
+Nothing compiles at import time. ``load_extension`` builds an extension with
+``torch.utils.cpp_extension`` the first time a process needs it (about 10 s for the CPU kernels)
+and reuses the build afterwards. Each build lives in its own folder under
+``$RWKV_CLI_HOME/kernels``, named after what the binary depends on: the torch version, and the
+CPU's instruction sets (CPU kernels are compiled for the machine they run on) or the CUDA version
+and GPU architecture. The extensions register their operators with ``TORCH_LIBRARY`` under the
+``rwkv_cli`` namespace, so callers reach them as ``torch.ops.rwkv_cli.<op>``.
+
+Every compiled operator has a plain-torch twin with the same meaning. ``compiled_ops`` is how model
+code asks for one: with the default choice "auto" a build failure is reported once, as a warning
+with its reason, and the caller runs its torch path; with "compiled" the failure is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rwkv_cli.errors import RwkvCliError
+from rwkv_cli.paths import home_dir
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+OPS_NAMESPACE = "rwkv_cli"
+
+KernelChoice = Literal["auto", "torch", "compiled"]
+KERNEL_CHOICES: tuple[KernelChoice, ...] = ("auto", "torch", "compiled")
+
+
+class KernelBuildError(RwkvCliError):
+    """A compiled extension could not be built or loaded (no compiler, compile error, ...)."""
+
+
+class KernelSelfTestError(RwkvCliError):
+    """A compiled kernel built, but its results differ from its torch twin's."""
+
+
+@dataclass(frozen=True)
+class Extension:
+    """A compiled extension: its name and its source files under ``source_dir`` (``csrc``)."""
+
+    name: str
+    sources: tuple[str, ...]
+    cuda: bool = False
+    source_dir: Path = SOURCE_DIR
+
+    def source_paths(self) -> list[str]:
+        return [str(self.source_dir / source) for source in self.sources]
+
+
+def kernels_dir() -> Path:
+    """Where built extensions are cached."""
+    return home_dir() / "kernels"
+
+
+def build_dir(extension: Extension) -> Path:
+    """This extension's build folder for the running torch and hardware."""
+    torch_version = re.sub(r"[^0-9A-Za-z.]", "_", torch.__version__)
+    return kernels_dir() / f"{extension.name}-torch{torch_version}-{_hardware_tag(extension)}"
+
+
+def _hardware_tag(extension: Extension) -> str:
+    if extension.cuda:
+        major, minor = torch.cuda.get_device_capability()
+        return f"cu{torch.version.cuda}-sm{major}{minor}"
+    return f"cpu-{_cpu_flags_digest()}"
+
+
+@functools.cache
+def _cpu_flags_digest() -> str:
+    """A short digest of the CPU's instruction-set flags (builds use ``-march=native``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = os.uname().machine
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), text)
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+CPU_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]
+
+
+def load_extension(extension: Extension) -> None:
+    """Build (or reuse) ``extension`` and load its operators into ``torch.ops.rwkv_cli``.
+
+    Raises KernelBuildError with a one-line reason; the whole compiler output is kept in the
+    build folder's ``build-error.log``. Each extension is tried once per process.
+    """
+    error = _build_once(extension)
+    if error is not None:
+        raise error
+
+
+@functools.cache
+def _build_once(extension: Extension) -> KernelBuildError | None:
+    try:
+        _build(extension)
+    except KernelBuildError as error:
+        return error
+    return None
+
+
+def _build(extension: Extension) -> None:
+    from torch.utils import cpp_extension  # imports setuptools: only when building
+
+    if extension.cuda and not torch.cuda.is_available():
+        raise KernelBuildError("no CUDA GPU is available")
+    folder = build_dir(extension)
+    folder.mkdir(parents=True, exist_ok=True)
+    _put_ninja_on_path()
+    try:
+        cpp_extension.load(
+            name=extension.name,
+            sources=extension.source_paths(),
+            extra_cflags=CPU_FLAGS,
+            extra_cuda_cflags=CUDA_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            with_cuda=extension.cuda,
+            verbose=False,
+        )
+    except Exception as error:  # compiler, linker, loader and environment failures alike
+        log = folder / "build-error.log"
+        log.write_text(str(error))
+        raise KernelBuildError(
+            f"could not build the {extension.name} kernels: {_first_error_line(str(error))}",
+            hint=f"compiler output: {log}; `rwkv doctor` checks the toolchain",
+        ) from error
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the ninja wheel's binary sits beside this Python's."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join((ninja.BIN_DIR, path))
+
+
+def _first_error_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower() and not line.startswith("FAILED"):
+            return line[:200]
+    return lines[0][:200] if lines else "unknown error"
+
+
+_reported: set[str] = set()
+_choice: KernelChoice = "auto"
+
+
+def set_kernel_choice(choice: KernelChoice) -> None:
+    """Choose the kernels for this process (``--kernel``): "auto" (compiled where they build,
+    else torch), "torch" (never compile) or "compiled" (a build failure is an error)."""
+    global _choice
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernel choice {choice!r}")
+    _choice = choice
+
+
+def kernel_choice() -> KernelChoice:
+    return _choice
+
+
+def compiled_ops(extension: Extension):
+    """``torch.ops.rwkv_cli`` with ``extension`` loaded, or None to use the torch path.
+
+    Follows ``set_kernel_choice``: "torch" never builds; "auto" builds, and on failure warns
+    once per extension and returns None; "compiled" raises the KernelBuildError instead.
+    """
+    choice = _choice
+    if choice == "torch":
+        return None
+    try:
+        load_extension(extension)
+    except KernelBuildError as error:
+        if choice == "compiled":
+            raise
+        if extension.name not in _reported:
+            _reported.add(extension.name)
+            warnings.warn(f"{error.message}; using the slower torch path", stacklevel=2)
+        return None
+    return getattr(torch.ops, OPS_NAMESPACE)
