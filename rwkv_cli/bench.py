@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import resource
 import sys
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rwkv_cli.generate import prefill
-from rwkv_cli.runtime import open_model
+from rwkv_cli.runtime import dtype_name, open_model
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,19 @@ class BenchResult:
         return asdict(self)
 
 
-def benchmark(spec: str, prompt_tokens: int = 512, decode_tokens: int = 128) -> BenchResult:
-    """Load ``spec`` (its converted cache already warm), read a prompt, then decode greedily."""
-    open_model(spec)  # converts on first use, so the timed load below is the everyday one
+def benchmark(
+    spec: str,
+    prompt_tokens: int = 512,
+    decode_tokens: int = 128,
+    dtype: torch.dtype = torch.float32,
+) -> BenchResult:
+    """Load ``spec`` with ``dtype`` weights (its converted cache already warm), read a prompt,
+    then decode greedily. Peak memory is measured from the timed load on."""
+    open_model(spec, dtype=dtype)  # converts on first use: the timed load is the everyday one
+    gc.collect()
+    reset_peak_rss()
     started = time.perf_counter()
-    loaded = open_model(spec)
+    loaded = open_model(spec, dtype=dtype)
     load_seconds = time.perf_counter() - started
     model = loaded.model
     generator = torch.Generator().manual_seed(0)
@@ -55,7 +65,7 @@ def benchmark(spec: str, prompt_tokens: int = 512, decode_tokens: int = 128) -> 
     return BenchResult(
         model=spec,
         architecture=model.describe(),
-        dtype=str(model.dtype).removeprefix("torch."),
+        dtype=dtype_name(model.weight_dtype),
         threads=torch.get_num_threads(),
         load_seconds=load_seconds,
         prompt_tokens=prompt_tokens,
@@ -86,6 +96,13 @@ def _tensors(value, depth: int = 0):
     elif depth < 4 and hasattr(value, "__dict__"):
         for item in vars(value).values():
             yield from _tensors(item, depth + 1)
+
+
+def reset_peak_rss() -> None:
+    """Start peak-memory accounting afresh (Linux: ``/proc/self/clear_refs``), so each
+    measurement in one process counts only itself; elsewhere the peak keeps counting."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_rss_bytes() -> int:

@@ -29,21 +29,28 @@ from rwkv_cli.models import Model, model_class
 from rwkv_cli.paths import converted_dir
 
 LAYOUT = "rwkv-cli-prepared"
-LAYOUT_VERSION = 2  # bump when prepare() changes what it stores (2: projections stored (in, out))
+LAYOUT_VERSION = 3  # bump when prepare() changes what it stores (3: (out, in) again, int8 scales)
 _HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
 _INDEX = "hashes.json"
 _HASH_BLOCK = 16 * 1024 * 1024
 
 
-def load_model_cached(path: str | Path, dtype: torch.dtype = torch.float32) -> Model:
-    """The model in ``path``, from the converted cache (converting it on first use)."""
+def load_model_cached(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
+) -> Model:
+    """The model in ``path``, from the converted cache (converting it on first use), prepared
+    in ``dtype`` and running with ``compute_dtype`` activations (see ``from_prepared``)."""
     path = Path(path)
     name = f"{source_hash(path)}-{_dtype_name(dtype)}-v{LAYOUT_VERSION}.safetensors"
     cached = converted_dir() / name
-    return _load_converted(cached) or _convert(path, cached, dtype)
+    return _load_converted(cached, compute_dtype) or _convert(path, cached, dtype, compute_dtype)
 
 
-def _convert(path: Path, cached: Path, dtype: torch.dtype) -> Model:
+def _convert(
+    path: Path, cached: Path, dtype: torch.dtype, compute_dtype: torch.dtype | None
+) -> Model:
     """Read and prepare the checkpoint, write the converted file, and load the model from it."""
     checkpoint = load_checkpoint(path)
     generation = checkpoint.generation
@@ -62,12 +69,14 @@ def _convert(path: Path, cached: Path, dtype: torch.dtype) -> Model:
     except (WriteError, OSError, SafetensorError) as error:
         reason = error.message if isinstance(error, WriteError) else str(error)
         warnings.warn(f"could not cache the converted model: {reason}", stacklevel=2)
-        return _build(generation, prepared, fingerprint)
+        return _build(generation, prepared, fingerprint, compute_dtype)
     # Reload from the file so the weights are memory-mapped rather than held in this process.
-    return _load_converted(cached) or _build(generation, prepared, fingerprint)
+    return _load_converted(cached, compute_dtype) or _build(
+        generation, prepared, fingerprint, compute_dtype
+    )
 
 
-def _load_converted(cached: Path) -> Model | None:
+def _load_converted(cached: Path, compute_dtype: torch.dtype | None) -> Model | None:
     """The model from a converted file, or None if it is missing or unusable (then rebuilt)."""
     if not cached.is_file():
         return None
@@ -78,14 +87,19 @@ def _load_converted(cached: Path) -> Model | None:
         if layout != (LAYOUT, str(LAYOUT_VERSION)):
             return None
         prepared = load_file(cached)  # memory-mapped
-        return _build(metadata["generation"], prepared, metadata["fingerprint"])
+        return _build(metadata["generation"], prepared, metadata["fingerprint"], compute_dtype)
     except (SafetensorError, OSError, KeyError, ValueError):
         cached.unlink(missing_ok=True)
         return None
 
 
-def _build(generation: str, prepared: dict[str, torch.Tensor], fingerprint: str) -> Model:
-    model = model_class(generation).from_prepared(prepared)
+def _build(
+    generation: str,
+    prepared: dict[str, torch.Tensor],
+    fingerprint: str,
+    compute_dtype: torch.dtype | None,
+) -> Model:
+    model = model_class(generation).from_prepared(prepared, compute_dtype)
     model.fingerprint = fingerprint
     return model
 

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from rwkv_cli.demo import DEMO_SPEC
@@ -26,6 +27,30 @@ from rwkv_cli.tokenizer import (
 from rwkv_cli.ui import activity
 
 _PINNED_HUB_FILE = re.compile(r"^(?P<spec>[^@]+:[^@]+)@(?P<commit>[0-9a-f]{40})$")
+
+# How the projection matrices are stored (``--dtype``); activations are float32 on a CPU.
+WEIGHT_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "int8": torch.int8,
+}
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def weight_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` name (fp32, bf16, fp16, int8 or the torch spellings)."""
+    key = _DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in WEIGHT_DTYPES:
+        raise InvalidInputError(
+            f"unknown dtype {name!r}", hint=f"choose one of {', '.join(WEIGHT_DTYPES)}"
+        )
+    return WEIGHT_DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The ``--dtype`` name of a torch dtype (``torch.int8`` -> ``int8``)."""
+    return next(name for name, value in WEIGHT_DTYPES.items() if value == dtype)
 
 
 @dataclass(frozen=True)
@@ -52,13 +77,14 @@ def open_model(
     revision: str | None = None,
     console: Console | None = None,
     tokenizer: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load the model ``spec`` names: a local checkpoint, a Hub file, an alias (downloading it
-    on first use) or the demo model, through the converted-weights cache. For the tokenizer see
-    ``choose_tokenizer``."""
+    on first use) or the demo model, through the converted-weights cache, with its projections
+    stored in ``dtype`` (see WEIGHT_DTYPES). For the tokenizer see ``choose_tokenizer``."""
     resolved = _resolve(spec, revision, console)
     with activity(console, f"Loading {resolved.path.name}"):
-        model = load_model_cached(resolved.path)
+        model = load_model_cached(resolved.path, dtype, compute_dtype=torch.float32)
     chosen = choose_tokenizer(resolved, model.vocab_size, tokenizer)
     return LoadedModel(model, chosen, spec, resolved.resolved)
 
@@ -104,8 +130,10 @@ def open_start(
     revision: str | None = None,
     console: Console | None = None,
     tokenizer: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Start:
-    """Load the model, and the saved state to continue from if ``state_path`` is given.
+    """Load the model (with ``dtype`` weights), and the saved state to continue from if
+    ``state_path`` is given.
 
     Without ``model_spec`` the model is the one the state file names, or else the default model;
     without ``tokenizer``, a state file's tokenizer, or else the one the vocabulary implies.
@@ -113,21 +141,21 @@ def open_start(
     """
     if state_path is None:
         spec = model_spec or default_model(console)
-        return Start(open_model(spec, revision, console, tokenizer), Session())
+        return Start(open_model(spec, revision, console, tokenizer, dtype), Session())
     if is_state_tuning_file(state_path):
         if model_spec is None:
             raise InvalidInputError(
                 f"{state_path} is a state-tuning file, which does not record its model",
                 hint="pass the model it was trained for with -m MODEL",
             )
-        loaded = open_model(model_spec, revision, console, tokenizer)
+        loaded = open_model(model_spec, revision, console, tokenizer, dtype)
         return Start(loaded, import_state_tuning(state_path, loaded.model))
     state_file = read_state_file(state_path)
     tokenizer = tokenizer or state_file.identity.tokenizer
     if model_spec is None:
-        loaded = _open_saved_model(state_file, console, tokenizer)
+        loaded = _open_saved_model(state_file, console, tokenizer, dtype)
     else:
-        loaded = open_model(model_spec, revision, console, tokenizer)
+        loaded = open_model(model_spec, revision, console, tokenizer, dtype)
     session = state_file.session_for(loaded.model, loaded.tokenizer.name, force=force)
     return Start(loaded, session, state_file)
 
@@ -142,14 +170,15 @@ def default_model(console: Console | None) -> str:
 
 
 def _open_saved_model(
-    state_file: StateFile, console: Console | None, tokenizer: str
+    state_file: StateFile, console: Console | None, tokenizer: str, dtype: torch.dtype
 ) -> LoadedModel:
     """The model a state file names: exactly where it was found, else how it was asked for."""
     pinned = _PINNED_HUB_FILE.match(state_file.model_resolved)
     if pinned:
-        loaded = open_model(pinned["spec"], pinned["commit"], console, tokenizer)
+        spec, revision = pinned["spec"], pinned["commit"]
     elif Path(state_file.model_resolved).is_file():
-        loaded = open_model(state_file.model_resolved, None, console, tokenizer)
+        spec, revision = state_file.model_resolved, None
     else:
-        loaded = open_model(state_file.model_spec, None, console, tokenizer)
+        spec, revision = state_file.model_spec, None
+    loaded = open_model(spec, revision, console, tokenizer, dtype)
     return LoadedModel(loaded.model, loaded.tokenizer, state_file.model_spec, loaded.resolved)

@@ -87,29 +87,30 @@ def print_models(aliases: list, cached: list) -> None:
         print(f"  {model.repo_id}:{model.filename}  {format_size(model.size)}  {model.path}")
 
 
-def print_bench(result) -> None:
-    """``rwkv bench``: one aligned table on stdout."""
+def print_bench(results: list) -> None:
+    """``rwkv bench``: one aligned table on stdout, a row per weight format."""
     gib = 1024**3
+    first = results[0]
+    print(f"model: {first.model} ({first.architecture}, {first.threads} threads)")
+    print(f"prompt: {first.prompt_tokens} tokens, then {first.decode_tokens} decoded one by one")
+    header = ("dtype", "load (cached)", "prefill tok/s", "decode tok/s", "peak RSS", "weights")
     rows = [
         (
-            "model",
-            f"{result.model} ({result.architecture}, {result.dtype}, {result.threads} threads)",
-        ),
-        ("load (cached)", f"{result.load_seconds:.2f} s"),
-        (
-            "prefill",
-            f"{result.prefill_tokens_per_second:.1f} tok/s ({result.prompt_tokens} tokens)",
-        ),
-        ("decode", f"{result.decode_tokens_per_second:.1f} tok/s ({result.decode_tokens} tokens)"),
-        (
-            "peak RSS",
+            result.dtype,
+            f"{result.load_seconds:.2f} s",
+            f"{result.prefill_tokens_per_second:.1f}",
+            f"{result.decode_tokens_per_second:.1f}",
             f"{result.peak_rss_bytes / gib:.2f} GiB "
-            f"({result.peak_rss_bytes / result.weight_bytes:.2f}x the weights, "
-            f"{result.weight_bytes / gib:.2f} GiB)",
-        ),
+            f"({result.peak_rss_bytes / result.weight_bytes:.2f}x)",
+            f"{result.weight_bytes / gib:.2f} GiB",
+        )
+        for result in results
     ]
-    for name, value in rows:
-        print(f"{name + ':':<15}{value}")
+    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
+    for row in (header, *rows):
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 def print_stats(console: Console, last: GenerationChunk) -> None:

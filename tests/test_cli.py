@@ -199,17 +199,24 @@ def test_closed_pipe_ends_quietly(rwkv7_pth) -> None:
     assert stderr == b""
 
 
-def test_bench_reports_speed_and_memory(rwkv7_pth) -> None:
+def test_bench_reports_speed_and_memory_per_dtype(rwkv7_pth) -> None:
     args = ("bench", "-m", rwkv7_pth, "--prompt-tokens", "40", "--decode-tokens", "4")
-    result = rwkv("--threads", "1", *args, "--json")
+    result = rwkv("--threads", "1", *args, "--dtype", "fp32", "--dtype", "int8", "--json")
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["threads"] == 1 and report["architecture"] == "RWKV-7 L2 D128"
-    assert report["prompt_tokens"] == 40 and report["decode_tokens"] == 4
-    assert report["prefill_tokens_per_second"] > 0 and report["decode_tokens_per_second"] > 0
-    assert report["peak_rss_bytes"] > report["weight_bytes"] > 30_000_000  # 2 x 65536 x 128 fp32
-    table = rwkv(*args).stdout.decode()
-    assert "prefill:" in table and "decode:" in table and "peak RSS:" in table
+    fp32, int8 = json.loads(result.stdout)
+    assert (fp32["dtype"], int8["dtype"]) == ("fp32", "int8")
+    for report in (fp32, int8):
+        assert report["threads"] == 1 and report["architecture"] == "RWKV-7 L2 D128"
+        assert report["prompt_tokens"] == 40 and report["decode_tokens"] == 4
+        assert report["prefill_tokens_per_second"] > 0 and report["decode_tokens_per_second"] > 0
+        assert report["peak_rss_bytes"] > report["weight_bytes"]
+    # The embedding stays float32 (65536 x 128); the head's 65536 x 128 shrinks to a quarter.
+    assert fp32["weight_bytes"] > 2 * 65536 * 128 * 4 > int8["weight_bytes"] > 65536 * 128 * 5
+    lines = rwkv(*args).stdout.decode().splitlines()
+    assert lines[2].split()[:4] == ["dtype", "load", "(cached)", "prefill"]
+    assert lines[3].startswith("fp32 ") and len(lines) == 4
+    unknown = rwkv(*args, "--dtype", "int4")
+    assert unknown.returncode == 1 and b"unknown dtype 'int4'" in unknown.stderr
 
 
 def test_tokenizer_override(rwkv7_pth) -> None:

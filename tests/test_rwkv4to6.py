@@ -174,8 +174,7 @@ def test_fp16_is_rescaled_every_six_layers_and_stays_close(generation) -> None:
     prepared = model_class.prepare(tensors, torch.float16)
     for name in ("att.output.weight", "ffn.value.weight"):
         for layer, divisor in ((0, 1), (RESCALE_LAYER - 1, 1), (RESCALE_LAYER, 2)):
-            # Projections are prepared (in, out): the transpose of the checkpoint's matrix.
-            expected = (tensors[f"blocks.{layer}.{name}"].float() / divisor).half().t()
+            expected = (tensors[f"blocks.{layer}.{name}"].float() / divisor).half()
             assert torch.equal(prepared[f"blocks.{layer}.{name}"], expected)
     fp16 = model_class.from_prepared(prepared)
     assert fp16.rescaled and fp16.dtype == torch.float16

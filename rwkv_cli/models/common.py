@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from rwkv_cli.checkpoint import GENERATION_NAMES
 from rwkv_cli.errors import CheckpointError, InvalidInputError, UnsupportedModelError
+from rwkv_cli.kernels.linear import QuantizedMatrix, Weight, linear, quantize_int8
 from rwkv_cli.state import State
 
 # fp16 tops out at 65504, and the residual stream of RWKV-4/5/6 grows layer after layer, so a
@@ -29,10 +30,10 @@ from rwkv_cli.state import State
 # does not see the scale, so the logits are unchanged up to rounding.
 RESCALE_LAYER = 6
 _RESCALED_WEIGHTS = ("att.output.weight", "ffn.value.weight")
-# Projection matrices are stored (out, in) in checkpoints and kept (in, out) once prepared, so
-# the model computes ``x @ W``: for one token that streams W in the order a matrix-vector product
-# reads it, about a quarter faster on a CPU than multiplying by the transpose.
+# Projection matrices, kept (out, in) as checkpoints store them, are the bulk of the weights: they
+# alone take the weight format asked for (float32, 16-bit or int8; see kernels/linear.py).
 _PROJECTIONS = ("receptance.weight", "key.weight", "value.weight", "output.weight", "gate.weight")
+SCALE_SUFFIX = ".scale"  # an int8 projection's per-row scales are stored under its name + this
 
 MERGED_STATE_HINT = (
     "this model has a state-tuning state merged in: pass the base model, and the time_state "
@@ -43,8 +44,7 @@ FIRST_BLOCK_KEYS = frozenset({"ln0.weight", "ln0.bias"})  # block 0's extra Laye
 
 
 def is_projection(name: str) -> bool:
-    """Whether the checkpoint tensor ``name`` is a projection matrix (kept (in, out) once
-    prepared)."""
+    """Whether the checkpoint tensor ``name`` is a projection matrix (or the head)."""
     return name == "head.weight" or name.endswith(_PROJECTIONS)
 
 
@@ -69,10 +69,18 @@ class WeightGroup:
         """This group's tensors from a prepared dict; absent ones are None."""
         return cls(
             **{
-                field.name: prepared.get(prefix + checkpoint_key(field.name))
+                field.name: prepared_weight(prepared, prefix + checkpoint_key(field.name))
                 for field in dataclasses.fields(cls)
             }
         )
+
+
+def prepared_weight(prepared: dict[str, torch.Tensor], name: str) -> Weight | None:
+    """The tensor ``name`` of a prepared dict, as a QuantizedMatrix if it has int8 scales."""
+    scale = prepared.get(name + SCALE_SUFFIX)
+    if scale is not None:
+        return QuantizedMatrix(prepared[name], scale)
+    return prepared.get(name)
 
 
 @dataclass
@@ -197,6 +205,11 @@ def fold_ln0(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.layer_norm(embedding, (embedding.shape[1],), weight, bias)
 
 
+def _dense(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the tensors that are not quantized, for a model prepared in ``dtype``."""
+    return torch.float32 if dtype == torch.int8 else dtype
+
+
 @dataclass
 class Block:
     norms: NormWeights
@@ -222,8 +235,8 @@ class ChannelMixWeights(WeightGroup):
 def channel_mix(ffn: Any, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """RWKV-4/5/6 channel mixing: ``σ(R·xr) ⊙ V·relu(K·xk)²``."""
     xk, xr = ffn.mixed_inputs(x, previous_tokens(x, shift))
-    hidden = torch.relu(xk @ ffn.key_weight) ** 2  # (T, F)
-    return torch.sigmoid(xr @ ffn.receptance_weight) * (hidden @ ffn.value_weight)
+    hidden = torch.relu(linear(xk, ffn.key_weight)) ** 2  # (T, F)
+    return torch.sigmoid(linear(xr, ffn.receptance_weight)) * linear(hidden, ffn.value_weight)
 
 
 class RecurrentModel:
@@ -248,16 +261,17 @@ class RecurrentModel:
         embedding: torch.Tensor,
         blocks: list[Block],
         ln_out: tuple[torch.Tensor, torch.Tensor],
-        head: torch.Tensor,
+        head: Weight,
     ) -> None:
         self.config = config
-        self.embedding = embedding  # (V, C), ln0 already applied
+        self.embedding = embedding  # (V, C), ln0 already applied; rows are cast when looked up
         self.blocks = blocks
         self.ln_out = ln_out
-        self.head = head  # (C, V)
-        self.dtype = embedding.dtype
+        self.head = head  # (V, C)
+        self.dtype = ln_out[0].dtype  # of the activations; projections may be stored narrower
+        self.weight_dtype = head.values.dtype if isinstance(head, QuantizedMatrix) else head.dtype
         # prepare() scaled the weights to match
-        self.rescaled = self.rescales_in_fp16 and self.dtype == torch.float16
+        self.rescaled = self.rescales_in_fp16 and self.weight_dtype == torch.float16
         self.fingerprint = ""  # set by the loader, which sees the checkpoint's raw tensors
 
     # --- what each generation supplies -----------------------------------------------------
@@ -314,8 +328,9 @@ class RecurrentModel:
 
         ln0 is folded into the embedding (and dropped), (1, 1, C) vectors become (C,), decay
         parameters and ln_x stay float32 and the rest is cast to ``dtype``. For float16 the
-        residual-writing weights are rescaled (see RESCALE_LAYER). This is what the
-        converted-weights cache stores.
+        residual-writing weights are rescaled (see RESCALE_LAYER). With ``torch.int8`` the
+        projections and the head are quantized (their scales stored under ``name.scale``) and
+        the rest is float32. This is what the converted-weights cache stores.
         """
         tensors = cls.normalize(tensors)
         config = cls.read_config(tensors)
@@ -337,35 +352,46 @@ class RecurrentModel:
             **cls.expected_shapes(config),
         }
         check_shapes(tensors, shapes, (c,), cls.label())
-        prepared = {
-            name: cls._prepare_tensor(name, tensor, dtype)
-            for name, tensor in tensors.items()
-            if not name.startswith("blocks.0.ln0.")
-        }
-        prepared["emb.weight"] = fold_ln0(tensors).to(dtype)
+        prepared = {}
+        for name, tensor in tensors.items():
+            if not name.startswith("blocks.0.ln0."):
+                prepared |= cls._prepare_tensor(name, tensor, dtype)
+        prepared["emb.weight"] = fold_ln0(tensors).to(_dense(dtype))
         return prepared
 
     @classmethod
-    def _prepare_tensor(cls, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _prepare_tensor(
+        cls, name: str, tensor: torch.Tensor, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         if tensor.dim() == 3 and tensor.shape[:2] == (1, 1):
             tensor = tensor.reshape(-1)  # (1, 1, C) -> (C,)
         parts = name.split(".", 2)
         suffix = parts[2] if parts[0] == "blocks" else name
         if suffix in cls.float32_keys:
-            return tensor.float().contiguous()
+            return {name: tensor.float().contiguous()}
         if cls.rescales_in_fp16 and dtype == torch.float16 and suffix in _RESCALED_WEIGHTS:
             tensor = tensor.float() / 2 ** (int(parts[1]) // cls.rescale_layer)
-        if is_projection(name):
-            tensor = tensor.t()  # (out, in) -> (in, out)
-        return tensor.to(dtype).contiguous()
+        if is_projection(name) and dtype == torch.int8:
+            quantized = quantize_int8(tensor)
+            return {name: quantized.values, name + SCALE_SUFFIX: quantized.scale}
+        return {name: tensor.to(_dense(dtype)).contiguous()}
 
     @classmethod
-    def from_prepared(cls, prepared: dict[str, torch.Tensor]):
-        """Build the model around prepared tensors without copying them (they may be mmapped)."""
-        as_in_checkpoint = {  # shape views only, for reading the dimensions
-            name: tensor.t() if is_projection(name) else tensor for name, tensor in prepared.items()
-        }
-        config = cls.read_config(as_in_checkpoint)
+    def from_prepared(
+        cls, prepared: dict[str, torch.Tensor], compute_dtype: torch.dtype | None = None
+    ):
+        """Build the model around prepared tensors without copying them (they may be mmapped).
+
+        ``compute_dtype`` is the dtype of the activations (default: that of the stored vectors);
+        the vectors and small matrices are cast to it, the projections, head and embedding stay
+        as stored. On a CPU, 16-bit weights run fastest with float32 activations.
+        """
+        if compute_dtype is not None:
+            prepared = {
+                name: cls._for_compute(name, tensor, compute_dtype)
+                for name, tensor in prepared.items()
+            }
+        config = cls.read_config(prepared)
         blocks = [
             Block(
                 norms=NormWeights.take(prepared, f"blocks.{index}."),
@@ -375,7 +401,21 @@ class RecurrentModel:
             for index in range(config.n_layer)
         ]
         ln_out = (prepared["ln_out.weight"], prepared["ln_out.bias"])
-        return cls(config, prepared["emb.weight"], blocks, ln_out, prepared["head.weight"])
+        head = prepared_weight(prepared, "head.weight")
+        return cls(config, prepared["emb.weight"], blocks, ln_out, head)
+
+    @classmethod
+    def _for_compute(cls, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``tensor`` cast to the activation dtype, unless it stays as stored: projections and
+        their scales, the embedding (cast row by row) and the float32 keys."""
+        suffix = name.split(".", 2)[2] if name.startswith("blocks.") else name
+        stays = (
+            is_projection(name)
+            or name.endswith(SCALE_SUFFIX)
+            or name == "emb.weight"
+            or suffix in cls.float32_keys
+        )
+        return tensor if stays else tensor.to(dtype)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
@@ -417,7 +457,7 @@ class RecurrentModel:
         """The final residual stream (T, C) and the new state."""
         check_tokens(tokens, self.vocab_size)
         state = state if state is not None else self.new_state()
-        x = self.embedding[torch.as_tensor(tokens)]  # (T, C)
+        x = self.embedding[torch.as_tensor(tokens)].to(self.dtype)  # (T, C)
         carry: dict = {}
         new_layers = []
         for index, (block, layer_state) in enumerate(zip(self.blocks, state.layers, strict=True)):
@@ -429,7 +469,7 @@ class RecurrentModel:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x, (self.config.n_embd,), *self.ln_out)
-        return (x @ self.head).float()  # (..., V)
+        return linear(x, self.head).float()  # (..., V)
 
     def _block(
         self, block: Block, x: torch.Tensor, state: Any, carry: dict

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rwkv_cli.checkpoint import layer_count
+from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv4 import INITIAL_MAX, wkv4
 from rwkv_cli.models.common import (
     RecurrentModel,
@@ -103,10 +104,10 @@ class RWKV4(RecurrentModel):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prev = previous_tokens(x, state.att_shift)
         xk, xv, xr = lerp_inputs(x, prev, (att.time_mix_k, att.time_mix_v, att.time_mix_r))
-        r = torch.sigmoid(xr @ att.receptance_weight)
-        k = xk @ att.key_weight
-        v = xv @ att.value_weight
+        r = torch.sigmoid(linear(xr, att.receptance_weight))
+        k = linear(xk, att.key_weight)
+        v = linear(xv, att.value_weight)
         decay = -torch.exp(att.time_decay)
         y, aa, bb, pp = wkv4(state.att_aa, state.att_bb, state.att_pp, decay, att.time_first, k, v)
-        out = (r * y.to(x.dtype)) @ att.output_weight
+        out = linear(r * y.to(x.dtype), att.output_weight)
         return out, {"att_aa": aa, "att_bb": bb, "att_pp": pp}

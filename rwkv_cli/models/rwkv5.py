@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
+from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv5 import wkv5
 from rwkv_cli.models.common import (
     RecurrentModel,
@@ -97,8 +98,8 @@ def wkv_output(
     y = F.group_norm(y.reshape(t, -1), n_head, att.ln_x_weight, att.ln_x_bias, eps=GROUP_NORM_EPS)
     y = y.to(dtype)
     if xg is not None:
-        y = y * F.silu(xg @ att.gate_weight)
-    return y @ att.output_weight
+        y = y * F.silu(linear(xg, att.gate_weight))
+    return linear(y, att.output_weight)
 
 
 class RWKV5(RecurrentModel):
@@ -153,9 +154,9 @@ class RWKV5(RecurrentModel):
             mixes += (att.time_mix_g,)
         xk, xv, xr, *gate_input = lerp_inputs(x, previous_tokens(x, state.att_shift), mixes)
         heads = (t, h, n)
-        r = (xr @ att.receptance_weight).view(heads)
-        k = (xk @ att.key_weight).view(heads)
-        v = (xv @ att.value_weight).view(heads)
+        r = linear(xr, att.receptance_weight).view(heads)
+        k = linear(xk, att.key_weight).view(heads)
+        v = linear(xv, att.value_weight).view(heads)
         # (H,) per head or (H, N) per channel -> (H, N)
         decay = torch.exp(-torch.exp(att.time_decay)).reshape(h, -1).expand(h, n)
         bonus = att.time_faaaa.reshape(h, -1).expand(h, n)

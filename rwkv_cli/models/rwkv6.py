@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rwkv_cli.errors import CheckpointError
+from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv5 import wkv5
 from rwkv_cli.models.common import WeightGroup, previous_tokens, tensor_shape
 from rwkv_cli.models.rwkv5 import RWKV5, RWKV5Config, wkv_output
@@ -123,9 +124,9 @@ class RWKV6(RWKV5):
             x + delta * (mix + offset) for mix, offset in zip(mixes, offsets, strict=True)
         )
         heads = (t, h, n)
-        r = (xr @ att.receptance_weight).view(heads)
-        k = (xk @ att.key_weight).view(heads)
-        v = (xv @ att.value_weight).view(heads)
+        r = linear(xr, att.receptance_weight).view(heads)
+        k = linear(xk, att.key_weight).view(heads)
+        v = linear(xv, att.value_weight).view(heads)
         decay_lora = torch.tanh(xw @ att.time_decay_w1) @ att.time_decay_w2  # (T, C)
         decay = torch.exp(-torch.exp(att.time_decay + decay_lora.float()))
         y, wkv = wkv5(state.att_wkv, r, decay.view(heads), k, v, att.time_faaaa)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
+from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv7 import wkv7
 from rwkv_cli.models.common import (
     RecurrentModel,
@@ -171,9 +172,9 @@ class RWKV7(RecurrentModel):
         xr, xw, xk, xv, xa, xg = (
             x + delta * mix for mix in (att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g)
         )
-        r = xr @ att.receptance_weight
-        k = xk @ att.key_weight
-        v = xv @ att.value_weight
+        r = linear(xr, att.receptance_weight)
+        k = linear(xk, att.key_weight)
+        v = linear(xv, att.value_weight)
         decay_logit = att.w0 + torch.tanh(xw @ att.w1) @ att.w2
         w = torch.exp(-EXP_MINUS_HALF * torch.sigmoid(decay_logit.float()))
         a = torch.sigmoid(att.a0 + (xa @ att.a1) @ att.a2)  # in-context learning rate
@@ -200,10 +201,10 @@ class RWKV7(RecurrentModel):
             y.view(t, h * n).to(x.dtype), h, att.ln_x_weight, att.ln_x_bias, eps=GROUP_NORM_EPS
         )
         bonus = (r * k * att.r_k.reshape(-1)).view(heads).sum(-1, keepdim=True) * v.view(heads)
-        out = ((y + bonus.view(t, h * n)) * g) @ att.output_weight
+        out = linear((y + bonus.view(t, h * n)) * g, att.output_weight)
         return out, {"att_wkv": wkv}
 
     def channel_mix(self, ffn: ChannelMixWeights, x: torch.Tensor, shift: torch.Tensor):
         xk = x + (previous_tokens(x, shift) - x) * ffn.x_k
-        hidden = torch.relu(xk @ ffn.key_weight) ** 2  # (T, F)
-        return hidden @ ffn.value_weight
+        hidden = torch.relu(linear(xk, ffn.key_weight)) ** 2  # (T, F)
+        return linear(hidden, ffn.value_weight)

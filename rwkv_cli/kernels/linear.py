@@ -1,0 +1,81 @@
+"""Projections ``y = x Wᵀ`` with weights in float32, 16-bit floats or int8, on any device.
+
+Projection matrices are kept (out, in), as checkpoints store them. For a single token on a CPU
+the compiled ``gemv`` kernel (csrc/cpu_gemv.cpp) streams each weight row once at close to the
+memory bandwidth, whatever the weight format: that is what one-token decoding is bound by. Torch
+has no fast CPU path for 16-bit or int8 weights, so everything else (many tokens, no compiler,
+other devices) converts the weights to the input's dtype and uses ``torch.nn.functional.linear``;
+for many tokens that conversion costs little next to the product itself.
+
+int8 weights are quantized per output row: ``W ≈ scale[o] · q[o, :]`` with ``q`` in [-127, 127]
+and ``scale[o] = max |W[o, :]| / 127``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rwkv_cli.kernels.build import Extension, compiled_ops
+
+CPU_KERNELS = Extension("rwkv_cpu", ("cpu_gemv.cpp",))
+INT8_MAX = 127
+GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+GEMV_MAX_TOKENS = 1  # the kernel reads the weights once per row: for more, a GEMM wins
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """An (out, in) matrix as int8 values and one float32 scale per output row."""
+
+    values: torch.Tensor  # (out, in) int8
+    scale: torch.Tensor  # (out,) float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.values.to(dtype) * self.scale.to(dtype).unsqueeze(1)).contiguous()
+
+
+Weight = torch.Tensor | QuantizedMatrix
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedMatrix:
+    """Per-row symmetric int8 quantization of an (out, in) matrix."""
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
+    values = torch.round(weight / scale.unsqueeze(1)).clamp(-INT8_MAX, INT8_MAX)
+    return QuantizedMatrix(values.to(torch.int8).contiguous(), scale.contiguous())
+
+
+def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """``x @ weightᵀ`` for x (T, in) or (in,), in x's dtype."""
+    if _use_gemv(x, weight):
+        ops = compiled_ops(CPU_KERNELS)
+        if ops is not None:
+            values, scale = _parts(weight)
+            rows = x.reshape(-1, x.shape[-1]).float()
+            return ops.gemv(rows, values, scale).to(x.dtype).view(*x.shape[:-1], -1)
+    if isinstance(weight, QuantizedMatrix):
+        weight = weight.dequantize(x.dtype)
+    return F.linear(x, weight.to(x.dtype))
+
+
+def _use_gemv(x: torch.Tensor, weight: Weight) -> bool:
+    values = weight.values if isinstance(weight, QuantizedMatrix) else weight
+    return (
+        x.device.type == "cpu"
+        and x.numel() // x.shape[-1] <= GEMV_MAX_TOKENS
+        and values.dtype in GEMV_DTYPES
+        and not torch.is_grad_enabled()
+    )
+
+
+def _parts(weight: Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(weight, QuantizedMatrix):
+        return weight.values, weight.scale
+    return weight, None
