@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from rwkv_cli.checkpoint import load_checkpoint, weights_fingerprint
 from rwkv_cli.errors import WriteError
 from rwkv_cli.fileio import atomic_write, atomic_write_bytes
+from rwkv_cli.filerows import FileRows
 from rwkv_cli.models import Model, model_class
 from rwkv_cli.paths import converted_dir
 
@@ -33,6 +34,7 @@ LAYOUT_VERSION = 3  # bump when prepare() changes what it stores (3: (out, in) a
 _HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
 _INDEX = "hashes.json"
 _HASH_BLOCK = 16 * 1024 * 1024
+EMBEDDING = "emb.weight"
 
 
 def load_model_cached(
@@ -87,6 +89,7 @@ def _load_converted(cached: Path, compute_dtype: torch.dtype | None) -> Model | 
         if layout != (LAYOUT, str(LAYOUT_VERSION)):
             return None
         prepared = load_file(cached)  # memory-mapped
+        prepared[EMBEDDING] = FileRows.of(cached, EMBEDDING, prepared[EMBEDDING])
         return _build(metadata["generation"], prepared, metadata["fingerprint"], compute_dtype)
     except (SafetensorError, OSError, KeyError, ValueError):
         cached.unlink(missing_ok=True)

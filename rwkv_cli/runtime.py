@@ -13,6 +13,8 @@ from rwkv_cli.demo import DEMO_SPEC
 from rwkv_cli.errors import HubUnreachableError, InvalidInputError, NotCachedError
 from rwkv_cli.generate import Session
 from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
+from rwkv_cli.kernels.build import compiled_ops
+from rwkv_cli.kernels.linear import CPU_KERNELS
 from rwkv_cli.models import Model
 from rwkv_cli.prepared import load_model_cached
 from rwkv_cli.statefile import StateFile, import_state_tuning, is_state_tuning_file, read_state_file
@@ -85,6 +87,8 @@ def open_model(
     resolved = _resolve(spec, revision, console)
     with activity(console, f"Loading {resolved.path.name}"):
         model = load_model_cached(resolved.path, dtype, compute_dtype=torch.float32)
+    with activity(console, "Preparing the compiled kernels (built on first use)"):
+        compiled_ops(CPU_KERNELS)  # now, rather than in the middle of the first reply
     chosen = choose_tokenizer(resolved, model.vocab_size, tokenizer)
     return LoadedModel(model, chosen, spec, resolved.resolved)
 

@@ -6,8 +6,10 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from rwkv_cli import prepared
+from rwkv_cli.filerows import FileRows
 from rwkv_cli.models import load_model
 from rwkv_cli.paths import converted_dir
 from rwkv_cli.prepared import load_model_cached, source_hash
@@ -86,3 +88,27 @@ def test_an_unwritable_cache_still_loads_with_a_warning(tmp_path, rwkv7_pth, mon
     with pytest.warns(UserWarning, match="could not cache the converted model"):
         model = load_model_cached(rwkv7_pth)
     assert torch.equal(_logits(model), _logits(load_model(rwkv7_pth)))
+
+
+def test_embedding_rows_are_read_from_the_converted_file(tmp_path) -> None:
+    table = torch.randn(50, 12).to(torch.bfloat16)
+    path = tmp_path / "table.safetensors"
+    save_file({"before": torch.ones(7), "emb.weight": table}, path)
+    rows = FileRows.of(path, "emb.weight", table)
+    assert rows.shape == (50, 12) and rows.dtype == torch.bfloat16 and rows.nbytes == 50 * 24
+    index = torch.tensor([3, 0, 49, 3])
+    assert torch.equal(rows[index], table[index])
+    assert rows[torch.tensor([], dtype=torch.long)].shape == (0, 12)
+    with pytest.raises(IndexError):
+        rows[torch.tensor([50])]
+    path.write_bytes(path.read_bytes()[:-1200])  # truncated (mostly) after it was opened
+    with pytest.raises(OSError, match="shorter"):
+        rows[torch.tensor([49])]
+
+
+def test_a_cached_model_reads_its_embedding_rows_from_the_file(rwkv7_pth) -> None:
+    model = prepared.load_model_cached(rwkv7_pth)
+    assert isinstance(model.embedding, FileRows)
+    expected, _ = load_model(rwkv7_pth).forward([1, 2, 3])
+    logits, _ = model.forward([1, 2, 3])
+    assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-5)

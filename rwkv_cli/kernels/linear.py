@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from rwkv_cli.kernels.build import Extension, compiled_ops
 
-CPU_KERNELS = Extension("rwkv_cpu", ("cpu_gemv.cpp",))
+CPU_KERNELS = Extension("rwkv_cpu", ("cpu_gemv.cpp", "cpu_rwkv7.cpp"))
 INT8_MAX = 127
 GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 GEMV_MAX_TOKENS = 1  # the kernel reads the weights once per row: for more, a GEMM wins

@@ -9,6 +9,7 @@ without a receptance gate. No fp16 rescaling is needed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 
 from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
-from rwkv_cli.kernels.linear import linear
+from rwkv_cli.kernels.build import compiled_ops
+from rwkv_cli.kernels.linear import CPU_KERNELS, linear
 from rwkv_cli.kernels.wkv7 import wkv7
 from rwkv_cli.models.common import (
     RecurrentModel,
@@ -111,6 +113,11 @@ class TimeMixWeights(WeightGroup):
     ln_x_weight: torch.Tensor
     ln_x_bias: torch.Tensor
 
+    @functools.cached_property
+    def mixes(self) -> torch.Tensor:
+        """The six token-shift mixes stacked (r, w, k, v, a, g), (6, C): one op mixes all."""
+        return torch.stack((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
 
 @dataclass
 class ChannelMixWeights(WeightGroup):
@@ -119,6 +126,25 @@ class ChannelMixWeights(WeightGroup):
     x_k: torch.Tensor
     key_weight: torch.Tensor
     value_weight: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Lora:
+    """The outputs of a layer's low-rank adapters for the decay, the in-context learning rate
+    and (after layer 0) the value-residual gate, before their biases."""
+
+    decay: torch.Tensor
+    iclr: torch.Tensor
+    value_gate: torch.Tensor | None
+
+
+def _fused_ops(x: torch.Tensor):
+    """The compiled ops when one float32 token on the CPU can take the fused step, else None."""
+    if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if torch.is_grad_enabled():
+        return None
+    return compiled_ops(CPU_KERNELS)
 
 
 class RWKV7(RecurrentModel):
@@ -167,29 +193,60 @@ class RWKV7(RecurrentModel):
     def time_mix(
         self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState, carry: dict
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        t, h, n = x.shape[0], self.config.n_head, self.config.head_size
         delta = previous_tokens(x, state.att_shift) - x  # (T, C)
-        xr, xw, xk, xv, xa, xg = (
-            x + delta * mix for mix in (att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g)
-        )
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x, delta, att.mixes.unsqueeze(1))  # 6 x (T, C)
         r = linear(xr, att.receptance_weight)
         k = linear(xk, att.key_weight)
         v = linear(xv, att.value_weight)
-        decay_logit = att.w0 + torch.tanh(xw @ att.w1) @ att.w2
-        w = torch.exp(-EXP_MINUS_HALF * torch.sigmoid(decay_logit.float()))
-        a = torch.sigmoid(att.a0 + (xa @ att.a1) @ att.a2)  # in-context learning rate
+        lora = _Lora(
+            decay=torch.tanh(xw @ att.w1) @ att.w2,
+            iclr=(xa @ att.a1) @ att.a2,
+            value_gate=None if "v_first" not in carry else (xv @ att.v1) @ att.v2,
+        )
         g = torch.sigmoid(xg @ att.g1) @ att.g2  # output gate
+        carry.setdefault("v_first", v)  # the first layer's values feed every later layer
+        ops = _fused_ops(x)
+        if ops is None:
+            mixed, wkv = self._mix(att, state.att_wkv, r, k, v, lora, carry["v_first"], g)
+        else:
+            nothing = x.new_empty(0)  # layer 0 mixes no first-layer values into its own
+            value_gate, v0, v_first = (
+                (nothing, nothing, nothing)
+                if lora.value_gate is None
+                else (lora.value_gate, att.v0, carry["v_first"])
+            )
+            mixed, wkv = ops.rwkv7_time_mix_one(
+                *(state.att_wkv, r, k, v, lora.decay, lora.iclr, value_gate, v_first, g),
+                *(att.w0, att.a0, v0, att.k_k, att.k_a, att.r_k.reshape(-1)),
+                *(att.ln_x_weight, att.ln_x_bias, GROUP_NORM_EPS),
+            )
+            mixed = mixed.unsqueeze(0)
+        return linear(mixed, att.output_weight), {"att_wkv": wkv}
 
+    def _mix(
+        self,
+        att: TimeMixWeights,
+        wkv_state: torch.Tensor,
+        r: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lora: _Lora,
+        v_first: torch.Tensor,
+        g: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the projections to the output projection's input (T, C), and the new WKV state:
+        what the compiled ``rwkv7_time_mix_one`` does in one pass for one token."""
+        t, h, n = r.shape[0], self.config.n_head, self.config.head_size
+        w = torch.exp(-EXP_MINUS_HALF * torch.sigmoid((att.w0 + lora.decay).float()))
+        a = torch.sigmoid(att.a0 + lora.iclr)  # in-context learning rate
         kappa = F.normalize((k * att.k_k).view(t, h, n), dim=-1)  # removal key, unit per head
         k = k * (1 + (a - 1) * att.k_a)
-        if "v_first" not in carry:  # first layer: its values feed every later layer's residual
-            carry["v_first"] = v
-        else:
-            v = v + (carry["v_first"] - v) * torch.sigmoid(att.v0 + (xv @ att.v1) @ att.v2)
+        if lora.value_gate is not None:
+            v = v + (v_first - v) * torch.sigmoid(att.v0 + lora.value_gate)
 
         heads = (t, h, n)
         y, wkv = wkv7(
-            state.att_wkv,
+            wkv_state,
             r.view(heads),
             w.view(heads),
             k.view(heads),
@@ -198,11 +255,10 @@ class RWKV7(RecurrentModel):
             a.view(heads),
         )
         y = F.group_norm(
-            y.view(t, h * n).to(x.dtype), h, att.ln_x_weight, att.ln_x_bias, eps=GROUP_NORM_EPS
+            y.view(t, h * n).to(r.dtype), h, att.ln_x_weight, att.ln_x_bias, eps=GROUP_NORM_EPS
         )
         bonus = (r * k * att.r_k.reshape(-1)).view(heads).sum(-1, keepdim=True) * v.view(heads)
-        out = linear((y + bonus.view(t, h * n)) * g, att.output_weight)
-        return out, {"att_wkv": wkv}
+        return (y + bonus.view(t, h * n)) * g, wkv
 
     def channel_mix(self, ffn: ChannelMixWeights, x: torch.Tensor, shift: torch.Tensor):
         xk = x + (previous_tokens(x, shift) - x) * ffn.x_k
