@@ -6,6 +6,7 @@ import ctypes
 import json
 import struct
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -21,9 +22,10 @@ class FileRows:
     """
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, int], dtype: torch.dtype):
-        self._file = path.open(
-            "rb"
-        )  # open for the table's lifetime: a replaced file stays readable
+        # Open for the table's lifetime (a file replaced meanwhile stays readable), unbuffered:
+        # each read is one row, and nothing is read ahead.
+        self._file = path.open("rb", buffering=0)
+        weakref.finalize(self, self._file.close)
         self._lock = threading.Lock()
         self._offset = offset
         self.shape = torch.Size(shape)
