@@ -151,7 +151,14 @@ def _put_ninja_on_path() -> None:
 
 
 def _first_error_line(output: str) -> str:
+    """The compiler's first diagnostic (``file:line: error: ...``), else the first line that
+    mentions an error."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
+    diagnostic = next(
+        (line for line in lines if "error:" in line and "Error building" not in line), None
+    )
+    if diagnostic is not None:
+        return diagnostic[:200]
     for line in lines:
         if "error" in line.lower() and not line.startswith("FAILED"):
             return line[:200]

@@ -1,0 +1,74 @@
+"""Building compiled kernels: the CUDA sources compile (where nvcc is), and a build that fails
+falls back to the torch path with one warning, or is an error under --kernel compiled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from rwkv_cli.kernels import build
+from rwkv_cli.kernels.build import Extension, KernelBuildError, compiled_ops, set_kernel_choice
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_every_cuda_source_compiles() -> None:
+    """What CI runs before the tests (.ci/compile-kernels): nvcc for sm_80 and sm_90."""
+    result = subprocess.run(
+        [str(REPO / ".ci" / "compile-kernels")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every CUDA source compiles" in result.stdout
+
+
+@pytest.fixture
+def kernel_choice():
+    """Set the process-wide kernel choice for one test; "auto" again afterwards."""
+    yield set_kernel_choice
+    set_kernel_choice("auto")
+
+
+@pytest.fixture
+def broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Extension:
+    """A CPU extension whose only source has a syntax error, not yet reported as failing."""
+    (tmp_path / "broken.cpp").write_text("int broken( {\n")
+    monkeypatch.setattr(build, "_reported", set())
+    return Extension(f"rwkv_cli_broken_{tmp_path.name}", ("broken.cpp",), source_dir=tmp_path)
+
+
+def test_auto_warns_once_and_falls_back(broken, kernel_choice) -> None:
+    kernel_choice("auto")
+    with pytest.warns(UserWarning, match="could not build the rwkv_cli_broken.*torch path"):
+        assert compiled_ops(broken) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise
+        assert compiled_ops(broken) is None
+
+
+def test_compiled_makes_the_failure_an_error(broken, kernel_choice) -> None:
+    kernel_choice("compiled")
+    with pytest.raises(KernelBuildError, match="could not build the rwkv_cli_broken") as caught:
+        compiled_ops(broken)
+    log = build.build_dir(broken) / "build-error.log"
+    assert str(log) in caught.value.hint
+    assert "broken.cpp" in log.read_text()
+
+
+def test_torch_never_builds(broken, kernel_choice, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(extension: Extension) -> None:
+        raise AssertionError(f"{extension.name} was built")
+
+    monkeypatch.setattr(build, "_build", fail)
+    kernel_choice("torch")
+    assert compiled_ops(broken) is None
