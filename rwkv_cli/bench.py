@@ -13,11 +13,14 @@ import torch
 from rwkv_cli.generate import prefill
 from rwkv_cli.runtime import open_model
 
+WARM_UP_TOKENS = 16  # a short prefill and one decode step before timing
+
 
 @dataclass(frozen=True)
 class BenchResult:
     model: str
     architecture: str
+    device: str
     dtype: str
     threads: int
     load_seconds: float
@@ -27,34 +30,49 @@ class BenchResult:
     decode_tokens_per_second: float
     peak_rss_bytes: int
     weight_bytes: int
+    peak_gpu_bytes: int = 0  # torch's peak allocation on the GPU during prefill and decode
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def benchmark(spec: str, prompt_tokens: int = 512, decode_tokens: int = 128) -> BenchResult:
-    """Load ``spec`` (its converted cache already warm), read a prompt, then decode greedily."""
-    open_model(spec)  # converts on first use, so the timed load below is the everyday one
+def benchmark(
+    spec: str,
+    prompt_tokens: int = 512,
+    decode_tokens: int = 128,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> BenchResult:
+    """Load ``spec`` (its converted cache already warm) on ``device``, read a prompt, then
+    decode greedily. A short warm-up first builds any compiled kernels and starts the GPU."""
+    open_model(spec, device=device, dtype=dtype)  # converts on first use: time the everyday load
     started = time.perf_counter()
-    loaded = open_model(spec)
+    loaded = open_model(spec, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - started
     model = loaded.model
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, loaded.tokenizer.token_count, (prompt_tokens,), generator=generator)
+    _, warm = model.forward(prompt[:WARM_UP_TOKENS].tolist())
+    model.forward([0], warm)
+    on_gpu = model.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(model.device)
 
     started = time.perf_counter()
     session = prefill(model, prompt.tolist())
+    _wait_for(model.device)
     prefill_seconds = time.perf_counter() - started
 
     logits, state = session.logits, session.state
     started = time.perf_counter()
     for _ in range(decode_tokens):
-        logits, state = model.forward([int(torch.argmax(logits))], state)
+        logits, state = model.forward([int(torch.argmax(logits))], state)  # int() waits
     decode_seconds = time.perf_counter() - started
 
     return BenchResult(
         model=spec,
         architecture=model.describe(),
+        device=str(model.device),
         dtype=str(model.dtype).removeprefix("torch."),
         threads=torch.get_num_threads(),
         load_seconds=load_seconds,
@@ -64,7 +82,14 @@ def benchmark(spec: str, prompt_tokens: int = 512, decode_tokens: int = 128) -> 
         decode_tokens_per_second=decode_tokens / decode_seconds,
         peak_rss_bytes=peak_rss_bytes(),
         weight_bytes=weight_bytes(model),
+        peak_gpu_bytes=torch.cuda.max_memory_allocated(model.device) if on_gpu else 0,
     )
+
+
+def _wait_for(device: torch.device) -> None:
+    """Let queued GPU work finish, so the clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def weight_bytes(model) -> int:

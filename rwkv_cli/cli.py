@@ -22,9 +22,11 @@ from rwkv_cli import __version__
 from rwkv_cli.bench import benchmark
 from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
 from rwkv_cli.cpu import configure_cpu
+from rwkv_cli.device import DtypeName, dtype_name
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
+from rwkv_cli.kernels.build import KernelChoice, set_kernel_choice
 from rwkv_cli.paths import chat_history_file
 from rwkv_cli.repl import (
     ChatRepl,
@@ -166,6 +168,23 @@ VerboseOption = Annotated[
     bool,
     typer.Option("-v", "--verbose", help="Show info and stats even when not on a terminal."),
 ]
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        envvar="RWKV_CLI_DEVICE",
+        help="Where to run the model: cpu, cuda (the current GPU), cuda:N, or auto (a GPU if "
+        "there is one).",
+    ),
+]
+DtypeOption = Annotated[
+    DtypeName | None,
+    typer.Option(
+        "--dtype",
+        help="Weight type (default: fp16 on a GPU, fp32 on the CPU).",
+        show_default=False,
+    ),
+]
 SAMPLING_OPTIONS = (
     "temperature",
     "top_p",
@@ -198,9 +217,19 @@ def _root(
             show_default=False,
         ),
     ] = None,
+    kernel: Annotated[
+        KernelChoice,
+        typer.Option(
+            "--kernel",
+            envvar="RWKV_CLI_KERNEL",
+            help="WKV kernels: compiled where they build, else torch (auto); always torch; or "
+            "compiled, failing if they do not build.",
+        ),
+    ] = "auto",
 ) -> None:
     """Run RWKV language models from the terminal."""
     configure_cpu(threads)
+    set_kernel_choice(kernel)
 
 
 @app.command()
@@ -215,6 +244,8 @@ def generate(
     model: ModelOption = None,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     state: StateOption = None,
     save_state: SaveStateOption = None,
     force: ForceOption = False,
@@ -243,7 +274,7 @@ def generate(
         )
     text = read_prompt(prompt, stdin)
     console = stderr_console()
-    start = _open(console, model, state, force, revision, tokenizer)
+    start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     run = _Continuation.begin(
         ctx,
         start,
@@ -272,6 +303,8 @@ def save_state_command(
     model: ModelOption = None,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     file: Annotated[
         Path | None,
         typer.Option("-f", "--file", help="Read the text from this file.", show_default=False),
@@ -296,7 +329,7 @@ def save_state_command(
     if file is not None:
         content = _read_text_file(file) + content
     console = stderr_console()
-    start = _open(console, model, state, force, revision, tokenizer)
+    start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     tokens = start.loaded.tokenizer.encode(content)
     with prefill_progress(console, len(tokens)) as on_progress:
         session = prefill(start.loaded.model, tokens, start.session, on_progress=on_progress)
@@ -327,6 +360,8 @@ def load_state_command(
     model: ModelOption = None,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     force: ForceOption = False,
     save_state: SaveStateOption = None,
     max_tokens: MaxTokensOption = 256,
@@ -353,7 +388,7 @@ def load_state_command(
         return
     console = stderr_console()
     stdin = piped_stdin()
-    start = _open(console, model, file, force, revision, tokenizer)
+    start = _open(console, model, file, force, revision, tokenizer, device, dtype)
     run = _Continuation.begin(
         ctx,
         start,
@@ -380,6 +415,8 @@ def chat(
     model: ModelOption = None,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     state: Annotated[
         Path | None,
         typer.Option(
@@ -433,7 +470,7 @@ def chat(
             f"choose one of {', '.join(TEMPLATES)}", ctx=ctx, param_hint="'--template'"
         )
     console = stderr_console()
-    start = _open(console, model, state, force, revision, tokenizer)
+    start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     saved = start.state_file
     generator, seed_used = _generator(seed, saved)
     loaded = start.loaded
@@ -455,7 +492,7 @@ def chat(
     on_terminal = sys.stdin.isatty()
     if on_terminal or verbose:
         model_line = (
-            f"{loaded.model.describe()} · cpu · {str(loaded.model.dtype).removeprefix('torch.')}"
+            f"{loaded.model.describe()} · {loaded.model.device} · {dtype_name(loaded.model.dtype)}"
         )
         console.print(
             f"[dim]rwkv chat · {model_line} · {loaded.spec} · {conversation.template.name} "
@@ -486,12 +523,15 @@ def bench(
     decode_tokens: Annotated[
         int, typer.Option("--decode-tokens", min=1, help="Tokens to decode one by one.")
     ] = 128,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Measure load time, prefill and decode speed, and peak memory of a model on this machine."""
     console = stderr_console()
     with activity(console, "Benchmarking"):
-        result = benchmark(model or default_model(console), prompt_tokens, decode_tokens)
+        spec = model or default_model(console)
+        result = benchmark(spec, prompt_tokens, decode_tokens, device, dtype)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -528,8 +568,10 @@ def _open(
     force: bool,
     revision: str | None,
     tokenizer: str | None,
+    device: str,
+    dtype: str | None,
 ) -> Start:
-    return open_start(model, state, force, revision, console, tokenizer)
+    return open_start(model, state, force, revision, console, tokenizer, device, dtype)
 
 
 def _sampling_params(ctx: typer.Context, saved: SamplingParams | None) -> SamplingParams:
@@ -589,10 +631,14 @@ class _Continuation:
         )
 
     def announce(self, console) -> None:
-        """The header line: model, where it came from, and the seed (to reproduce the run)."""
+        """The header line: model, where it came from, where it runs, and the seed (to
+        reproduce the run)."""
         if self.show_info:
             model = self.loaded.model
-            console.print(f"[dim]{model.describe()} · {self.loaded.spec} · seed {self.seed}[/dim]")
+            console.print(
+                f"[dim]{model.describe()} · {self.loaded.spec} · {model.device} "
+                f"{dtype_name(model.dtype)} · seed {self.seed}[/dim]"
+            )
 
     def turn(self, console, text: str) -> None:
         """Generate after ``text``, streaming to stdout; then save the state if asked."""

@@ -93,7 +93,8 @@ def print_bench(result) -> None:
     rows = [
         (
             "model",
-            f"{result.model} ({result.architecture}, {result.dtype}, {result.threads} threads)",
+            f"{result.model} ({result.architecture}, {result.device}, {result.dtype}, "
+            f"{result.threads} threads)",
         ),
         ("load (cached)", f"{result.load_seconds:.2f} s"),
         (
@@ -108,6 +109,8 @@ def print_bench(result) -> None:
             f"{result.weight_bytes / gib:.2f} GiB)",
         ),
     ]
+    if result.peak_gpu_bytes:
+        rows.append(("peak GPU", f"{result.peak_gpu_bytes / gib:.2f} GiB allocated by torch"))
     for name, value in rows:
         print(f"{name + ':':<15}{value}")
 
