@@ -14,6 +14,7 @@ import pytest
 
 from rwkv_cli.kernels import build
 from rwkv_cli.kernels.build import Extension, KernelBuildError, compiled_ops, set_kernel_choice
+from tests.cli_runner import assert_one_line_error, rwkv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,3 +73,24 @@ def test_torch_never_builds(broken, kernel_choice, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(build, "_build", fail)
     kernel_choice("torch")
     assert compiled_ops(broken) is None
+
+
+def test_cli_kernel_torch_never_builds(rwkv7_pth, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = rwkv(
+        "--kernel", "torch", "generate", "Hi", "-m", rwkv7_pth, "-n", "4",
+        env={"RWKV_CLI_HOME": str(home)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not (home / "kernels").exists()
+
+
+def test_cli_kernel_compiled_without_a_usable_build_is_an_error(rwkv7_pth, tmp_path) -> None:
+    """No GPU here and no C++ compiler: whichever kernels this device has cannot be built."""
+    env = {"RWKV_CLI_HOME": str(tmp_path / "home"), "CXX": str(tmp_path / "no-such-compiler")}
+    result = rwkv("--kernel", "compiled", "generate", "Hi", "-m", rwkv7_pth, env=env)
+    assert_one_line_error(result, 1, "kernels")
+
+
+def test_cli_unknown_kernel_choice_is_a_usage_error() -> None:
+    assert_one_line_error(rwkv("--kernel", "fast", "models"), 2, "--kernel")
