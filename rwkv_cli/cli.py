@@ -23,6 +23,7 @@ from rwkv_cli.bench import benchmark
 from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
 from rwkv_cli.cpu import configure_cpu
 from rwkv_cli.device import DtypeName, dtype_name
+from rwkv_cli.doctor import diagnose
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
@@ -536,6 +537,24 @@ def bench(
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         print_bench(result)
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    no_build: Annotated[
+        bool, typer.Option("--no-build", help="Do not build and test the compiled kernels.")
+    ] = False,
+) -> None:
+    """Check this machine: torch, the GPUs, the kernel toolchain, the compiled kernels (built
+    and compared with the torch path) and the caches. Exits 1 with a hint if something is broken.
+    """
+    with activity(stderr_console(), "Checking (the first kernel build takes a minute or more)"):
+        report = diagnose(build_kernels=not no_build)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    problem = report.problem()
+    if problem is not None:
+        raise problem
 
 
 @app.command()

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from rwkv_cli.kernels import build
-from rwkv_cli.kernels.build import Extension, KernelBuildError, compiled_ops, set_kernel_choice
+from rwkv_cli.kernels.build import (
+    Extension,
+    KernelBuildError,
+    KernelSelfTestError,
+    compiled_ops,
+    set_kernel_choice,
+)
+from rwkv_cli.kernels.selftest import compare_with_torch
+from rwkv_cli.kernels.wkv7 import wkv7_sequential
 from tests.cli_runner import assert_one_line_error, rwkv
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,3 +102,13 @@ def test_cli_kernel_compiled_without_a_usable_build_is_an_error(rwkv7_pth, tmp_p
 
 def test_cli_unknown_kernel_choice_is_a_usage_error() -> None:
     assert_one_line_error(rwkv("--kernel", "fast", "models"), 2, "--kernel")
+
+
+def test_the_self_test_comparison_catches_a_wrong_kernel() -> None:
+    def off_by_a_bit(*inputs):
+        y, state = wkv7_sequential(*inputs)
+        return y * 1.001, state
+
+    with pytest.raises(KernelSelfTestError, match=r"RWKV-7 differs .* float32 inputs: output 0"):
+        compare_with_torch({"7": off_by_a_bit}, device="cpu")
+    assert compare_with_torch({"7": wkv7_sequential}, device="cpu") == 0.0

@@ -7,6 +7,7 @@ kernels' ``cpu_ops.py``) wrap compiled operators built by ``build.py``.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 import torch
 
@@ -33,10 +34,15 @@ def compiled_extensions(device: torch.device) -> list:
 
         return [cuda.EXTENSION]
     if device.type == "cpu":
-        try:
-            cpu_ops = importlib.import_module("rwkv_cli.kernels.cpu_ops")
-        except ImportError:
-            return []
-        extension = getattr(cpu_ops, "EXTENSION", None)
+        extension = getattr(cpu_kernels(), "EXTENSION", None)
         return [extension] if extension is not None else []
     return []
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The CPU kernels' module (``cpu_ops``: ``EXTENSION``, ``self_test()``), if this version
+    has one."""
+    try:
+        return importlib.import_module("rwkv_cli.kernels.cpu_ops")
+    except ImportError:
+        return None
