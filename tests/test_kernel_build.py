@@ -112,3 +112,15 @@ def test_the_self_test_comparison_catches_a_wrong_kernel() -> None:
     with pytest.raises(KernelSelfTestError, match=r"RWKV-7 differs .* float32 inputs: output 0"):
         compare_with_torch({"7": off_by_a_bit}, device="cpu")
     assert compare_with_torch({"7": wkv7_sequential}, device="cpu") == 0.0
+
+
+def test_cuda_builds_are_kept_per_cuda_version_and_gpu_architectures(monkeypatch) -> None:
+    capabilities = [(9, 0), (8, 0)]
+    monkeypatch.setattr(build.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(build.torch.cuda, "get_device_capability", capabilities.__getitem__)
+    monkeypatch.setattr(build.torch.version, "cuda", "12.8")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    extension = Extension("rwkv_cli_cuda", ("a.cu",), cuda=True)
+    assert build.build_dir(extension).name.endswith("-cu12.8-sm80-90")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    assert build.build_dir(extension).name.endswith("-cu12.8-sm8.0_9.0+PTX")

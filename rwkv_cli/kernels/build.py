@@ -70,8 +70,14 @@ def build_dir(extension: Extension) -> Path:
 
 def _hardware_tag(extension: Extension) -> str:
     if extension.cuda:
-        major, minor = torch.cuda.get_device_capability()
-        return f"cu{torch.version.cuda}-sm{major}{minor}"
+        # torch compiles for $TORCH_CUDA_ARCH_LIST, else for the architectures of all visible GPUs
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "-".join(
+            sorted(
+                "{}{}".format(*torch.cuda.get_device_capability(index))
+                for index in range(torch.cuda.device_count())
+            )
+        )
+        return f"cu{torch.version.cuda}-sm{re.sub(r'[^0-9A-Za-z.+-]', '_', archs)}"
     return f"cpu-{_cpu_flags_digest()}"
 
 
@@ -87,7 +93,10 @@ def _cpu_flags_digest() -> str:
 
 
 CPU_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]
+CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]  # .ci/compile-kernels uses these too
+# The host code of a CUDA extension (its torch binding) is not tuned to this CPU: its build
+# folder is keyed by the GPUs only.
+CUDA_HOST_FLAGS = ["-O3"]
 
 
 def load_extension(extension: Extension) -> None:
@@ -122,9 +131,9 @@ def _build(extension: Extension) -> None:
         cpp_extension.load(
             name=extension.name,
             sources=extension.source_paths(),
-            extra_cflags=CPU_FLAGS,
+            extra_cflags=CUDA_HOST_FLAGS if extension.cuda else CPU_FLAGS,
             extra_cuda_cflags=CUDA_FLAGS,
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=[] if extension.cuda else ["-fopenmp"],
             build_directory=str(folder),
             is_python_module=False,
             with_cuda=extension.cuda,
