@@ -2,9 +2,12 @@
 
 For each model shape, writes a random checkpoint in the official bf16 .pth format, then measures
 in fresh processes: prefill tok/s for a prompt, decode tok/s (greedy, one token at a time) and
-peak RSS; rwkv-cli through `rwkv bench --json`, the official package in `cpu fp32` mode.
+peak RSS (and on a GPU torch's peak GPU allocation); rwkv-cli through `rwkv bench --json`, the
+official package with the same strategy (`cpu fp32`, or on a GPU `cuda fp16` with its CUDA
+kernels, RWKV_CUDA_ON=1). Both get a short warm-up first.
 
     python benchmarks/bench_vs_official.py [--prompt-tokens 512] [--decode-tokens 128]
+    python benchmarks/bench_vs_official.py --device cuda --dtype bf16 --shapes "RWKV-7 1.5B"
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "RWKV-7 0.1B": ("rwkv7_tensors", {"n_layer": 12, "n_embd": 768, "lora": 64}, "1"),
     "RWKV-4 169M": ("rwkv4_tensors", {"n_layer": 12, "n_embd": 768}, "0"),
+    "RWKV-7 1.5B": ("rwkv7_tensors", {"n_layer": 24, "n_embd": 2048, "lora": 96}, "1"),
 }
+DEFAULT_SHAPES = ("RWKV-7 0.1B", "RWKV-4 169M")
 
 OFFICIAL = r"""
 import json, os, sys, time
@@ -36,16 +41,27 @@ def peak_rss():
             return int(line.split()[1]) * 1024
 
 path, prompt_tokens, decode_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-model = RWKV(path.removesuffix(".pth"), "cpu fp32")
+strategy = sys.argv[5]
+gpu = strategy.startswith("cuda")
+model = RWKV(path.removesuffix(".pth"), strategy)
 prompt = torch.randint(1, 50000, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
+logits, state = model.forward(prompt[:16].tolist(), None)  # warm-up, as rwkv bench does
+model.forward([0], state)
+wait = torch.cuda.synchronize if gpu else (lambda: None)
+if gpu:
+    torch.cuda.reset_peak_memory_stats()
+wait()
 started = time.perf_counter()
 logits, state = model.forward(prompt.tolist(), None)
+wait()
 prefill = prompt_tokens / (time.perf_counter() - started)
 started = time.perf_counter()
 for _ in range(decode_tokens):
     logits, state = model.forward([int(torch.argmax(logits))], state)
 decode = decode_tokens / (time.perf_counter() - started)
-print(json.dumps({"prefill": prefill, "decode": decode, "peak_rss": peak_rss()}))
+peak_gpu = torch.cuda.max_memory_allocated() if gpu else 0
+result = {"prefill": prefill, "decode": decode, "peak_rss": peak_rss(), "peak_gpu": peak_gpu}
+print(json.dumps(result))
 """
 
 
@@ -57,6 +73,10 @@ def run_ours(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) ->
         "--threads",
         str(args.threads),
         "bench",
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
         "-m",
         str(checkpoint),
         "--prompt-tokens",
@@ -71,12 +91,14 @@ def run_ours(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) ->
         "prefill": result["prefill_tokens_per_second"],
         "decode": result["decode_tokens_per_second"],
         "peak_rss": result["peak_rss_bytes"],
+        "peak_gpu": result["peak_gpu_bytes"],
         "weights": result["weight_bytes"],
     }
 
 
 def run_official(checkpoint: Path, args: argparse.Namespace, env: dict[str, str], v7: str) -> dict:
-    official_env = {**env, "RWKV_V7_ON": v7, "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"}
+    cuda_on = "1" if args.device.startswith("cuda") else "0"
+    official_env = {**env, "RWKV_V7_ON": v7, "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": cuda_on}
     command = [
         sys.executable,
         "-c",
@@ -85,6 +107,7 @@ def run_official(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]
         str(args.prompt_tokens),
         str(args.decode_tokens),
         str(args.threads),
+        f"{args.device} {args.dtype}",
     ]
     output = subprocess.run(command, env=official_env, check=True, capture_output=True).stdout
     return json.loads(output.decode().strip().splitlines()[-1])
@@ -95,15 +118,18 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=tuple(SHAPES))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from tests import fixtures
 
     gib = 1024**3
-    print(
-        f"{'shape':<13} {'system':<22} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS':>15}"
-    )
-    for name, (fixture, shape, v7) in SHAPES.items():
+    memory = "peak GPU mem" if args.device.startswith("cuda") else "peak RSS"
+    print(f"{'shape':<13} {'system':<22} {'prefill tok/s':>14} {'decode tok/s':>13} {memory:>15}")
+    for name in args.shapes:
+        fixture, shape, v7 = SHAPES[name]
         with tempfile.TemporaryDirectory() as work:
             tensors = getattr(fixtures, fixture)(**shape)
             checkpoint = fixtures.write_pth(Path(work) / "model.pth", tensors)
@@ -111,10 +137,10 @@ def main() -> None:
             env = {**os.environ, "RWKV_CLI_HOME": str(Path(work) / "home")}
             ours = run_ours(checkpoint, args, env)
             theirs = run_official(checkpoint, args, env, v7)
-        for system, result in (("rwkv-cli fp32", ours), ("official rwkv cpu fp32", theirs)):
-            rss = (
-                f"{result['peak_rss'] / gib:.2f} GiB ({result['peak_rss'] / ours['weights']:.1f}x)"
-            )
+        mode = f"{args.device} {args.dtype}"
+        for system, result in ((f"rwkv-cli {mode}", ours), (f"official {mode}", theirs)):
+            peak = result["peak_gpu"] or result["peak_rss"]  # GPU memory on a GPU
+            rss = f"{peak / gib:.2f} GiB ({peak / ours['weights']:.1f}x)"
             print(
                 f"{name:<13} {system:<22} {result['prefill']:>14.1f} {result['decode']:>13.1f} "
                 f"{rss:>15}"

@@ -13,15 +13,19 @@ from pathlib import Path
 
 import torch
 
+from rwkv_cli.device import dtype_name
 from rwkv_cli.filerows import FileRows
 from rwkv_cli.generate import prefill
-from rwkv_cli.runtime import dtype_name, open_model
+from rwkv_cli.runtime import open_model
+
+WARM_UP_TOKENS = 16  # a short prefill and one decode step before timing
 
 
 @dataclass(frozen=True)
 class BenchResult:
     model: str
     architecture: str
+    device: str
     dtype: str
     threads: int
     load_seconds: float
@@ -31,6 +35,7 @@ class BenchResult:
     decode_tokens_per_second: float
     peak_rss_bytes: int
     weight_bytes: int
+    peak_gpu_bytes: int = 0  # torch's peak allocation on the GPU during prefill and decode
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,36 +45,45 @@ def benchmark(
     spec: str,
     prompt_tokens: int = 512,
     decode_tokens: int = 128,
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> BenchResult:
-    """Load ``spec`` with ``dtype`` weights (its converted cache already warm), read a prompt,
-    then decode greedily. Peak memory is measured from the timed load on."""
+    """Load ``spec`` (its converted cache already warm) on ``device`` with ``dtype`` weights,
+    read a prompt, then decode greedily. A short warm-up first builds any compiled kernels and
+    starts the GPU. Peak memory is measured from the timed load on."""
     # Convert (on first use) in another process, so the timed load and the peak memory are
     # those of every later run.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        pool.apply(open_model, (spec,), {"dtype": dtype})
+        pool.apply(_load_once, (spec, device, dtype))
     gc.collect()
     reset_peak_rss()
     started = time.perf_counter()
-    loaded = open_model(spec, dtype=dtype)
+    loaded = open_model(spec, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - started
     model = loaded.model
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, loaded.tokenizer.token_count, (prompt_tokens,), generator=generator)
+    _, warm = model.forward(prompt[:WARM_UP_TOKENS].tolist())
+    model.forward([0], warm)
+    on_gpu = model.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(model.device)
 
     started = time.perf_counter()
     session = prefill(model, prompt.tolist())
+    _wait_for(model.device)
     prefill_seconds = time.perf_counter() - started
 
     logits, state = session.logits, session.state
     started = time.perf_counter()
     for _ in range(decode_tokens):
-        logits, state = model.forward([int(torch.argmax(logits))], state)
+        logits, state = model.forward([int(torch.argmax(logits))], state)  # int() waits
     decode_seconds = time.perf_counter() - started
 
     return BenchResult(
         model=spec,
         architecture=model.describe(),
+        device=str(model.device),
         dtype=dtype_name(model.weight_dtype),
         threads=torch.get_num_threads(),
         load_seconds=load_seconds,
@@ -79,7 +93,19 @@ def benchmark(
         decode_tokens_per_second=decode_tokens / decode_seconds,
         peak_rss_bytes=peak_rss_bytes(),
         weight_bytes=weight_bytes(model),
+        peak_gpu_bytes=torch.cuda.max_memory_allocated(model.device) if on_gpu else 0,
     )
+
+
+def _load_once(spec: str, device: str | torch.device | None, dtype) -> None:
+    """Load (converting on first use) and drop the model: run in a child process."""
+    open_model(spec, device=device, dtype=dtype)
+
+
+def _wait_for(device: torch.device) -> None:
+    """Let queued GPU work finish, so the clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def weight_bytes(model) -> int:

@@ -22,9 +22,12 @@ from rwkv_cli import __version__
 from rwkv_cli.bench import benchmark
 from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
 from rwkv_cli.cpu import configure_cpu
+from rwkv_cli.device import DtypeName, dtype_name, resolve_device, resolve_dtype
+from rwkv_cli.doctor import diagnose
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
+from rwkv_cli.kernels.build import KernelChoice, set_kernel_choice
 from rwkv_cli.paths import chat_history_file
 from rwkv_cli.repl import (
     ChatRepl,
@@ -33,15 +36,7 @@ from rwkv_cli.repl import (
     chat_from_saved,
     show_transcript_tail,
 )
-from rwkv_cli.runtime import (
-    WEIGHT_DTYPES,
-    LoadedModel,
-    Start,
-    default_model,
-    dtype_name,
-    open_start,
-    weight_dtype,
-)
+from rwkv_cli.runtime import LoadedModel, Start, default_model, open_start
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
 from rwkv_cli.textio import (
@@ -121,14 +116,6 @@ SaveStateOption = Annotated[
         rich_help_panel=STATE,
     ),
 ]
-DtypeOption = Annotated[
-    str,
-    typer.Option(
-        "--dtype",
-        help=f"How the weights are stored: {', '.join(WEIGHT_DTYPES)}. bf16 and int8 take half "
-        "and a quarter of the memory and decode faster; int8 costs a little accuracy.",
-    ),
-]
 ForceOption = Annotated[
     bool,
     typer.Option(
@@ -182,6 +169,24 @@ VerboseOption = Annotated[
     bool,
     typer.Option("-v", "--verbose", help="Show info and stats even when not on a terminal."),
 ]
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        envvar="RWKV_CLI_DEVICE",
+        help="Where to run the model: cpu, cuda (the current GPU), cuda:N, or auto (a GPU if "
+        "there is one).",
+    ),
+]
+DtypeOption = Annotated[
+    DtypeName | None,
+    typer.Option(
+        "--dtype",
+        help="Weight type (default: fp16 on a GPU, fp32 on the CPU). On the CPU bf16 and int8 "
+        "take a half and a quarter of the memory and decode faster; int8 costs a little accuracy.",
+        show_default=False,
+    ),
+]
 SAMPLING_OPTIONS = (
     "temperature",
     "top_p",
@@ -214,9 +219,19 @@ def _root(
             show_default=False,
         ),
     ] = None,
+    kernel: Annotated[
+        KernelChoice,
+        typer.Option(
+            "--kernel",
+            envvar="RWKV_CLI_KERNEL",
+            help="WKV kernels: compiled where they build, else torch (auto); always torch; or "
+            "compiled, failing if they do not build.",
+        ),
+    ] = "auto",
 ) -> None:
     """Run RWKV language models from the terminal."""
     configure_cpu(threads)
+    set_kernel_choice(kernel)
 
 
 @app.command()
@@ -231,7 +246,8 @@ def generate(
     model: ModelOption = None,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
-    dtype: DtypeOption = "fp32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     state: StateOption = None,
     save_state: SaveStateOption = None,
     force: ForceOption = False,
@@ -260,7 +276,7 @@ def generate(
         )
     text = read_prompt(prompt, stdin)
     console = stderr_console()
-    start = _open(console, model, state, force, revision, tokenizer, dtype)
+    start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     run = _Continuation.begin(
         ctx,
         start,
@@ -289,7 +305,8 @@ def save_state_command(
     model: ModelOption = None,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
-    dtype: DtypeOption = "fp32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     file: Annotated[
         Path | None,
         typer.Option("-f", "--file", help="Read the text from this file.", show_default=False),
@@ -314,7 +331,7 @@ def save_state_command(
     if file is not None:
         content = _read_text_file(file) + content
     console = stderr_console()
-    start = _open(console, model, state, force, revision, tokenizer, dtype)
+    start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     tokens = start.loaded.tokenizer.encode(content)
     with prefill_progress(console, len(tokens)) as on_progress:
         session = prefill(start.loaded.model, tokens, start.session, on_progress=on_progress)
@@ -345,7 +362,8 @@ def load_state_command(
     model: ModelOption = None,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
-    dtype: DtypeOption = "fp32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     force: ForceOption = False,
     save_state: SaveStateOption = None,
     max_tokens: MaxTokensOption = 256,
@@ -372,7 +390,7 @@ def load_state_command(
         return
     console = stderr_console()
     stdin = piped_stdin()
-    start = _open(console, model, file, force, revision, tokenizer, dtype)
+    start = _open(console, model, file, force, revision, tokenizer, device, dtype)
     run = _Continuation.begin(
         ctx,
         start,
@@ -399,7 +417,8 @@ def chat(
     model: ModelOption = None,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
-    dtype: DtypeOption = "fp32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     state: Annotated[
         Path | None,
         typer.Option(
@@ -453,7 +472,7 @@ def chat(
             f"choose one of {', '.join(TEMPLATES)}", ctx=ctx, param_hint="'--template'"
         )
     console = stderr_console()
-    start = _open(console, model, state, force, revision, tokenizer, dtype)
+    start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     saved = start.state_file
     generator, seed_used = _generator(seed, saved)
     loaded = start.loaded
@@ -474,7 +493,8 @@ def chat(
         conversation.set_system(system)
     on_terminal = sys.stdin.isatty()
     if on_terminal or verbose:
-        model_line = f"{loaded.model.describe()} · cpu · {dtype_name(loaded.model.weight_dtype)}"
+        weights = dtype_name(loaded.model.weight_dtype)
+        model_line = f"{loaded.model.describe()} · {loaded.model.device} · {weights}"
         console.print(
             f"[dim]rwkv chat · {model_line} · {loaded.spec} · {conversation.template.name} "
             f"template · seed {seed_used} · /help[/dim]"
@@ -504,30 +524,51 @@ def bench(
     decode_tokens: Annotated[
         int, typer.Option("--decode-tokens", min=1, help="Tokens to decode one by one.")
     ] = 128,
+    device: DeviceOption = "cpu",
     dtypes: Annotated[
         list[str] | None,
         typer.Option(
             "--dtype",
-            help=f"Weight format to measure ({', '.join(WEIGHT_DTYPES)}); repeat for several.",
-            show_default="fp32",
+            help="Weight type to measure (default: fp16 on a GPU, fp32 on the CPU); repeat the "
+            "option to measure several.",
+            show_default=False,
         ),
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print JSON (a list, one per dtype).")
+        bool, typer.Option("--json", help="Print JSON (a list, one entry per dtype).")
     ] = False,
 ) -> None:
     """Measure load time, prefill and decode speed, and peak memory of a model on this machine."""
     console = stderr_console()
     spec = model or default_model(console)
+    for name in dtypes or []:
+        resolve_dtype(name, resolve_device(device))  # a typo fails now, not after a benchmark
     results = []
-    for name in dtypes or ["fp32"]:
-        dtype = weight_dtype(name)
-        with activity(console, f"Benchmarking {dtype_name(dtype)}"):
-            results.append(benchmark(spec, prompt_tokens, decode_tokens, dtype))
+    for dtype in dtypes or [None]:
+        with activity(console, f"Benchmarking {dtype or 'the default dtype'}"):
+            results.append(benchmark(spec, prompt_tokens, decode_tokens, device, dtype))
     if as_json:
         typer.echo(json.dumps([result.to_dict() for result in results], indent=2))
     else:
         print_bench(results)
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    no_build: Annotated[
+        bool, typer.Option("--no-build", help="Do not build and test the compiled kernels.")
+    ] = False,
+) -> None:
+    """Check this machine: torch, the GPUs, the kernel toolchain, the compiled kernels (built
+    and compared with the torch path) and the caches. Exits 1 with a hint if something is broken.
+    """
+    with activity(stderr_console(), "Checking (the first kernel build takes a minute or more)"):
+        report = diagnose(build_kernels=not no_build)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    problem = report.problem()
+    if problem is not None:
+        raise problem
 
 
 @app.command()
@@ -560,9 +601,10 @@ def _open(
     force: bool,
     revision: str | None,
     tokenizer: str | None,
-    dtype: str,
+    device: str,
+    dtype: str | None,
 ) -> Start:
-    return open_start(model, state, force, revision, console, tokenizer, weight_dtype(dtype))
+    return open_start(model, state, force, revision, console, tokenizer, device, dtype)
 
 
 def _sampling_params(ctx: typer.Context, saved: SamplingParams | None) -> SamplingParams:
@@ -622,10 +664,14 @@ class _Continuation:
         )
 
     def announce(self, console) -> None:
-        """The header line: model, where it came from, and the seed (to reproduce the run)."""
+        """The header line: model, where it came from, where it runs, and the seed (to
+        reproduce the run)."""
         if self.show_info:
             model = self.loaded.model
-            console.print(f"[dim]{model.describe()} · {self.loaded.spec} · seed {self.seed}[/dim]")
+            console.print(
+                f"[dim]{model.describe()} · {self.loaded.spec} · {model.device} "
+                f"{dtype_name(model.weight_dtype)} · seed {self.seed}[/dim]"
+            )
 
     def turn(self, console, text: str) -> None:
         """Generate after ``text``, streaming to stdout; then save the state if asked."""

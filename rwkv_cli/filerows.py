@@ -40,6 +40,14 @@ class FileRows:
             start, _ = json.loads(file.read(header_size))[name]["data_offsets"]
         return cls(path, 8 + header_size + start, tuple(tensor.shape), tensor.dtype)
 
+    device = torch.device("cpu")  # where the rows it returns are
+
+    def to(self, device: torch.device) -> FileRows | torch.Tensor:
+        """Itself on the CPU; elsewhere the whole table, read once and moved to ``device``."""
+        if torch.device(device).type == "cpu":
+            return self
+        return self[torch.arange(self.shape[0])].to(device)
+
     @property
     def nbytes(self) -> int:
         return self.shape[0] * self._row_bytes

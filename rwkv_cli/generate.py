@@ -212,7 +212,8 @@ def stream_generate(
 
     while len(ids) < max_tokens:
         counts = session.counts if session.counts is not None else new_counts(model.vocab_size)
-        logits = apply_penalties(session.logits, counts, params) + never_sample
+        # On the CPU, with the sampler: from a GPU this copy is the one wait per token.
+        logits = apply_penalties(session.logits.cpu(), counts, params) + never_sample
         token = sample_token(logits, params, generator)
         if token == END_OF_TEXT:
             yield record(matcher.flush() + decoder.flush(), None, "eos", session, tuple(ids))

@@ -270,7 +270,7 @@ class ChatRepl:
         dtype = str(loaded.model.dtype).removeprefix("torch.")
         rows = {
             "model": f"{loaded.spec} ({loaded.resolved})",
-            "architecture": f"{loaded.model.describe()}, {dtype}, cpu",
+            "architecture": f"{loaded.model.describe()}, {dtype}, {loaded.model.device}",
             "template": chat.template.name + (" (thinking)" if chat.think else ""),
             "system": chat.system or "-",
             "messages": str(len(chat.messages)),

@@ -10,11 +10,11 @@ import torch
 from rich.console import Console
 
 from rwkv_cli.demo import DEMO_SPEC
+from rwkv_cli.device import compute_dtype, resolve_device, resolve_dtype
 from rwkv_cli.errors import HubUnreachableError, InvalidInputError, NotCachedError
 from rwkv_cli.generate import Session
 from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
-from rwkv_cli.kernels.build import compiled_ops
-from rwkv_cli.kernels.linear import CPU_KERNELS
+from rwkv_cli.kernels import prepare_kernels
 from rwkv_cli.models import Model
 from rwkv_cli.prepared import load_model_cached
 from rwkv_cli.statefile import StateFile, import_state_tuning, is_state_tuning_file, read_state_file
@@ -29,30 +29,6 @@ from rwkv_cli.tokenizer import (
 from rwkv_cli.ui import activity
 
 _PINNED_HUB_FILE = re.compile(r"^(?P<spec>[^@]+:[^@]+)@(?P<commit>[0-9a-f]{40})$")
-
-# How the projection matrices are stored (``--dtype``); activations are float32 on a CPU.
-WEIGHT_DTYPES = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "int8": torch.int8,
-}
-_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-def weight_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a ``--dtype`` name (fp32, bf16, fp16, int8 or the torch spellings)."""
-    key = _DTYPE_ALIASES.get(name.lower(), name.lower())
-    if key not in WEIGHT_DTYPES:
-        raise InvalidInputError(
-            f"unknown dtype {name!r}", hint=f"choose one of {', '.join(WEIGHT_DTYPES)}"
-        )
-    return WEIGHT_DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The ``--dtype`` name of a torch dtype (``torch.int8`` -> ``int8``)."""
-    return next(name for name, value in WEIGHT_DTYPES.items() if value == dtype)
 
 
 @dataclass(frozen=True)
@@ -79,16 +55,26 @@ def open_model(
     revision: str | None = None,
     console: Console | None = None,
     tokenizer: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
     """Load the model ``spec`` names: a local checkpoint, a Hub file, an alias (downloading it
-    on first use) or the demo model, through the converted-weights cache, with its projections
-    stored in ``dtype`` (see WEIGHT_DTYPES). For the tokenizer see ``choose_tokenizer``."""
+    on first use) or the demo model, through the converted-weights cache. For the tokenizer see
+    ``choose_tokenizer``.
+
+    ``device`` ("cpu", "cuda", "cuda:N" or "auto"; default the CPU) and ``dtype`` (fp32, fp16,
+    bf16, int8 (CPU only) or a torch dtype; default fp16 on a GPU, fp32 on the CPU) say where
+    the weights live and in which type; both are checked before anything is read. On the CPU
+    the activations are float32 whatever the weights.
+    """
+    target = resolve_device(device)
+    weights = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, target)
     resolved = _resolve(spec, revision, console)
     with activity(console, f"Loading {resolved.path.name}"):
-        model = load_model_cached(resolved.path, dtype, compute_dtype=torch.float32)
+        model = load_model_cached(resolved.path, weights, compute_dtype(weights, target))
+        model = model.to(target)
     with activity(console, "Preparing the compiled kernels (built on first use)"):
-        compiled_ops(CPU_KERNELS)  # now, rather than in the middle of the first reply
+        prepare_kernels(target)  # now, rather than in the middle of the first reply
     chosen = choose_tokenizer(resolved, model.vocab_size, tokenizer)
     return LoadedModel(model, chosen, spec, resolved.resolved)
 
@@ -134,32 +120,34 @@ def open_start(
     revision: str | None = None,
     console: Console | None = None,
     tokenizer: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Start:
-    """Load the model (with ``dtype`` weights), and the saved state to continue from if
-    ``state_path`` is given.
+    """Load the model, and the saved state to continue from if ``state_path`` is given.
 
     Without ``model_spec`` the model is the one the state file names, or else the default model;
     without ``tokenizer``, a state file's tokenizer, or else the one the vocabulary implies.
     A BlinkDL state-tuning file does not record its model, so it needs ``model_spec``.
+    ``device`` and ``dtype`` are as for ``open_model``; a state file loads on any device.
     """
+    where = {"device": device, "dtype": dtype}
     if state_path is None:
         spec = model_spec or default_model(console)
-        return Start(open_model(spec, revision, console, tokenizer, dtype), Session())
+        return Start(open_model(spec, revision, console, tokenizer, **where), Session())
     if is_state_tuning_file(state_path):
         if model_spec is None:
             raise InvalidInputError(
                 f"{state_path} is a state-tuning file, which does not record its model",
                 hint="pass the model it was trained for with -m MODEL",
             )
-        loaded = open_model(model_spec, revision, console, tokenizer, dtype)
+        loaded = open_model(model_spec, revision, console, tokenizer, **where)
         return Start(loaded, import_state_tuning(state_path, loaded.model))
     state_file = read_state_file(state_path)
     tokenizer = tokenizer or state_file.identity.tokenizer
     if model_spec is None:
-        loaded = _open_saved_model(state_file, console, tokenizer, dtype)
+        loaded = _open_saved_model(state_file, console, tokenizer, where)
     else:
-        loaded = open_model(model_spec, revision, console, tokenizer, dtype)
+        loaded = open_model(model_spec, revision, console, tokenizer, **where)
     session = state_file.session_for(loaded.model, loaded.tokenizer.name, force=force)
     return Start(loaded, session, state_file)
 
@@ -174,15 +162,14 @@ def default_model(console: Console | None) -> str:
 
 
 def _open_saved_model(
-    state_file: StateFile, console: Console | None, tokenizer: str, dtype: torch.dtype
+    state_file: StateFile, console: Console | None, tokenizer: str, where: dict
 ) -> LoadedModel:
     """The model a state file names: exactly where it was found, else how it was asked for."""
     pinned = _PINNED_HUB_FILE.match(state_file.model_resolved)
     if pinned:
-        spec, revision = pinned["spec"], pinned["commit"]
+        loaded = open_model(pinned["spec"], pinned["commit"], console, tokenizer, **where)
     elif Path(state_file.model_resolved).is_file():
-        spec, revision = state_file.model_resolved, None
+        loaded = open_model(state_file.model_resolved, None, console, tokenizer, **where)
     else:
-        spec, revision = state_file.model_spec, None
-    loaded = open_model(spec, revision, console, tokenizer, dtype)
+        loaded = open_model(state_file.model_spec, None, console, tokenizer, **where)
     return LoadedModel(loaded.model, loaded.tokenizer, state_file.model_spec, loaded.resolved)

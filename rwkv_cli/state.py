@@ -8,6 +8,7 @@ a state in place: ``forward`` returns a new one, so keeping a snapshot is just k
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,17 +24,24 @@ class State:
 
     def clone(self) -> State:
         """A deep copy whose tensors share no memory with this one."""
-        copies = [
+        return self._map(torch.Tensor.clone)
+
+    def to(self, device: torch.device | str) -> State:
+        """This state with its tensors on ``device`` (tensors already there are not copied)."""
+        return self._map(lambda tensor: tensor.to(device))
+
+    def _map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> State:
+        layers = [
             dataclasses.replace(
                 layer,
                 **{
-                    field.name: getattr(layer, field.name).clone()
+                    field.name: function(getattr(layer, field.name))
                     for field in dataclasses.fields(layer)
                 },
             )
             for layer in self.layers
         ]
-        return State(generation=self.generation, layers=copies)
+        return State(generation=self.generation, layers=layers)
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Flat ``blocks.{i}.att.shift``-style names, as used in state files."""
@@ -46,7 +54,8 @@ class State:
     def with_tensors(self, named: dict[str, torch.Tensor]) -> State:
         """A state shaped like this one, holding ``named`` tensors (named as ``named_tensors``).
 
-        Raises ValueError naming the first tensor that is missing or has the wrong shape.
+        Tensors take the device and dtype of this state's. Raises ValueError naming the first
+        tensor that is missing or has the wrong shape.
         """
         layers = []
         for index, layer in enumerate(self.layers):
@@ -61,7 +70,7 @@ class State:
                     raise ValueError(
                         f"{name} has shape {list(tensor.shape)}, expected {list(template.shape)}"
                     )
-                values[field.name] = tensor.to(template.dtype)
+                values[field.name] = tensor.to(device=template.device, dtype=template.dtype)
             layers.append(dataclasses.replace(layer, **values))
         return State(generation=self.generation, layers=layers)
 

@@ -179,11 +179,11 @@ def save_state_file(
 ) -> None:
     """Write ``session`` and its provenance to ``path`` atomically (format version 1)."""
     state = session.state if session.state is not None else model.new_state()
-    tensors = {name: tensor.float().contiguous() for name, tensor in state.named_tensors().items()}
+    tensors = {name: _stored(tensor) for name, tensor in state.named_tensors().items()}
     if session.logits is not None:
-        tensors[_LOGITS] = session.logits.float().contiguous()
+        tensors[_LOGITS] = _stored(session.logits)
     if session.counts is not None:
-        tensors[_COUNTS] = session.counts.float().contiguous()
+        tensors[_COUNTS] = _stored(session.counts)
     if generator is not None:
         tensors[_RNG] = generator.get_state()
     identity = ModelIdentity.of(model, tokenizer_name)
@@ -211,6 +211,11 @@ def save_state_file(
     if chat is not None:
         metadata["chat"] = json.dumps(chat, ensure_ascii=False)
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    """As state files keep tensors: float32, in CPU memory (a file made on a GPU loads anywhere)."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
 def read_state_file(path: str | Path) -> StateFile:

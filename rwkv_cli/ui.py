@@ -91,11 +91,14 @@ def print_bench(results: list) -> None:
     """``rwkv bench``: one aligned table on stdout, a row per weight format."""
     gib = 1024**3
     first = results[0]
-    print(f"model: {first.model} ({first.architecture}, {first.threads} threads)")
+    print(f"model: {first.model} ({first.architecture}, {first.device}, {first.threads} threads)")
     print(f"prompt: {first.prompt_tokens} tokens, then {first.decode_tokens} decoded one by one")
+    on_gpu = any(result.peak_gpu_bytes for result in results)
     header = ("dtype", "load (cached)", "prefill tok/s", "decode tok/s", "peak RSS", "weights")
-    rows = [
-        (
+    header += ("peak GPU",) if on_gpu else ()
+    rows = []
+    for result in results:
+        row = (
             result.dtype,
             f"{result.load_seconds:.2f} s",
             f"{result.prefill_tokens_per_second:.1f}",
@@ -104,13 +107,11 @@ def print_bench(results: list) -> None:
             f"({result.peak_rss_bytes / result.weight_bytes:.2f}x)",
             f"{result.weight_bytes / gib:.2f} GiB",
         )
-        for result in results
-    ]
+        rows.append(row + ((f"{result.peak_gpu_bytes / gib:.2f} GiB",) if on_gpu else ()))
     widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
     for row in (header, *rows):
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
 
 
 def print_stats(console: Console, last: GenerationChunk) -> None:

@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_cli.demo import HELDOUT_FILE, demo_dir
-from rwkv_cli.kernels import build
+from rwkv_cli.device import DTYPES
+from rwkv_cli.kernels import build, cpu_ops
 from rwkv_cli.kernels.linear import (
-    CPU_KERNELS,
     QuantizedMatrix,
     linear,
     quantize_int8,
 )
 from rwkv_cli.models import MODEL_CLASSES
-from rwkv_cli.runtime import WEIGHT_DTYPES, open_model
+from rwkv_cli.runtime import open_model
 from tests.fixtures import legacy_tensors, rwkv4_tensors, rwkv7_tensors
 
 SHAPES = [(37, 45), (768, 768), (3072, 768), (768, 3072)]  # (out, in); odd sizes hit the tails
@@ -35,7 +35,7 @@ AGREEMENT = {"fp32": 1.0, "bf16": 0.99, "fp16": 0.99, "int8": 0.97}
 
 @pytest.fixture(scope="module")
 def ops():
-    build.load_extension(CPU_KERNELS)
+    build.load_extension(cpu_ops.EXTENSION)
     return torch.ops.rwkv_cli
 
 
@@ -137,7 +137,7 @@ def test_decode_with_compiled_kernels_equals_the_torch_path(generation, dtype) -
 def heldout_logits() -> dict:
     """Per weight format: the demo model's logits after each held-out token, read one by one."""
     results = {}
-    for name, dtype in WEIGHT_DTYPES.items():
+    for name, dtype in DTYPES.items():
         loaded = open_model("demo", dtype=dtype)
         text = (demo_dir() / HELDOUT_FILE).read_text(encoding="utf-8")
         tokens = [loaded.tokenizer.eos_id, *loaded.tokenizer.encode(text)][: HELDOUT_TOKENS + 1]
@@ -150,7 +150,7 @@ def heldout_logits() -> dict:
     return results
 
 
-@pytest.mark.parametrize("name", list(WEIGHT_DTYPES))
+@pytest.mark.parametrize("name", list(DTYPES))
 def test_weight_format_accuracy_on_heldout_text(heldout_logits, name) -> None:
     reference, targets = heldout_logits["fp32"]
     logits, _ = heldout_logits[name]

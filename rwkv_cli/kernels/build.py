@@ -15,11 +15,14 @@ with its reason, and the caller runs its torch path; with "compiled" the failure
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -70,8 +73,14 @@ def build_dir(extension: Extension) -> Path:
 
 def _hardware_tag(extension: Extension) -> str:
     if extension.cuda:
-        major, minor = torch.cuda.get_device_capability()
-        return f"cu{torch.version.cuda}-sm{major}{minor}"
+        # torch compiles for $TORCH_CUDA_ARCH_LIST, else for the architectures of all visible GPUs
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "-".join(
+            sorted(
+                "{}{}".format(*torch.cuda.get_device_capability(index))
+                for index in range(torch.cuda.device_count())
+            )
+        )
+        return f"cu{torch.version.cuda}-sm{re.sub(r'[^0-9A-Za-z.+-]', '_', archs)}"
     return f"cpu-{_cpu_flags_digest()}"
 
 
@@ -87,7 +96,10 @@ def _cpu_flags_digest() -> str:
 
 
 CPU_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]
+CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]  # .ci/compile-kernels uses these too
+# The host code of a CUDA extension (its torch binding) is not tuned to this CPU: its build
+# folder is keyed by the GPUs only.
+CUDA_HOST_FLAGS = ["-O3"]
 
 
 def load_extension(extension: Extension) -> None:
@@ -142,17 +154,18 @@ def _compile(extension: Extension, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _put_ninja_on_path()
     try:
-        cpp_extension.load(
-            name=extension.name,
-            sources=extension.source_paths(),
-            extra_cflags=CPU_FLAGS,
-            extra_cuda_cflags=CUDA_FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(folder),
-            is_python_module=False,
-            with_cuda=extension.cuda,
-            verbose=False,
-        )
+        with _quiet(cpp_extension.logger):  # its compiler warnings would break one-line errors
+            cpp_extension.load(
+                name=extension.name,
+                sources=extension.source_paths(),
+                extra_cflags=CUDA_HOST_FLAGS if extension.cuda else CPU_FLAGS,
+                extra_cuda_cflags=CUDA_FLAGS,
+                extra_ldflags=[] if extension.cuda else ["-fopenmp"],
+                build_directory=str(folder),
+                is_python_module=False,
+                with_cuda=extension.cuda,
+                verbose=False,
+            )
     except Exception as error:  # compiler, linker, loader and environment failures alike
         log = folder / "build-error.log"
         log.write_text(str(error))
@@ -160,6 +173,17 @@ def _compile(extension: Extension, folder: Path) -> None:
             f"could not build the {extension.name} kernels: {_first_error_line(str(error))}",
             hint=f"compiler output: {log}; `rwkv doctor` checks the toolchain",
         ) from error
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Only errors from ``logger`` while the block runs."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _put_ninja_on_path() -> None:
@@ -174,11 +198,22 @@ def _put_ninja_on_path() -> None:
 
 
 def _first_error_line(output: str) -> str:
+    """The compiler's first diagnostic (``file:line: error: ...``) or the shell's complaint
+    (``cc: not found``), else the first line that mentions an error."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
+    diagnostic = next(
+        (line for line in lines if _DIAGNOSTIC.search(line) and "Error building" not in line),
+        None,
+    )
+    if diagnostic is not None:
+        return diagnostic[:200]
     for line in lines:
         if "error" in line.lower() and not line.startswith("FAILED"):
             return line[:200]
     return lines[0][:200] if lines else "unknown error"
+
+
+_DIAGNOSTIC = re.compile(r"error:|: not found$|No such file or directory")
 
 
 _reported: set[str] = set()

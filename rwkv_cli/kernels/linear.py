@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rwkv_cli.kernels.build import Extension, compiled_ops
+from rwkv_cli.kernels import cpu_ops
+from rwkv_cli.kernels.build import compiled_ops
 
-CPU_KERNELS = Extension("rwkv_cpu", ("cpu_gemv.cpp", "cpu_rwkv7.cpp"))
 INT8_MAX = 127
 GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 GEMV_MAX_TOKENS = 1  # the kernel reads the weights once per row: for more, a GEMM wins
@@ -36,6 +36,9 @@ class QuantizedMatrix:
     @property
     def shape(self) -> torch.Size:
         return self.values.shape
+
+    def to(self, device: torch.device) -> QuantizedMatrix:
+        return QuantizedMatrix(self.values.to(device), self.scale.to(device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.values.to(dtype) * self.scale.to(dtype).unsqueeze(1)).contiguous()
@@ -55,7 +58,7 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedMatrix:
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """``x @ weightᵀ`` for x (T, in) or (in,), in x's dtype."""
     if _use_gemv(x, weight):
-        ops = compiled_ops(CPU_KERNELS)
+        ops = compiled_ops(cpu_ops.EXTENSION)
         if ops is not None:
             values, scale = _parts(weight)
             rows = x.reshape(-1, x.shape[-1]).float()

@@ -10,18 +10,36 @@ exponent seen, so no ``exp`` ever overflows (shared/DESIGN.md section 4)::
     update: p = max(pp+w, k);  aa = e^(pp+w-p)·aa + e^(k-p)·v;  bb = e^(pp+w-p)·bb + e^(k-p)
             pp = p
 
-The loop runs over time only; channels are batched. This is the reference every faster
-implementation must match.
+``wkv4_torch`` loops over time only, with channels batched: the reference every faster
+implementation must match. ``wkv4`` runs the compiled CUDA kernel for inputs on a GPU where it
+builds (kernels/cuda.py), else ``wkv4_torch``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from rwkv_cli.kernels import cuda
+
 INITIAL_MAX = -1e30  # pp of an empty state: "no exponent seen yet", e^(pp - p) is then 0
 
 
 def wkv4(
+    aa: torch.Tensor,
+    bb: torch.Tensor,
+    pp: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recurrence over T tokens (arguments and results as ``wkv4_torch``)."""
+    if cuda.usable(aa, bb, pp, w, u, k, v):
+        return cuda.wkv4(aa, bb, pp, w, u, k, v)
+    return wkv4_torch(aa, bb, pp, w, u, k, v)
+
+
+def wkv4_torch(
     aa: torch.Tensor,
     bb: torch.Tensor,
     pp: torch.Tensor,

@@ -7,7 +7,8 @@ Per head the state ``S`` is an ``N x N`` matrix indexed ``[value, key]``. For ev
 
 ``wkv7_sequential`` runs that loop token by token: the reference, and the decode path.
 ``wkv7_chunked`` computes the same thing a chunk of tokens at a time with batched matrix
-products and no per-token Python loop, which is what makes prefill fast. ``wkv7`` picks one.
+products and no per-token Python loop, which is what makes prefill fast. ``wkv7`` picks one, or
+the compiled CUDA kernel for inputs on a GPU where it builds (kernels/cuda.py).
 
 The chunked form. Within a chunk, with ``S0`` the state before it and ``D_t`` the product of the
 decays up to token t, unrolling the recurrence gives::
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from rwkv_cli.kernels import cuda
+
 CHUNK_LEN = 64  # tokens per chunk: fastest on a 2-core AVX2 CPU (see README), accurate to ~1e-6
 
 
@@ -38,7 +41,8 @@ def wkv7(
     kappa: torch.Tensor,
     a: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence over T tokens: sequential for one token, chunked for more.
+    """The recurrence over T tokens: compiled on a GPU, else sequential for one token and
+    chunked for more.
 
     Args:
         state: (H, N, N) float32, indexed [head, value, key]; not modified.
@@ -48,6 +52,8 @@ def wkv7(
     Returns:
         y: (T, H, N) float32 outputs, and the new (H, N, N) state.
     """
+    if cuda.usable(state, r, w, k, v, kappa, a, head_size=r.shape[-1]):
+        return cuda.wkv7(state, r, w, k, v, kappa, a)
     if r.shape[0] == 1:
         return wkv7_sequential(state, r, w, k, v, kappa, a)
     return wkv7_chunked(state, r, w, k, v, kappa, a)

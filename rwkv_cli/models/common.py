@@ -429,10 +429,29 @@ class RecurrentModel:
     def describe(self) -> str:
         return f"{self.label()} L{self.config.n_layer} D{self.config.n_embd}"
 
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.device
+
+    def to(self, device: torch.device | str) -> RecurrentModel:
+        """Move the weights to ``device``, in place like ``nn.Module.to``; returns the model.
+        States the model makes from then on are on ``device`` too."""
+        device = torch.device(device)
+        self.embedding, self.head = self.embedding.to(device), self.head.to(device)
+        self.ln_out = tuple(tensor.to(device) for tensor in self.ln_out)
+        for block in self.blocks:
+            for group in (block.norms, block.att, block.ffn):
+                for field in dataclasses.fields(group):
+                    value = getattr(group, field.name)
+                    if value is not None:
+                        setattr(group, field.name, value.to(device))
+        return self
+
     def new_state(self) -> State:
-        """The state a model starts from (all zeros, but RWKV-4's running maximum)."""
+        """The state a model starts from (all zeros, but RWKV-4's running maximum), on the
+        model's device."""
         layers = [self.new_layer_state() for _ in range(self.config.n_layer)]
-        return State(generation=self.generation, layers=layers)
+        return State(generation=self.generation, layers=layers).to(self.device)
 
     @torch.inference_mode()
     def forward(
@@ -457,7 +476,8 @@ class RecurrentModel:
         """The final residual stream (T, C) and the new state."""
         check_tokens(tokens, self.vocab_size)
         state = state if state is not None else self.new_state()
-        x = self.embedding[torch.as_tensor(tokens)].to(self.dtype)  # (T, C)
+        tokens = torch.as_tensor(tokens, device=self.device)
+        x = self.embedding[tokens].to(device=self.device, dtype=self.dtype)  # (T, C)
         carry: dict = {}
         new_layers = []
         for index, (block, layer_state) in enumerate(zip(self.blocks, state.layers, strict=True)):

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
+from rwkv_cli.kernels import cpu_ops
 from rwkv_cli.kernels.build import compiled_ops
-from rwkv_cli.kernels.linear import CPU_KERNELS, linear
+from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv7 import wkv7
 from rwkv_cli.models.common import (
     RecurrentModel,
@@ -129,7 +130,7 @@ class ChannelMixWeights(WeightGroup):
 
 
 @dataclass(frozen=True)
-class _Lora:
+class LoraOutputs:
     """The outputs of a layer's low-rank adapters for the decay, the in-context learning rate
     and (after layer 0) the value-residual gate, before their biases."""
 
@@ -144,7 +145,7 @@ def _fused_ops(x: torch.Tensor):
         return None
     if torch.is_grad_enabled():
         return None
-    return compiled_ops(CPU_KERNELS)
+    return compiled_ops(cpu_ops.EXTENSION)
 
 
 class RWKV7(RecurrentModel):
@@ -198,7 +199,7 @@ class RWKV7(RecurrentModel):
         r = linear(xr, att.receptance_weight)
         k = linear(xk, att.key_weight)
         v = linear(xv, att.value_weight)
-        lora = _Lora(
+        lora = LoraOutputs(
             decay=torch.tanh(xw @ att.w1) @ att.w2,
             iclr=(xa @ att.a1) @ att.a2,
             value_gate=None if "v_first" not in carry else (xv @ att.v1) @ att.v2,
@@ -206,61 +207,75 @@ class RWKV7(RecurrentModel):
         g = torch.sigmoid(xg @ att.g1) @ att.g2  # output gate
         carry.setdefault("v_first", v)  # the first layer's values feed every later layer
         ops = _fused_ops(x)
-        if ops is None:
-            mixed, wkv = self._mix(att, state.att_wkv, r, k, v, lora, carry["v_first"], g)
-        else:
-            nothing = x.new_empty(0)  # layer 0 mixes no first-layer values into its own
-            value_gate, v0, v_first = (
-                (nothing, nothing, nothing)
-                if lora.value_gate is None
-                else (lora.value_gate, att.v0, carry["v_first"])
-            )
-            mixed, wkv = ops.rwkv7_time_mix_one(
-                *(state.att_wkv, r, k, v, lora.decay, lora.iclr, value_gate, v_first, g),
-                *(att.w0, att.a0, v0, att.k_k, att.k_a, att.r_k.reshape(-1)),
-                *(att.ln_x_weight, att.ln_x_bias, GROUP_NORM_EPS),
-            )
-            mixed = mixed.unsqueeze(0)
+        mix = mix_projections if ops is None else functools.partial(mix_projections_compiled, ops)
+        mixed, wkv = mix(att, state.att_wkv, r, k, v, lora, carry["v_first"], g)
         return linear(mixed, att.output_weight), {"att_wkv": wkv}
-
-    def _mix(
-        self,
-        att: TimeMixWeights,
-        wkv_state: torch.Tensor,
-        r: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        lora: _Lora,
-        v_first: torch.Tensor,
-        g: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """From the projections to the output projection's input (T, C), and the new WKV state:
-        what the compiled ``rwkv7_time_mix_one`` does in one pass for one token."""
-        t, h, n = r.shape[0], self.config.n_head, self.config.head_size
-        w = torch.exp(-EXP_MINUS_HALF * torch.sigmoid((att.w0 + lora.decay).float()))
-        a = torch.sigmoid(att.a0 + lora.iclr)  # in-context learning rate
-        kappa = F.normalize((k * att.k_k).view(t, h, n), dim=-1)  # removal key, unit per head
-        k = k * (1 + (a - 1) * att.k_a)
-        if lora.value_gate is not None:
-            v = v + (v_first - v) * torch.sigmoid(att.v0 + lora.value_gate)
-
-        heads = (t, h, n)
-        y, wkv = wkv7(
-            wkv_state,
-            r.view(heads),
-            w.view(heads),
-            k.view(heads),
-            v.view(heads),
-            kappa,
-            a.view(heads),
-        )
-        y = F.group_norm(
-            y.view(t, h * n).to(r.dtype), h, att.ln_x_weight, att.ln_x_bias, eps=GROUP_NORM_EPS
-        )
-        bonus = (r * k * att.r_k.reshape(-1)).view(heads).sum(-1, keepdim=True) * v.view(heads)
-        return (y + bonus.view(t, h * n)) * g, wkv
 
     def channel_mix(self, ffn: ChannelMixWeights, x: torch.Tensor, shift: torch.Tensor):
         xk = x + (previous_tokens(x, shift) - x) * ffn.x_k
         hidden = torch.relu(linear(xk, ffn.key_weight)) ** 2  # (T, F)
         return linear(hidden, ffn.value_weight)
+
+
+def mix_projections(
+    att: TimeMixWeights,
+    wkv_state: torch.Tensor,
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lora: LoraOutputs,
+    v_first: torch.Tensor,
+    g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Time mixing from the projections (r, k, v, g: (T, C)) to the output projection's input
+    (T, C), and the new (H, N, N) WKV state: decay, in-context learning rate, removal key, value
+    residual, the recurrence, ln_x and the current token's bonus."""
+    t, (h, n) = r.shape[0], wkv_state.shape[:2]
+    w = torch.exp(-EXP_MINUS_HALF * torch.sigmoid((att.w0 + lora.decay).float()))
+    a = torch.sigmoid(att.a0 + lora.iclr)  # in-context learning rate
+    kappa = F.normalize((k * att.k_k).view(t, h, n), dim=-1)  # removal key, unit per head
+    k = k * (1 + (a - 1) * att.k_a)
+    if lora.value_gate is not None:
+        v = v + (v_first - v) * torch.sigmoid(att.v0 + lora.value_gate)
+
+    heads = (t, h, n)
+    y, wkv = wkv7(
+        wkv_state,
+        r.view(heads),
+        w.view(heads),
+        k.view(heads),
+        v.view(heads),
+        kappa,
+        a.view(heads),
+    )
+    y = F.group_norm(
+        y.view(t, h * n).to(r.dtype), h, att.ln_x_weight, att.ln_x_bias, eps=GROUP_NORM_EPS
+    )
+    bonus = (r * k * att.r_k.reshape(-1)).view(heads).sum(-1, keepdim=True) * v.view(heads)
+    return (y + bonus.view(t, h * n)) * g, wkv
+
+
+def mix_projections_compiled(
+    ops,
+    att: TimeMixWeights,
+    wkv_state: torch.Tensor,
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lora: LoraOutputs,
+    v_first: torch.Tensor,
+    g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mix_projections`` for one float32 token on the CPU, as one compiled operation."""
+    nothing = r.new_empty(0)  # layer 0 mixes no first-layer values into its own
+    value_gate, v0, v_first = (
+        (nothing, nothing, nothing)
+        if lora.value_gate is None
+        else (lora.value_gate, att.v0, v_first)
+    )
+    mixed, wkv = ops.rwkv7_time_mix_one(
+        *(wkv_state, r, k, v, lora.decay, lora.iclr, value_gate, v_first, g),
+        *(att.w0, att.a0, v0, att.k_k, att.k_a, att.r_k.reshape(-1)),
+        *(att.ln_x_weight, att.ln_x_bias, GROUP_NORM_EPS),
+    )
+    return mixed.unsqueeze(0), wkv

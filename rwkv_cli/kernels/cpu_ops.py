@@ -1,0 +1,84 @@
+"""The compiled CPU kernels (``csrc/cpu_*.cpp``), each with a torch twin that means the same:
+
+- ``gemv``: one token's projection with float32, bfloat16, float16 or int8 weights, streamed at
+  close to the memory bandwidth (twin: ``torch.nn.functional.linear``; see kernels/linear.py);
+- ``rwkv7_time_mix_one``: RWKV-7's time mixing between the projections for one token, in one
+  pass (twin: ``models.rwkv7.mix_projections``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rwkv_cli.kernels.build import Extension, KernelSelfTestError, load_extension
+
+EXTENSION = Extension("rwkv_cpu", ("cpu_gemv.cpp", "cpu_rwkv7.cpp"))
+TOLERANCE = 1e-5  # both sides compute in float32 from the same inputs; only the order differs
+
+
+def self_test() -> str:
+    """Build the CPU kernels (whatever the kernel choice) and compare each with its torch twin on
+    random inputs. Returns a one-line summary; raises KernelBuildError when they do not build and
+    KernelSelfTestError when a result differs (``rwkv doctor`` calls this)."""
+    load_extension(EXTENSION)
+    worst = max([*_gemv_errors(), _time_mix_error()])
+    return (
+        "matrix-vector products (fp32, bf16, fp16, int8) and RWKV-7 one-token time mixing match "
+        f"the torch path (largest relative error {worst:.0e})"
+    )
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor, name: str) -> float:
+    error = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    if not error <= TOLERANCE:  # also catches NaN
+        raise KernelSelfTestError(f"compiled {name} differs from the torch path ({error:.1e})")
+    return error
+
+
+def _gemv_errors() -> list[float]:
+    from rwkv_cli.kernels.linear import quantize_int8  # linear.py imports this module
+
+    ops = torch.ops.rwkv_cli
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(203, 77, generator=generator)  # odd sizes: the tails are checked too
+    x = torch.randn(1, 77, generator=generator)
+    errors = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        narrow = weight.to(dtype)
+        expected = F.linear(x, narrow.float())
+        errors.append(_relative_error(ops.gemv(x, narrow, None), expected, f"{dtype} gemv"))
+    quantized = quantize_int8(weight)
+    expected = F.linear(x, quantized.dequantize())
+    actual = ops.gemv(x, quantized.values, quantized.scale)
+    errors.append(_relative_error(actual, expected, "int8 gemv"))
+    return errors
+
+
+def _time_mix_error() -> float:
+    from rwkv_cli.models.rwkv7 import (  # the model module imports this one
+        LoraOutputs,
+        TimeMixWeights,
+        mix_projections,
+        mix_projections_compiled,
+    )
+
+    heads, size = 3, 16
+    channels = heads * size
+    generator = torch.Generator().manual_seed(1)
+
+    def vector() -> torch.Tensor:
+        return torch.randn(channels, generator=generator)
+
+    att = TimeMixWeights(**{name: vector() for name in TimeMixWeights.__dataclass_fields__})
+    att.r_k = att.r_k.view(heads, size)
+    state = torch.randn(heads, size, size, generator=generator)
+    r, k, v, g = (vector().unsqueeze(0) for _ in range(4))
+    lora = LoraOutputs(decay=vector(), iclr=vector(), value_gate=vector())
+    v_first = vector().unsqueeze(0)
+    expected = mix_projections(att, state, r, k, v, lora, v_first, g)
+    actual = mix_projections_compiled(torch.ops.rwkv_cli, att, state, r, k, v, lora, v_first, g)
+    return max(
+        _relative_error(actual[0], expected[0], "RWKV-7 time mixing output"),
+        _relative_error(actual[1], expected[1], "RWKV-7 time mixing state"),
+    )

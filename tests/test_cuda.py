@@ -1,0 +1,246 @@
+"""The CUDA kernels and the GPU path, on a GPU (``pytest -m cuda``; skipped without one).
+
+Kernels against the torch path and a float64 oracle for every generation, input type, head size
+and length; the torch path on the GPU; whole models on the GPU against the CPU and against
+BlinkDL's official package with its own CUDA kernels (``RWKV_CUDA_ON=1``); state files made on
+the GPU resumed on the CPU; the command line with ``--device cuda`` and ``rwkv doctor``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_cli.device import DTYPES
+from rwkv_cli.generate import generate, prefill
+from rwkv_cli.kernels import cuda
+from rwkv_cli.kernels.build import load_extension, set_kernel_choice
+from rwkv_cli.kernels.selftest import (
+    INPUT_DTYPES,
+    TORCH_REFERENCES,
+    compare_with_torch,
+    relative_error,
+    wkv_inputs,
+)
+from rwkv_cli.kernels.wkv4 import wkv4
+from rwkv_cli.kernels.wkv7 import wkv7, wkv7_chunked
+from rwkv_cli.models import MODEL_CLASSES
+from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.statefile import read_state_file, save_state_file
+from rwkv_cli.tokenizer import load_world_tokenizer
+from tests.cli_runner import rwkv
+from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors, write_pth
+from tests.wkv_oracles import ORACLES, as_oracle_state
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+GPU = "cuda"
+WRAPPERS = {"4": cuda.wkv4, "5": cuda.wkv5, "7": cuda.wkv7}
+GENERATIONS = (*LEGACY_GENERATIONS, "7")
+GREEDY = SamplingParams(temperature=0)
+PROMPT = [0, 33, 261, 11, 17, 17, 17, 250, 2, 1000, 4000, 5, 6, 7, 8, 9, 10, 300, 12]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled() -> None:
+    """The kernels must build on a GPU machine: a build failure fails these tests."""
+    load_extension(cuda.EXTENSION)
+
+
+def test_self_test_passes() -> None:
+    assert "match the torch path" in cuda.self_test()
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 16, 64, 100, 300])  # chunk multiples and not
+@pytest.mark.parametrize("generation", ["4", "5", "7"])
+def test_kernels_match_the_torch_path_and_the_float64_oracle(generation, tokens, dtype) -> None:
+    inputs = wkv_inputs(generation, tokens, heads=4, dtype=dtype, device=GPU, seed=tokens)
+    actual = WRAPPERS[generation](*inputs)
+    assert all(x.is_cuda and x.dtype == torch.float32 for x in actual)
+    expected = TORCH_REFERENCES[generation](*inputs)
+    for got, want in zip(actual, expected, strict=True):
+        assert relative_error(got, want) < 1e-5
+    oracle = ORACLES[generation](*inputs)  # reads the same rounded inputs
+    for got, want in zip(as_oracle_state(generation, actual), oracle, strict=True):
+        assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("head_size", cuda.HEAD_SIZES)
+@pytest.mark.parametrize("generation", ["5", "7"])
+def test_every_compiled_head_size(generation, head_size) -> None:
+    inputs = wkv_inputs(generation, 37, heads=3, head_size=head_size, device=GPU)
+    for got, want in zip(WRAPPERS[generation](*inputs), ORACLES[generation](*inputs), strict=True):
+        assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_len", [1, 7, 64, 128])
+def test_the_torch_path_runs_on_the_gpu(chunk_len) -> None:
+    """The fallback when the kernels do not build: the chunked torch path, on the GPU."""
+    inputs = wkv_inputs("7", 200, heads=4, device=GPU)
+    y, state = wkv7_chunked(*inputs, chunk_len=chunk_len)
+    assert y.is_cuda and state.is_cuda
+    expected_y, expected_state = ORACLES["7"](*inputs)
+    assert relative_error(y, expected_y) < 1e-5
+    assert relative_error(state, expected_state) < 1e-5
+
+
+def test_the_dispatchers_follow_the_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    for name in ("wkv4", "wkv7"):
+        original = getattr(cuda, name)
+        monkeypatch.setattr(cuda, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    inputs4, inputs7 = wkv_inputs("4", 9, device=GPU), wkv_inputs("7", 9, device=GPU)
+    try:
+        set_kernel_choice("torch")
+        torch_y = wkv7(*inputs7)[0]
+        wkv4(*inputs4)
+        assert calls == []
+        set_kernel_choice("auto")
+        compiled_y = wkv7(*inputs7)[0]
+        wkv4(*inputs4)
+        assert calls == ["wkv7", "wkv4"]
+    finally:
+        set_kernel_choice("auto")
+    assert relative_error(compiled_y, torch_y) < 1e-5
+    with torch.enable_grad():  # the kernels are forward-only: gradients take the torch path
+        r = inputs7[1].clone().requires_grad_()
+        wkv7(inputs7[0], r, *inputs7[2:])[0].sum().backward()
+    assert r.grad is not None and calls == ["wkv7", "wkv4"]
+
+
+def test_a_wrong_device_or_type_is_a_clear_error() -> None:
+    ops = torch.ops.rwkv_cli
+    state, r, w, k, v, u = wkv_inputs("5", 4, device=GPU)
+    with pytest.raises(RuntimeError, match="wkv5_cuda: k must be on a CUDA device"):
+        ops.wkv5_cuda(state, r, w, k.cpu(), v, u)
+    with pytest.raises(RuntimeError, match="wkv5_cuda: w must be float32"):
+        ops.wkv5_cuda(state, r, w.half(), k, v, u)
+    with pytest.raises(RuntimeError, match=r"wkv5_cuda: k is .*Half.* but the other token"):
+        ops.wkv5_cuda(state, r, w, k.half(), v, u)
+    with pytest.raises(RuntimeError, match="wkv5_cuda: r must be contiguous"):
+        ops.wkv5_cuda(state, r.transpose(0, 1).contiguous().transpose(0, 1), w, k, v, u)
+
+
+def _model(generation: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    tensors = rwkv7_tensors() if generation == "7" else legacy_tensors(generation)
+    return MODEL_CLASSES[generation].from_tensors(tensors, dtype=dtype).to(device)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.float16, 3e-2), (torch.bfloat16, 6e-2)]
+)
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_gpu_forward_equals_cpu_forward(generation, dtype, tolerance) -> None:
+    cpu = _model(generation)
+    gpu = _model(generation, dtype, GPU)
+    expected, cpu_state = cpu.forward(PROMPT)
+    logits, state = gpu.forward(PROMPT)
+    assert logits.is_cuda and state.layers[0].att_shift.is_cuda
+    assert relative_error(logits, expected) < tolerance
+    expected, _ = cpu.forward([42], cpu_state)
+    logits, _ = gpu.forward([42], state)  # decode: one token
+    assert relative_error(logits, expected) < tolerance
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_a_state_saved_on_the_gpu_resumes_on_the_cpu(generation, tmp_path: Path) -> None:
+    gpu, cpu = _model(generation, device=GPU), _model(generation)
+    session = prefill(gpu, PROMPT)
+    path = tmp_path / "gpu.rwkvstate"
+    save_state_file(
+        path,
+        model=gpu,
+        tokenizer_name="world",
+        session=session,
+        model_spec="tiny",
+        model_resolved="tiny",
+    )
+    resumed = read_state_file(path).session_for(cpu, "world")
+    assert resumed.state.layers[0].att_shift.device.type == "cpu"
+    expected, _ = gpu.forward([42], session.state)
+    logits, _ = cpu.forward([42], resumed.state)
+    assert relative_error(logits, expected) < 1e-4
+    on_gpu = read_state_file(path).session_for(gpu, "world")  # and back onto the GPU
+    assert on_gpu.state.layers[0].att_shift.is_cuda
+
+
+def test_generation_on_the_gpu_matches_the_cpu() -> None:
+    tokenizer = load_world_tokenizer()
+
+    def greedy(model) -> str:
+        sampler = make_generator(0)[0]
+        return generate(
+            model, tokenizer, "The quick", params=GREEDY, generator=sampler, max_tokens=16
+        )
+
+    assert greedy(_model("7", device=GPU)) == greedy(_model("7"))
+
+
+OFFICIAL_GPU = r"""
+import json, os, sys
+import torch
+import rwkv.model as official
+
+path, strategy, tokens, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+cls = official.RWKV_x070 if os.environ["RWKV_V7_ON"] == "1" else official.RWKV
+model = cls(path, strategy)
+logits, state = model.forward(tokens, None)
+after, _ = model.forward([42], state)
+torch.save({"prompt": logits.float().cpu(), "next": after.float().cpu()}, out)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("generation", ["4", "5.2", "6", "7"])
+def test_matches_the_official_cuda_kernels(generation, dtype, tmp_path: Path) -> None:
+    """BlinkDL's package with RWKV_CUDA_ON=1 and strategy 'cuda fp16/bf16', same checkpoint."""
+    tensors = rwkv7_tensors() if generation == "7" else legacy_tensors(generation)
+    checkpoint = write_pth(tmp_path / "model.pth", tensors)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RWKV_")}
+    env |= {"RWKV_V7_ON": "1" if generation == "7" else "0", "RWKV_JIT_ON": "0"}
+    env |= {"RWKV_CUDA_ON": "1", "RWKV_CLI_HOME": str(tmp_path / "home")}
+    strategy = f"cuda {dtype}"
+    out = tmp_path / "official.pt"
+    command = [sys.executable, "-c", OFFICIAL_GPU, str(checkpoint.with_suffix(""))]
+    command += [strategy, json.dumps(PROMPT), str(out)]
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    official = torch.load(out)
+
+    ours = MODEL_CLASSES[generation].from_tensors(tensors, dtype=DTYPES[dtype]).to(GPU)
+    logits, state = ours.forward(PROMPT)
+    assert relative_error(logits, official["prompt"]) < 3e-2
+    logits, _ = ours.forward([42], state)
+    assert relative_error(logits, official["next"]) < 3e-2
+
+
+def test_cli_on_the_gpu(rwkv7_pth) -> None:
+    args = ("generate", "Hello", "-m", rwkv7_pth, "-n", "12", "--temperature", "0")
+    on_gpu = rwkv(*args, "--device", "cuda", "--dtype", "fp32", "--verbose")
+    on_cpu = rwkv(*args)
+    assert on_gpu.returncode == 0, on_gpu.stderr
+    assert on_gpu.stdout == on_cpu.stdout
+    assert "cuda:0 fp32" in on_gpu.stderr.decode()
+    half = rwkv(*args, "--device", "cuda", "--kernel", "compiled")
+    assert half.returncode == 0, half.stderr
+
+
+def test_doctor_on_the_gpu() -> None:
+    result = rwkv("doctor")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CUDA kernels   ok: " in result.stdout.decode()
+
+
+def test_self_test_comparison_on_the_gpu_torch_path() -> None:
+    """The comparison itself runs on the GPU with the torch twins standing in for kernels."""
+    assert compare_with_torch(TORCH_REFERENCES, device=GPU) == 0.0

@@ -1,0 +1,108 @@
+"""``rwkv doctor``: the report on a CPU machine, and how a broken GPU setup is reported."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from rwkv_cli import cli, doctor
+from rwkv_cli.kernels import cuda
+from rwkv_cli.kernels.build import KernelBuildError, KernelSelfTestError
+from tests.cli_runner import rwkv
+
+NAMES = ("rwkv-cli", "torch", "GPU", "nvcc", "ninja", "C++ compiler", "kernel choice")
+STORAGE = ("HF cache", "rwkv-cli home", "converted", "kernel builds")
+FAKE_GPU = "cuda:0 Fake GPU, 80.0 GiB, compute capability 9.0"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_machine_without_a_gpu_is_not_broken() -> None:
+    result = rwkv("doctor")  # builds and tests the CPU kernels, if this version has them
+    stdout = result.stdout.decode()
+    assert result.returncode == 0, stdout + result.stderr.decode()
+    assert result.stderr == b""
+    names = [line.split("  ")[0] for line in stdout.splitlines()]
+    assert set(NAMES + STORAGE) <= set(names)
+    assert "CUDA kernels   skipped: no GPU" in stdout
+    assert "FAILED" not in stdout
+
+
+def test_json_report() -> None:
+    result = rwkv("doctor", "--json", "--no-build")
+    report = json.loads(result.stdout)
+    assert report["ok"] is (result.returncode == 0)
+    checks = {check["name"]: check for check in report["checks"]}
+    assert set(NAMES + STORAGE) <= set(checks)
+    assert checks["torch"]["value"].startswith(torch.__version__)
+    assert {check["status"] for check in report["checks"]} <= {
+        "info", "ok", "skipped", "warning", "failed"
+    }  # fmt: skip
+
+
+@pytest.fixture
+def gpu_whose_kernels_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> str:
+        raise KernelBuildError(
+            "could not build the rwkv_cli_cuda kernels: cuda_wkv7.cu(3): error: oops",
+            hint="compiler output: /tmp/build-error.log",
+        )
+
+    monkeypatch.setattr(doctor, "visible_gpus", lambda: [FAKE_GPU])
+    monkeypatch.setattr(cuda, "self_test", fail)
+
+
+def test_kernels_that_do_not_build_on_a_gpu_are_a_failure(gpu_whose_kernels_fail) -> None:
+    report = doctor.diagnose()
+    failed = {check.name: check for check in report.failures}
+    assert list(failed) == ["CUDA kernels"]
+    assert "cuda_wkv7.cu(3): error: oops" in failed["CUDA kernels"].value
+    assert "/tmp/build-error.log" in failed["CUDA kernels"].hint
+    assert f"GPU            {FAKE_GPU}" in report.format()
+    assert report.to_dict()["ok"] is False
+
+
+def test_the_command_exits_1_with_the_first_problem(
+    gpu_whose_kernels_fail, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["rwkv", "doctor"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    out, err = capsys.readouterr()
+    assert "CUDA kernels   FAILED: could not build the rwkv_cli_cuda kernels" in out
+    lines = err.splitlines()
+    assert lines[0].startswith("Error: 1 problem found; CUDA kernels: could not build")
+    assert lines[1].startswith("Hint: compiler output: /tmp/build-error.log")
+    assert len(lines) == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KernelSelfTestError("the compiled WKV of RWKV-7 differs from the torch path"),
+        RuntimeError("CUDA error: no kernel image is available for execution on the device"),
+    ],
+)
+def test_every_kind_of_kernel_failure_is_reported(error) -> None:
+    def self_test() -> str:
+        raise error
+
+    check = doctor._self_test_check("CUDA kernels", self_test)
+    assert check.status == "failed"
+    assert str(error) in check.value
+    assert "torch path" in check.hint
+
+
+def test_a_gpu_torch_cannot_use_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    listing = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)\n"
+    monkeypatch.setattr(doctor, "visible_gpus", list)
+    monkeypatch.setattr(
+        doctor, "_run", lambda command: listing if "nvidia-smi" in command else None
+    )
+    checks = {check.name: check for check in doctor.diagnose(build_kernels=False).checks}
+    assert checks["GPU"].status == "failed"
+    assert "1 NVIDIA GPU(s) present, but torch cannot use them" in checks["GPU"].value
+    assert "CUDA build of torch" in checks["GPU"].hint

@@ -1,0 +1,126 @@
+"""Building compiled kernels: the CUDA sources compile (where nvcc is), and a build that fails
+falls back to the torch path with one warning, or is an error under --kernel compiled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from rwkv_cli.kernels import build
+from rwkv_cli.kernels.build import (
+    Extension,
+    KernelBuildError,
+    KernelSelfTestError,
+    compiled_ops,
+    set_kernel_choice,
+)
+from rwkv_cli.kernels.selftest import compare_with_torch
+from rwkv_cli.kernels.wkv7 import wkv7_sequential
+from tests.cli_runner import assert_one_line_error, rwkv
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_every_cuda_source_compiles() -> None:
+    """What CI runs before the tests (.ci/compile-kernels): nvcc for sm_80 and sm_90."""
+    result = subprocess.run(
+        [str(REPO / ".ci" / "compile-kernels")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every CUDA source compiles" in result.stdout
+
+
+@pytest.fixture
+def kernel_choice():
+    """Set the process-wide kernel choice for one test; "auto" again afterwards."""
+    yield set_kernel_choice
+    set_kernel_choice("auto")
+
+
+@pytest.fixture
+def broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Extension:
+    """A CPU extension whose only source has a syntax error, not yet reported as failing."""
+    (tmp_path / "broken.cpp").write_text("int broken( {\n")
+    monkeypatch.setattr(build, "_reported", set())
+    return Extension(f"rwkv_cli_broken_{tmp_path.name}", ("broken.cpp",), source_dir=tmp_path)
+
+
+def test_auto_warns_once_and_falls_back(broken, kernel_choice) -> None:
+    kernel_choice("auto")
+    with pytest.warns(UserWarning, match="could not build the rwkv_cli_broken.*torch path"):
+        assert compiled_ops(broken) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise
+        assert compiled_ops(broken) is None
+
+
+def test_compiled_makes_the_failure_an_error(broken, kernel_choice) -> None:
+    kernel_choice("compiled")
+    with pytest.raises(KernelBuildError, match="could not build the rwkv_cli_broken") as caught:
+        compiled_ops(broken)
+    log = build.build_dir(broken) / "build-error.log"
+    assert str(log) in caught.value.hint
+    assert "broken.cpp" in log.read_text()
+
+
+def test_torch_never_builds(broken, kernel_choice, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(extension: Extension) -> None:
+        raise AssertionError(f"{extension.name} was built")
+
+    monkeypatch.setattr(build, "_build", fail)
+    kernel_choice("torch")
+    assert compiled_ops(broken) is None
+
+
+def test_cli_kernel_torch_never_builds(rwkv7_pth, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = rwkv(
+        "--kernel", "torch", "generate", "Hi", "-m", rwkv7_pth, "-n", "4",
+        env={"RWKV_CLI_HOME": str(home)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not (home / "kernels").exists()
+
+
+def test_cli_kernel_compiled_without_a_usable_build_is_an_error(rwkv7_pth, tmp_path) -> None:
+    """No GPU here and no C++ compiler: whichever kernels this device has cannot be built."""
+    env = {"RWKV_CLI_HOME": str(tmp_path / "home"), "CXX": str(tmp_path / "no-such-compiler")}
+    result = rwkv("--kernel", "compiled", "generate", "Hi", "-m", rwkv7_pth, env=env)
+    assert_one_line_error(result, 1, "kernels")
+
+
+def test_cli_unknown_kernel_choice_is_a_usage_error() -> None:
+    assert_one_line_error(rwkv("--kernel", "fast", "models"), 2, "--kernel")
+
+
+def test_the_self_test_comparison_catches_a_wrong_kernel() -> None:
+    def off_by_a_bit(*inputs):
+        y, state = wkv7_sequential(*inputs)
+        return y * 1.001, state
+
+    with pytest.raises(KernelSelfTestError, match=r"RWKV-7 differs .* float32 inputs: output 0"):
+        compare_with_torch({"7": off_by_a_bit}, device="cpu")
+    assert compare_with_torch({"7": wkv7_sequential}, device="cpu") == 0.0
+
+
+def test_cuda_builds_are_kept_per_cuda_version_and_gpu_architectures(monkeypatch) -> None:
+    capabilities = [(9, 0), (8, 0)]
+    monkeypatch.setattr(build.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(build.torch.cuda, "get_device_capability", capabilities.__getitem__)
+    monkeypatch.setattr(build.torch.version, "cuda", "12.8")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    extension = Extension("rwkv_cli_cuda", ("a.cu",), cuda=True)
+    assert build.build_dir(extension).name.endswith("-cu12.8-sm80-90")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    assert build.build_dir(extension).name.endswith("-cu12.8-sm8.0_9.0+PTX")
