@@ -57,7 +57,7 @@ def _gemv_errors() -> list[float]:
 
 def _time_mix_error() -> float:
     from rwkv_cli.models.rwkv7 import (  # the model module imports this one
-        LoraOutputs,
+        MixInputs,
         TimeMixWeights,
         mix_projections,
         mix_projections_compiled,
@@ -73,11 +73,14 @@ def _time_mix_error() -> float:
     att = TimeMixWeights(**{name: vector() for name in TimeMixWeights.__dataclass_fields__})
     att.r_k = att.r_k.view(heads, size)
     state = torch.randn(heads, size, size, generator=generator)
-    r, k, v, g = (vector().unsqueeze(0) for _ in range(4))
-    lora = LoraOutputs(decay=vector(), iclr=vector(), value_gate=vector())
-    v_first = vector().unsqueeze(0)
-    expected = mix_projections(att, state, r, k, v, lora, v_first, g)
-    actual = mix_projections_compiled(torch.ops.rwkv_cli, att, state, r, k, v, lora, v_first, g)
+    inputs = MixInputs(
+        **{name: vector().unsqueeze(0) for name in ("r", "k", "v", "g", "v_first")},
+        decay=vector(),
+        iclr=vector(),
+        value_gate=vector(),
+    )
+    expected = mix_projections(att, state, inputs)
+    actual = mix_projections_compiled(torch.ops.rwkv_cli, att, state, inputs)
     return max(
         _relative_error(actual[0], expected[0], "RWKV-7 time mixing output"),
         _relative_error(actual[1], expected[1], "RWKV-7 time mixing state"),

@@ -130,13 +130,18 @@ class ChannelMixWeights(WeightGroup):
 
 
 @dataclass(frozen=True)
-class LoraOutputs:
-    """The outputs of a layer's low-rank adapters for the decay, the in-context learning rate
-    and (after layer 0) the value-residual gate, before their biases."""
+class MixInputs:
+    """What time mixing computes from one layer's input before the recurrence: the projections
+    (T, C), the low-rank adapters' outputs before their biases, and the first layer's values."""
 
+    r: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor  # the output gate
     decay: torch.Tensor
-    iclr: torch.Tensor
-    value_gate: torch.Tensor | None
+    iclr: torch.Tensor  # in-context learning rate
+    value_gate: torch.Tensor | None  # None in layer 0, whose values are not mixed
+    v_first: torch.Tensor
 
 
 def _fused_ops(x: torch.Tensor):
@@ -196,19 +201,21 @@ class RWKV7(RecurrentModel):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         delta = previous_tokens(x, state.att_shift) - x  # (T, C)
         xr, xw, xk, xv, xa, xg = torch.addcmul(x, delta, att.mixes.unsqueeze(1))  # 6 x (T, C)
-        r = linear(xr, att.receptance_weight)
-        k = linear(xk, att.key_weight)
         v = linear(xv, att.value_weight)
-        lora = LoraOutputs(
+        carry.setdefault("v_first", v)  # the first layer's values feed every later layer
+        inputs = MixInputs(
+            r=linear(xr, att.receptance_weight),
+            k=linear(xk, att.key_weight),
+            v=v,
+            g=torch.sigmoid(xg @ att.g1) @ att.g2,
             decay=torch.tanh(xw @ att.w1) @ att.w2,
             iclr=(xa @ att.a1) @ att.a2,
-            value_gate=None if "v_first" not in carry else (xv @ att.v1) @ att.v2,
+            value_gate=None if carry["v_first"] is v else (xv @ att.v1) @ att.v2,
+            v_first=carry["v_first"],
         )
-        g = torch.sigmoid(xg @ att.g1) @ att.g2  # output gate
-        carry.setdefault("v_first", v)  # the first layer's values feed every later layer
         ops = _fused_ops(x)
         mix = mix_projections if ops is None else functools.partial(mix_projections_compiled, ops)
-        mixed, wkv = mix(att, state.att_wkv, r, k, v, lora, carry["v_first"], g)
+        mixed, wkv = mix(att, state.att_wkv, inputs)
         return linear(mixed, att.output_weight), {"att_wkv": wkv}
 
     def channel_mix(self, ffn: ChannelMixWeights, x: torch.Tensor, shift: torch.Tensor):
@@ -218,25 +225,19 @@ class RWKV7(RecurrentModel):
 
 
 def mix_projections(
-    att: TimeMixWeights,
-    wkv_state: torch.Tensor,
-    r: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lora: LoraOutputs,
-    v_first: torch.Tensor,
-    g: torch.Tensor,
+    att: TimeMixWeights, wkv_state: torch.Tensor, inputs: MixInputs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Time mixing from the projections (r, k, v, g: (T, C)) to the output projection's input
-    (T, C), and the new (H, N, N) WKV state: decay, in-context learning rate, removal key, value
-    residual, the recurrence, ln_x and the current token's bonus."""
+    """Time mixing from the projections to the output projection's input (T, C), and the new
+    (H, N, N) WKV state: decay, in-context learning rate, removal key, value residual, the
+    recurrence, ln_x and the current token's bonus, all gated."""
+    r, k, v = inputs.r, inputs.k, inputs.v
     t, (h, n) = r.shape[0], wkv_state.shape[:2]
-    w = torch.exp(-EXP_MINUS_HALF * torch.sigmoid((att.w0 + lora.decay).float()))
-    a = torch.sigmoid(att.a0 + lora.iclr)  # in-context learning rate
+    w = torch.exp(-EXP_MINUS_HALF * torch.sigmoid((att.w0 + inputs.decay).float()))
+    a = torch.sigmoid(att.a0 + inputs.iclr)  # in-context learning rate
     kappa = F.normalize((k * att.k_k).view(t, h, n), dim=-1)  # removal key, unit per head
     k = k * (1 + (a - 1) * att.k_a)
-    if lora.value_gate is not None:
-        v = v + (v_first - v) * torch.sigmoid(att.v0 + lora.value_gate)
+    if inputs.value_gate is not None:
+        v = v + (inputs.v_first - v) * torch.sigmoid(att.v0 + inputs.value_gate)
 
     heads = (t, h, n)
     y, wkv = wkv7(
@@ -252,30 +253,22 @@ def mix_projections(
         y.view(t, h * n).to(r.dtype), h, att.ln_x_weight, att.ln_x_bias, eps=GROUP_NORM_EPS
     )
     bonus = (r * k * att.r_k.reshape(-1)).view(heads).sum(-1, keepdim=True) * v.view(heads)
-    return (y + bonus.view(t, h * n)) * g, wkv
+    return (y + bonus.view(t, h * n)) * inputs.g, wkv
 
 
 def mix_projections_compiled(
-    ops,
-    att: TimeMixWeights,
-    wkv_state: torch.Tensor,
-    r: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lora: LoraOutputs,
-    v_first: torch.Tensor,
-    g: torch.Tensor,
+    ops, att: TimeMixWeights, wkv_state: torch.Tensor, inputs: MixInputs
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``mix_projections`` for one float32 token on the CPU, as one compiled operation."""
-    nothing = r.new_empty(0)  # layer 0 mixes no first-layer values into its own
+    nothing = inputs.r.new_empty(0)  # layer 0 mixes no first-layer values into its own
     value_gate, v0, v_first = (
         (nothing, nothing, nothing)
-        if lora.value_gate is None
-        else (lora.value_gate, att.v0, v_first)
+        if inputs.value_gate is None
+        else (inputs.value_gate, att.v0, inputs.v_first)
     )
     mixed, wkv = ops.rwkv7_time_mix_one(
-        *(wkv_state, r, k, v, lora.decay, lora.iclr, value_gate, v_first, g),
-        *(att.w0, att.a0, v0, att.k_k, att.k_a, att.r_k.reshape(-1)),
-        *(att.ln_x_weight, att.ln_x_bias, GROUP_NORM_EPS),
+        *(wkv_state, inputs.r, inputs.k, inputs.v, inputs.decay, inputs.iclr),
+        *(value_gate, v_first, inputs.g, att.w0, att.a0, v0, att.k_k, att.k_a),
+        *(att.r_k.reshape(-1), att.ln_x_weight, att.ln_x_bias, GROUP_NORM_EPS),
     )
     return mixed.unsqueeze(0), wkv
