@@ -6,8 +6,13 @@ peak RSS (and on a GPU torch's peak GPU allocation); rwkv-cli through `rwkv benc
 official package with the same strategy (`cpu fp32`, or on a GPU `cuda fp16` with its CUDA
 kernels, RWKV_CUDA_ON=1). Both get a short warm-up first.
 
+rwkv-cli can run several weight types (``--dtypes fp32 bf16 int8``); each is compared with the
+official package's run in ``--official-dtype`` (default fp32 on the CPU, where its bf16 is 50x
+slower, and fp16 on a GPU).
+
     python benchmarks/bench_vs_official.py [--prompt-tokens 512] [--decode-tokens 128]
-    python benchmarks/bench_vs_official.py --device cuda --dtype bf16 --shapes "RWKV-7 1.5B"
+    python benchmarks/bench_vs_official.py --dtypes fp32 bf16 int8
+    python benchmarks/bench_vs_official.py --device cuda --dtypes fp16 bf16 --shapes "RWKV-7 1.5B"
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ print(json.dumps(result))
 """
 
 
-def run_ours(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) -> dict:
+def run_ours(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
     command = [
         sys.executable,
         "-m",
@@ -75,8 +80,7 @@ def run_ours(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) ->
         "bench",
         "--device",
         args.device,
-        "--dtype",
-        args.dtype,
+        *(option for dtype in args.dtypes for option in ("--dtype", dtype)),
         "-m",
         str(checkpoint),
         "--prompt-tokens",
@@ -85,15 +89,18 @@ def run_ours(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]) ->
         str(args.decode_tokens),
         "--json",
     ]
-    subprocess.run(command, env=env, check=True, capture_output=True)  # converts once
-    result = json.loads(subprocess.run(command, env=env, check=True, capture_output=True).stdout)
-    return {
-        "prefill": result["prefill_tokens_per_second"],
-        "decode": result["decode_tokens_per_second"],
-        "peak_rss": result["peak_rss_bytes"],
-        "peak_gpu": result["peak_gpu_bytes"],
-        "weights": result["weight_bytes"],
-    }
+    results = json.loads(subprocess.run(command, env=env, check=True, capture_output=True).stdout)
+    return [
+        {
+            "dtype": result["dtype"],
+            "prefill": result["prefill_tokens_per_second"],
+            "decode": result["decode_tokens_per_second"],
+            "peak_rss": result["peak_rss_bytes"],
+            "peak_gpu": result["peak_gpu_bytes"],
+            "weights": result["weight_bytes"],
+        }
+        for result in results
+    ]
 
 
 def run_official(checkpoint: Path, args: argparse.Namespace, env: dict[str, str], v7: str) -> dict:
@@ -107,7 +114,7 @@ def run_official(checkpoint: Path, args: argparse.Namespace, env: dict[str, str]
         str(args.prompt_tokens),
         str(args.decode_tokens),
         str(args.threads),
-        f"{args.device} {args.dtype}",
+        f"{args.device} {args.official_dtype}",
     ]
     output = subprocess.run(command, env=official_env, check=True, capture_output=True).stdout
     return json.loads(output.decode().strip().splitlines()[-1])
@@ -119,15 +126,20 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["fp32"], choices=("fp32", "fp16", "bf16", "int8")
+    )
+    parser.add_argument("--official-dtype", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=tuple(SHAPES))
     args = parser.parse_args()
+    gpu = args.device.startswith("cuda")
+    args.official_dtype = args.official_dtype or ("fp16" if gpu else "fp32")
     sys.path.insert(0, str(ROOT))
     from tests import fixtures
 
     gib = 1024**3
-    memory = "peak GPU mem" if args.device.startswith("cuda") else "peak RSS"
-    print(f"{'shape':<13} {'system':<22} {'prefill tok/s':>14} {'decode tok/s':>13} {memory:>15}")
+    memory = "peak GPU mem" if gpu else "peak RSS"
+    print(f"{'shape':<13} {'system':<24} {'prefill tok/s':>14} {'decode tok/s':>13} {memory:>16}")
     for name in args.shapes:
         fixture, shape, v7 = SHAPES[name]
         with tempfile.TemporaryDirectory() as work:
@@ -137,18 +149,24 @@ def main() -> None:
             env = {**os.environ, "RWKV_CLI_HOME": str(Path(work) / "home")}
             ours = run_ours(checkpoint, args, env)
             theirs = run_official(checkpoint, args, env, v7)
-        mode = f"{args.device} {args.dtype}"
-        for system, result in ((f"rwkv-cli {mode}", ours), (f"official {mode}", theirs)):
+        # The official package's weights weigh what ours do in the same type.
+        same_type = [r["weights"] for r in ours if r["dtype"] == args.official_dtype]
+        theirs["weights"] = same_type[0] if same_type else None
+        rows = [(f"rwkv-cli {args.device} {r['dtype']}", r) for r in ours]
+        rows.append((f"official {args.device} {args.official_dtype}", theirs))
+        for system, result in rows:
             peak = result["peak_gpu"] or result["peak_rss"]  # GPU memory on a GPU
-            rss = f"{peak / gib:.2f} GiB ({peak / ours['weights']:.1f}x)"
+            ratio = f" ({peak / result['weights']:.1f}x)" if result["weights"] else ""
             print(
-                f"{name:<13} {system:<22} {result['prefill']:>14.1f} {result['decode']:>13.1f} "
-                f"{rss:>15}"
+                f"{name:<13} {system:<24} {result['prefill']:>14.1f} {result['decode']:>13.1f} "
+                f"{f'{peak / gib:.2f} GiB{ratio}':>16}"
             )
-        print(
-            f"{name:<13} {'ratio':<22} {ours['prefill'] / theirs['prefill']:>13.2f}x "
-            f"{ours['decode'] / theirs['decode']:>12.2f}x"
-        )
+        for result in ours:
+            print(
+                f"{name:<13} {'ratio ' + result['dtype']:<24} "
+                f"{result['prefill'] / theirs['prefill']:>13.2f}x "
+                f"{result['decode'] / theirs['decode']:>12.2f}x"
+            )
 
 
 if __name__ == "__main__":
