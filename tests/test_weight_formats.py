@@ -110,24 +110,25 @@ CHECKPOINTS = {
 
 @pytest.mark.parametrize("generation", CHECKPOINTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
-def test_decode_with_compiled_kernels_equals_the_torch_path(generation, dtype) -> None:
+def test_compiled_kernels_give_what_the_torch_path_gives(generation, dtype) -> None:
+    """A prefill (many tokens) then decoding (one at a time), with and without them."""
     model_class = MODEL_CLASSES[generation]
     model = model_class.from_prepared(
         model_class.prepare(CHECKPOINTS[generation](), dtype), torch.float32
     )
-    tokens = [5, 17, 300, 2, 99]
 
-    def decode() -> torch.Tensor:
-        state, logits = None, []
-        for token in tokens:
+    def run() -> torch.Tensor:
+        step, state = model.forward([5, 17, 300, 2, 99, 1000, 7])
+        logits = [step]
+        for token in (4, 40, 400):
             step, state = model.forward([token], state)
             logits.append(step)
         return torch.stack(logits)
 
-    compiled = decode()
+    compiled = run()
     build.set_kernel_choice("torch")
     try:
-        plain = decode()
+        plain = run()
     finally:
         build.set_kernel_choice("auto")
     assert _relative_error(compiled, plain) < 1e-5

@@ -3,7 +3,8 @@
 - ``gemv``: one token's projection with float32, bfloat16, float16 or int8 weights, streamed at
   close to the memory bandwidth (twin: ``torch.nn.functional.linear``; see kernels/linear.py);
 - ``rwkv7_time_mix_one``: RWKV-7's time mixing between the projections for one token, in one
-  pass (twin: ``models.rwkv7.mix_projections``).
+  pass (twin: ``models.rwkv7.mix_projections``);
+- ``wkv4_cpu``: the RWKV-4 recurrence over many tokens (twin: ``kernels.wkv4.wkv4_torch``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rwkv_cli.kernels.build import Extension, KernelSelfTestError, load_extension
+from rwkv_cli.kernels.build import Extension, KernelSelfTestError, compiled_ops, load_extension
 
-EXTENSION = Extension("rwkv_cpu", ("cpu_gemv.cpp", "cpu_rwkv7.cpp"))
+EXTENSION = Extension("rwkv_cpu", ("cpu_gemv.cpp", "cpu_rwkv7.cpp", "cpu_wkv4.cpp"))
 TOLERANCE = 1e-5  # both sides compute in float32 from the same inputs; only the order differs
 
 
@@ -21,12 +22,39 @@ def self_test() -> str:
     """Build the CPU kernels (whatever the kernel choice) and compare each with its torch twin on
     random inputs. Returns a one-line summary; raises KernelBuildError when they do not build and
     KernelSelfTestError when a result differs (``rwkv doctor`` calls this)."""
+    from rwkv_cli.kernels.selftest import compare_with_torch  # it imports the dispatchers
+
     load_extension(EXTENSION)
-    worst = max([*_gemv_errors(), _time_mix_error()])
+    wkv4_error = compare_with_torch({"4": wkv4}, device="cpu")
+    worst = max([*_gemv_errors(), _time_mix_error(), wkv4_error])
     return (
-        "matrix-vector products (fp32, bf16, fp16, int8) and RWKV-7 one-token time mixing match "
-        f"the torch path (largest relative error {worst:.0e})"
+        "matrix-vector products (fp32, bf16, fp16, int8), RWKV-7 one-token time mixing and the "
+        f"RWKV-4 recurrence match the torch path (largest relative error {worst:.0e})"
     )
+
+
+def wkv4(
+    aa: torch.Tensor,
+    bb: torch.Tensor,
+    pp: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """RWKV-4's WKV compiled; arguments and results as ``kernels.wkv4.wkv4_torch``."""
+    k, v = (x.float().contiguous() for x in (k, v))
+    return tuple(torch.ops.rwkv_cli.wkv4_cpu(aa, bb, pp, w, u, k, v))
+
+
+def usable(*tensors: torch.Tensor):
+    """The compiled ops, if they can take these float32 CPU tensors (and no gradient is asked
+    for: the kernels are forward-only); else None."""
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in tensors):
+        return None
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return None
+    return compiled_ops(EXTENSION)
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor, name: str) -> float:

@@ -11,15 +11,15 @@ exponent seen, so no ``exp`` ever overflows (shared/DESIGN.md section 4)::
             pp = p
 
 ``wkv4_torch`` loops over time only, with channels batched: the reference every faster
-implementation must match. ``wkv4`` runs the compiled CUDA kernel for inputs on a GPU where it
-builds (kernels/cuda.py), else ``wkv4_torch``.
+implementation must match. ``wkv4`` runs a compiled kernel where one builds (CUDA on a GPU,
+kernels/cuda.py; C++ on the CPU, kernels/cpu_ops.py), else ``wkv4_torch``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rwkv_cli.kernels import cuda
+from rwkv_cli.kernels import cpu_ops, cuda
 
 INITIAL_MAX = -1e30  # pp of an empty state: "no exponent seen yet", e^(pp - p) is then 0
 
@@ -36,6 +36,8 @@ def wkv4(
     """The recurrence over T tokens (arguments and results as ``wkv4_torch``)."""
     if cuda.usable(aa, bb, pp, w, u, k, v):
         return cuda.wkv4(aa, bb, pp, w, u, k, v)
+    if cpu_ops.usable(aa, bb, pp, w, u) is not None:
+        return cpu_ops.wkv4(aa, bb, pp, w, u, k, v)
     return wkv4_torch(aa, bb, pp, w, u, k, v)
 
 
