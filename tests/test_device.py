@@ -14,12 +14,11 @@ import torch
 
 from rwkv_cli.device import dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.errors import InvalidInputError
-from rwkv_cli.generate import prefill
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.runtime import open_model
-from rwkv_cli.statefile import read_state_file, save_state_file
 from tests.cli_runner import assert_one_line_error, rwkv
 from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
+from tests.state_roundtrip import save_and_resume
 
 GENERATIONS = (*LEGACY_GENERATIONS, "7")
 TOKENS = [0, 33, 261, 11, 17, 17, 17, 250, 2]
@@ -129,19 +128,8 @@ def test_a_state_file_does_not_depend_on_the_weight_type(rwkv7_pth, tmp_path) ->
     """A state saved by a bf16 model resumes in an fp32 one (as a GPU's resumes on a CPU)."""
     half = open_model(str(rwkv7_pth), device="cpu", dtype="bf16").model
     full = open_model(str(rwkv7_pth), device="cpu").model
-    session = prefill(half, TOKENS)
-    path = tmp_path / "bf16.rwkvstate"
-    save_state_file(
-        path,
-        model=half,
-        tokenizer_name="world",
-        session=session,
-        model_spec="m",
-        model_resolved="m",
-    )
-    saved = read_state_file(path)
+    session, saved, resumed = save_and_resume(half, full, TOKENS, tmp_path / "bf16.rwkvstate")
     assert all(tensor.dtype == torch.float32 for tensor in saved.state_tensors.values())
-    resumed = saved.session_for(full, "world")
     assert resumed.state.layers[0].att_shift.dtype == torch.float32
     expected, _ = half.forward([42], session.state)
     logits, _ = full.forward([42], resumed.state)
