@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rwkv_cli.device import DTYPES
-from rwkv_cli.generate import generate, prefill
+from rwkv_cli.generate import generate
 from rwkv_cli.kernels import cuda
 from rwkv_cli.kernels.build import load_extension, set_kernel_choice
 from rwkv_cli.kernels.selftest import (
@@ -32,10 +32,10 @@ from rwkv_cli.kernels.wkv4 import wkv4
 from rwkv_cli.kernels.wkv7 import wkv7, wkv7_chunked
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.statefile import read_state_file, save_state_file
 from rwkv_cli.tokenizer import load_world_tokenizer
 from tests.cli_runner import rwkv
 from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors, write_pth
+from tests.state_roundtrip import save_and_resume
 from tests.wkv_oracles import ORACLES, as_oracle_state
 
 pytestmark = [
@@ -155,22 +155,13 @@ def test_gpu_forward_equals_cpu_forward(generation, dtype, tolerance) -> None:
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_a_state_saved_on_the_gpu_resumes_on_the_cpu(generation, tmp_path: Path) -> None:
     gpu, cpu = _model(generation, device=GPU), _model(generation)
-    session = prefill(gpu, PROMPT)
     path = tmp_path / "gpu.rwkvstate"
-    save_state_file(
-        path,
-        model=gpu,
-        tokenizer_name="world",
-        session=session,
-        model_spec="tiny",
-        model_resolved="tiny",
-    )
-    resumed = read_state_file(path).session_for(cpu, "world")
+    session, saved, resumed = save_and_resume(gpu, cpu, PROMPT, path)
     assert resumed.state.layers[0].att_shift.device.type == "cpu"
     expected, _ = gpu.forward([42], session.state)
     logits, _ = cpu.forward([42], resumed.state)
     assert relative_error(logits, expected) < 1e-4
-    on_gpu = read_state_file(path).session_for(gpu, "world")  # and back onto the GPU
+    on_gpu = saved.session_for(gpu, "world")  # and back onto the GPU
     assert on_gpu.state.layers[0].att_shift.is_cuda
 
 

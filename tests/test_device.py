@@ -15,8 +15,10 @@ import torch
 from rwkv_cli.device import dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.errors import InvalidInputError
 from rwkv_cli.models import MODEL_CLASSES
+from rwkv_cli.runtime import open_model
 from tests.cli_runner import assert_one_line_error, rwkv
 from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
+from tests.state_roundtrip import save_and_resume
 
 GENERATIONS = (*LEGACY_GENERATIONS, "7")
 TOKENS = [0, 33, 261, 11, 17, 17, 17, 250, 2]
@@ -120,3 +122,15 @@ def test_cli_device_without_a_gpu(rwkv7_pth) -> None:
 def test_cli_unknown_dtype_is_a_usage_error(rwkv7_pth) -> None:
     result = rwkv("generate", "Hi", "-m", rwkv7_pth, "--dtype", "fp8")
     assert_one_line_error(result, 2, "--dtype")
+
+
+def test_a_state_file_does_not_depend_on_the_weight_type(rwkv7_pth, tmp_path) -> None:
+    """A state saved by a bf16 model resumes in an fp32 one (as a GPU's resumes on a CPU)."""
+    half = open_model(str(rwkv7_pth), device="cpu", dtype="bf16").model
+    full = open_model(str(rwkv7_pth), device="cpu").model
+    session, saved, resumed = save_and_resume(half, full, TOKENS, tmp_path / "bf16.rwkvstate")
+    assert all(tensor.dtype == torch.float32 for tensor in saved.state_tensors.values())
+    assert resumed.state.layers[0].att_shift.dtype == torch.float32
+    expected, _ = half.forward([42], session.state)
+    logits, _ = full.forward([42], resumed.state)
+    assert ((logits - expected).norm() / expected.norm()).item() < 5e-2
