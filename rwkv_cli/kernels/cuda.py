@@ -75,7 +75,7 @@ def wkv5(
     v: torch.Tensor,
     u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RWKV-5/6's WKV on the GPU; arguments and results as ``kernels.wkv5.wkv5``."""
+    """RWKV-5/6's WKV on the GPU; arguments and results as ``kernels.wkv5.wkv5_sequential``."""
     r, k, v = _token_inputs(r, k, v)
     # RWKV-5's decay is the same for every token, and 5.0's decay and bonus for a whole head.
     state, w, u = _float32(
@@ -93,7 +93,7 @@ def wkv7(
     kappa: torch.Tensor,
     a: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RWKV-7's WKV on the GPU; arguments and results as ``kernels.wkv7.wkv7``."""
+    """RWKV-7's WKV on the GPU; arguments and results as ``kernels.wkv7.wkv7_sequential``."""
     r, k, v, kappa, a = _token_inputs(r, k, v, kappa, a)
     state, w = _float32(state, w)
     return tuple(_ops().wkv7_cuda(state, r, w, k, v, kappa, a))

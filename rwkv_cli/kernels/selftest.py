@@ -14,13 +14,17 @@ import torch
 
 from rwkv_cli.kernels.build import KernelSelfTestError
 from rwkv_cli.kernels.wkv4 import wkv4_torch
-from rwkv_cli.kernels.wkv5 import wkv5 as wkv5_torch
+from rwkv_cli.kernels.wkv5 import wkv5_sequential
 from rwkv_cli.kernels.wkv7 import wkv7_sequential
 
 # The three WKV recurrences: RWKV-4; RWKV-5 and 6 (one kernel); RWKV-7.
 GENERATIONS = ("4", "5", "7")
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TORCH_REFERENCES: dict[str, Callable] = {"4": wkv4_torch, "5": wkv5_torch, "7": wkv7_sequential}
+TORCH_REFERENCES: dict[str, Callable] = {
+    "4": wkv4_torch,
+    "5": wkv5_sequential,
+    "7": wkv7_sequential,
+}
 # Both sides read the same (rounded) inputs and compute in float32, so they differ only by the
 # order of float32 operations: about 1e-6 over a few dozen tokens.
 TOLERANCE = 1e-4
