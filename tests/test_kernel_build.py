@@ -75,12 +75,28 @@ def test_compiled_makes_the_failure_an_error(broken, kernel_choice) -> None:
 
 
 def test_torch_never_builds(broken, kernel_choice, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(extension: Extension) -> None:
+    def fail(extension: Extension, retry: bool) -> None:
         raise AssertionError(f"{extension.name} was built")
 
     monkeypatch.setattr(build, "_build", fail)
     kernel_choice("torch")
     assert compiled_ops(broken) is None
+
+
+def test_a_failed_build_is_not_tried_again_until_asked(broken, monkeypatch) -> None:
+    """A machine without a working compiler must not spend a build on every command."""
+    with pytest.raises(KernelBuildError, match="could not build"):
+        build.load_extension(broken)
+    build._build_once.cache_clear()  # as in a later process
+    compiles = []
+    monkeypatch.setattr(build, "_compile", lambda *args: compiles.append(args))
+    with pytest.raises(KernelBuildError, match="an earlier build; `rwkv doctor` tries again"):
+        build.load_extension(broken)
+    assert compiles == []
+    build.load_extension(broken, retry=True)  # doctor and --kernel compiled try again
+    assert len(compiles) == 1
+    assert not (build.build_dir(broken) / "failed.txt").exists()
+    build._build_once.cache_clear()
 
 
 def test_cli_kernel_torch_never_builds(rwkv7_pth, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ def require_compiled(device: torch.device) -> None:
             hint="use --kernel auto (the default) or --kernel torch",
         )
     for extension in extensions:
-        load_extension(extension)
+        load_extension(extension, retry=True)
 
 
 def compiled_extensions(device: torch.device) -> list[Extension]:

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,32 +103,35 @@ CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]  # .ci/compile-kernels
 CUDA_HOST_FLAGS = ["-O3"]
 
 
-def load_extension(extension: Extension) -> None:
+def load_extension(extension: Extension, retry: bool = False) -> None:
     """Build (or reuse) ``extension`` and load its operators into ``torch.ops.rwkv_cli``.
 
     Raises KernelBuildError with a one-line reason; the whole compiler output is kept in the
-    build folder's ``build-error.log``. Each extension is tried once per process.
+    build folder's ``build-error.log``. Each extension is tried once per process, and a build
+    that failed is not tried again from the same sources and toolchain (so a machine without a
+    compiler does not spend seconds on every command) unless ``retry`` (``rwkv doctor``,
+    ``--kernel compiled``).
     """
-    error = _build_once(extension)
+    error = _build_once(extension, retry)
     if error is not None:
         raise error
 
 
 @functools.cache
-def _build_once(extension: Extension) -> KernelBuildError | None:
+def _build_once(extension: Extension, retry: bool) -> KernelBuildError | None:
     try:
-        _build(extension)
+        _build(extension, retry)
     except KernelBuildError as error:
         return error
     return None
 
 
-def _build(extension: Extension) -> None:
+def _build(extension: Extension, retry: bool) -> None:
     if extension.cuda and not torch.cuda.is_available():
         raise KernelBuildError("no CUDA GPU is available")
     folder = build_dir(extension)
     library = folder / f"{extension.name}.so"
-    stamp = folder / "sources.sha256"
+    stamp, failed = folder / "sources.sha256", folder / "failed.txt"
     digest = _sources_digest(extension)
     if library.is_file() and stamp.is_file() and stamp.read_text() == digest:
         # Built before from these very sources: load it without asking ninja (half a second).
@@ -136,13 +140,27 @@ def _build(extension: Extension) -> None:
             return
         except OSError:
             pass  # unloadable (a half-written file?): build again
-    _compile(extension, folder)
+    if not retry and failed.is_file():
+        earlier_digest, _, message = failed.read_text().partition("\n")
+        if earlier_digest == digest:
+            raise KernelBuildError(
+                f"{message} (an earlier build; `rwkv doctor` tries again)",
+                hint=f"compiler output: {folder / 'build-error.log'}",
+            )
+    try:
+        _compile(extension, folder)
+    except KernelBuildError as error:
+        failed.write_text(f"{digest}\n{error.message}")
+        raise
+    failed.unlink(missing_ok=True)
     stamp.write_text(digest)
 
 
 def _sources_digest(extension: Extension) -> str:
-    """What a build depends on besides the folder's name: the sources and the flags."""
-    digest = hashlib.sha256(repr((CPU_FLAGS, CUDA_FLAGS)).encode())
+    """What a build depends on besides the folder's name: the sources, the flags and the
+    compiler asked for."""
+    toolchain = (CPU_FLAGS, CUDA_FLAGS, CUDA_HOST_FLAGS, os.environ.get("CXX"), shutil.which("c++"))
+    digest = hashlib.sha256(repr(toolchain).encode())
     for path in extension.source_paths():
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()

@@ -24,7 +24,7 @@ def self_test() -> str:
     KernelSelfTestError when a result differs (``rwkv doctor`` calls this)."""
     from rwkv_cli.kernels.selftest import compare_with_torch  # it imports the dispatchers
 
-    load_extension(EXTENSION)
+    load_extension(EXTENSION, retry=True)
     wkv4_error = compare_with_torch({"4": wkv4}, device="cpu")
     worst = max([*_gemv_errors(), _time_mix_error(), wkv4_error])
     return (

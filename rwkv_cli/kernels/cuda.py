@@ -109,7 +109,7 @@ def self_test() -> str:
     """
     if not torch.cuda.is_available():
         raise KernelBuildError("no CUDA GPU is available")
-    load_extension(EXTENSION)
+    load_extension(EXTENSION, retry=True)
     from rwkv_cli.kernels.selftest import compare_with_torch  # it imports the dispatchers
 
     worst = compare_with_torch({"4": wkv4, "5": wkv5, "7": wkv7}, device="cuda")
