@@ -53,6 +53,16 @@ def test_a_moved_model_runs_entirely_on_its_device(generation, dtype) -> None:
     assert all(tensor.is_meta for tensor in state.named_tensors().values())
 
 
+@pytest.mark.parametrize("generation", ["6", "7"])
+def test_weights_derived_before_a_move_are_derived_again_after_it(generation) -> None:
+    """RWKV-6 and 7 stack their token-shift mixes on first use; a later move must not keep
+    the stack on the old device."""
+    model = tiny_model(generation)
+    model.forward(TOKENS)  # stacks the mixes on the CPU
+    logits, _ = model.to("meta").forward(TOKENS)
+    assert logits.is_meta and model.blocks[0].att.mixes.is_meta
+
+
 def test_moving_to_the_same_device_copies_nothing() -> None:
     model = tiny_model("7")
     before = [tensor.data_ptr() for tensor in weights(model)]

@@ -11,6 +11,7 @@ package. A generation module supplies its config, weight groups, per-layer state
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -208,6 +209,14 @@ def fold_ln0(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def _dense(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the tensors that are not quantized, for a model prepared in ``dtype``."""
     return torch.float32 if dtype == torch.int8 else dtype
+
+
+def _forget_derived(group: WeightGroup) -> None:
+    """Drop the values a weight group derived from its fields (``functools.cached_property``,
+    such as stacked mixes): they are made again, from the moved fields, when next used."""
+    for name, attribute in vars(type(group)).items():
+        if isinstance(attribute, functools.cached_property):
+            group.__dict__.pop(name, None)
 
 
 @dataclass
@@ -445,6 +454,7 @@ class RecurrentModel:
                     value = getattr(group, field.name)
                     if value is not None:
                         setattr(group, field.name, value.to(device))
+                _forget_derived(group)
         return self
 
     def new_state(self) -> State:

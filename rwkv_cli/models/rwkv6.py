@@ -9,6 +9,7 @@ official ``rwkv`` package (shared/DESIGN.md sections 3-4).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,12 @@ class TimeMixWeights(WeightGroup):
     output_weight: torch.Tensor
     ln_x_weight: torch.Tensor  # float32
     ln_x_bias: torch.Tensor  # float32
+
+    @functools.cached_property
+    def mixes(self) -> torch.Tensor:
+        """The five static token-shift mixes stacked (w, k, v, r, g), (5, C)."""
+        maa = (self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
+        return torch.stack(maa)
 
 
 @dataclass
@@ -119,10 +126,7 @@ class RWKV6(RWKV5):
         lora = torch.tanh((x + delta * att.time_maa_x) @ att.time_maa_w1)  # (T, 5·D)
         lora = lora.view(t, MIXED_INPUTS, -1).transpose(0, 1)  # (5, T, D)
         offsets = torch.bmm(lora, att.time_maa_w2)  # (5, T, C)
-        mixes = (att.time_maa_w, att.time_maa_k, att.time_maa_v, att.time_maa_r, att.time_maa_g)
-        xw, xk, xv, xr, xg = (
-            x + delta * (mix + offset) for mix, offset in zip(mixes, offsets, strict=True)
-        )
+        xw, xk, xv, xr, xg = torch.addcmul(x, delta, offsets + att.mixes.unsqueeze(1))
         heads = (t, h, n)
         r = linear(xr, att.receptance_weight).view(heads)
         k = linear(xk, att.key_weight).view(heads)
