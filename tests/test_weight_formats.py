@@ -23,6 +23,7 @@ from rwkv_cli.kernels.linear import (
     linear,
     quantize_int8,
 )
+from rwkv_cli.kernels.selftest import TORCH_REFERENCES, wkv_inputs
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.runtime import open_model
 from tests.fixtures import legacy_tensors, rwkv4_tensors, rwkv7_tensors
@@ -173,3 +174,19 @@ def test_int8_model_stores_quantized_projections_and_float32_vectors() -> None:
     model = model_class.from_prepared(prepared)
     assert isinstance(model.head, QuantizedMatrix) and model.dtype == torch.float32
     assert model.weight_dtype == torch.int8
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 150])
+def test_compiled_wkv_recurrences_equal_the_sequential_references(ops, tokens) -> None:
+    """RWKV-4 and 5/6 on the CPU, including decays of exactly 0 and 1 for RWKV-5/6."""
+    for generation, compiled in (("4", cpu_ops.wkv4), ("5", cpu_ops.wkv5)):
+        inputs = wkv_inputs(generation, tokens, heads=3, head_size=64, seed=tokens)
+        if generation == "5":
+            state, r, w, k, v, u = inputs
+            w = w.clone()
+            w[:, 0, :8], w[:, 1, :8] = 0.0, 1.0
+            inputs = (state, r, w, k, v, u)
+        expected = TORCH_REFERENCES[generation](*(x.double() for x in inputs))
+        for got, want in zip(compiled(*inputs), expected, strict=True):
+            assert torch.isfinite(got).all()
+            assert _relative_error(got.double(), want) < 1e-5

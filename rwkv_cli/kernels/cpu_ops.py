@@ -4,7 +4,9 @@
   close to the memory bandwidth (twin: ``torch.nn.functional.linear``; see kernels/linear.py);
 - ``rwkv7_time_mix_one``: RWKV-7's time mixing between the projections for one token, in one
   pass (twin: ``models.rwkv7.mix_projections``);
-- ``wkv4_cpu``: the RWKV-4 recurrence over many tokens (twin: ``kernels.wkv4.wkv4_torch``).
+- ``wkv4_cpu``: the RWKV-4 recurrence (twin: ``kernels.wkv4.wkv4_torch``);
+- ``wkv5_cpu``: the RWKV-5/6 recurrence (twins: ``kernels.wkv5.wkv5_sequential`` and
+  ``wkv5_chunked``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 
 from rwkv_cli.kernels.build import Extension, KernelSelfTestError, compiled_ops, load_extension
 
-EXTENSION = Extension("rwkv_cpu", ("cpu_gemv.cpp", "cpu_rwkv7.cpp", "cpu_wkv4.cpp"))
+EXTENSION = Extension("rwkv_cpu", ("cpu_gemv.cpp", "cpu_rwkv7.cpp", "cpu_wkv4.cpp", "cpu_wkv5.cpp"))
 TOLERANCE = 1e-5  # both sides compute in float32 from the same inputs; only the order differs
 
 
@@ -25,11 +27,11 @@ def self_test() -> str:
     from rwkv_cli.kernels.selftest import compare_with_torch  # it imports the dispatchers
 
     load_extension(EXTENSION, retry=True)
-    wkv4_error = compare_with_torch({"4": wkv4}, device="cpu")
-    worst = max([*_gemv_errors(), _time_mix_error(), wkv4_error])
+    wkv_error = compare_with_torch({"4": wkv4, "5": wkv5}, device="cpu")
+    worst = max([*_gemv_errors(), _time_mix_error(), wkv_error])
     return (
         "matrix-vector products (fp32, bf16, fp16, int8), RWKV-7 one-token time mixing and the "
-        f"RWKV-4 recurrence match the torch path (largest relative error {worst:.0e})"
+        f"RWKV-4 and 5/6 recurrences match the torch path (largest relative error {worst:.0e})"
     )
 
 
@@ -45,6 +47,19 @@ def wkv4(
     """RWKV-4's WKV compiled; arguments and results as ``kernels.wkv4.wkv4_torch``."""
     k, v = (x.float().contiguous() for x in (k, v))
     return tuple(torch.ops.rwkv_cli.wkv4_cpu(aa, bb, pp, w, u, k, v))
+
+
+def wkv5(
+    state: torch.Tensor,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """RWKV-5/6's WKV compiled; arguments and results as ``kernels.wkv5.wkv5``."""
+    r, w, k, v, u = (x.float().contiguous() for x in (r, w, k, v, u))
+    return tuple(torch.ops.rwkv_cli.wkv5_cpu(state, r, w, k, v, u))
 
 
 def usable(*tensors: torch.Tensor):

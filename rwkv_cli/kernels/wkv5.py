@@ -11,8 +11,9 @@ RWKV-5 has one decay per channel (or per head) for all tokens; RWKV-6 computes o
 
 ``wkv5_sequential`` runs that loop token by token: the reference, and the decode path.
 ``wkv5_chunked`` computes the same thing a chunk of tokens at a time with no per-token Python
-loop, which is what makes prefill fast. ``wkv5`` picks one, or the compiled CUDA kernel for
-inputs on a GPU where it builds (kernels/cuda.py).
+loop, which is what makes prefill fast without a compiler. ``wkv5`` picks one, or a compiled
+kernel where one builds: CUDA for inputs on a GPU (kernels/cuda.py), C++ on the CPU
+(kernels/cpu_ops.py), which runs the recurrence token by token faster than either torch form.
 
 The chunked form. Within a chunk, with ``S0`` the state before it and ``D_t`` the product of the
 decays of its tokens up to t (``D_0 = 1``), unrolling the recurrence gives::
@@ -41,7 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rwkv_cli.kernels import cuda
+from rwkv_cli.kernels import cpu_ops, cuda
 
 CHUNK_LEN = 6  # tokens per chunk: among the fastest on a 2-core CPU for 12 and 32 heads of 64
 # Median ms for 512 tokens (benchmarks/bench_wkv5.py: 2 threads, RWKV-6-like decays):
@@ -73,8 +74,8 @@ def wkv5(
     v: torch.Tensor,
     u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence over T tokens: compiled on a GPU, else sequential for one token and
-    chunked for more.
+    """The recurrence over T tokens: compiled where a kernel builds (CUDA on a GPU, C++ on the
+    CPU), else sequential for one token and chunked for more.
 
     Args:
         state: (H, N, N) float32, indexed [head, value, key]; not modified.
@@ -86,6 +87,8 @@ def wkv5(
     """
     if cuda.usable(state, r, w, k, v, u, head_size=r.shape[-1]):
         return cuda.wkv5(state, r, w, k, v, u)
+    if cpu_ops.usable(state) is not None:
+        return cpu_ops.wkv5(state, r, w, k, v, u)
     if r.shape[0] == 1:
         return wkv5_sequential(state, r, w, k, v, u)
     return wkv5_chunked(state, r, w, k, v, u)
