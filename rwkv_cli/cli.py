@@ -224,8 +224,8 @@ def _root(
         typer.Option(
             "--kernel",
             envvar="RWKV_CLI_KERNEL",
-            help="WKV kernels: compiled where they build, else torch (auto); always torch; or "
-            "compiled, failing if they do not build.",
+            help="Compiled C++/CUDA kernels where they build, else the torch path (auto); always "
+            "the torch path; or compiled, failing if they do not build.",
         ),
     ] = "auto",
 ) -> None:
