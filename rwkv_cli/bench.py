@@ -16,6 +16,7 @@ import torch
 from rwkv_cli.device import dtype_name
 from rwkv_cli.filerows import FileRows
 from rwkv_cli.generate import prefill
+from rwkv_cli.kernels.linear import QuantizedMatrix
 from rwkv_cli.runtime import open_model
 
 WARM_UP_TOKENS = 16  # a short prefill and one decode step before timing
@@ -122,8 +123,11 @@ def weight_bytes(model) -> int:
 
 
 def _weights(value, depth: int = 0):
+    """Every tensor (and file-backed table) a model holds, walking its attributes."""
     if isinstance(value, (torch.Tensor, FileRows)):
         yield value
+    elif isinstance(value, QuantizedMatrix):
+        yield from (value.values, value.scale)
     elif depth < 4 and isinstance(value, (list, tuple)):
         for item in value:
             yield from _weights(item, depth + 1)

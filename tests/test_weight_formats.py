@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rwkv_cli.bench import weight_bytes
 from rwkv_cli.demo import HELDOUT_FILE, demo_dir
 from rwkv_cli.device import DTYPES
 from rwkv_cli.kernels import build, cpu_ops
@@ -190,3 +191,13 @@ def test_compiled_wkv_recurrences_equal_the_sequential_references(ops, tokens) -
         for got, want in zip(compiled(*inputs), expected, strict=True):
             assert torch.isfinite(got).all()
             assert _relative_error(got.double(), want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_bench_counts_every_weight_once(dtype) -> None:
+    """What the model holds: as stored, but small tensors widened to the activations' type."""
+    model_class = MODEL_CLASSES["7"]
+    prepared = model_class.prepare(rwkv7_tensors(), dtype)
+    model = model_class.from_prepared(prepared, torch.float32)
+    held = [model_class._for_compute(name, t, torch.float32) for name, t in prepared.items()]
+    assert weight_bytes(model) == sum(tensor.numel() * tensor.element_size() for tensor in held)
