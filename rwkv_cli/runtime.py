@@ -14,7 +14,7 @@ from rwkv_cli.device import compute_dtype, resolve_device, resolve_dtype
 from rwkv_cli.errors import HubUnreachableError, InvalidInputError, NotCachedError
 from rwkv_cli.generate import Session
 from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
-from rwkv_cli.kernels import prepare_kernels
+from rwkv_cli.kernels import kernels_to_build, prepare_kernels
 from rwkv_cli.models import Model
 from rwkv_cli.prepared import load_model_cached
 from rwkv_cli.statefile import StateFile, import_state_tuning, is_state_tuning_file, read_state_file
@@ -73,8 +73,10 @@ def open_model(
     with activity(console, f"Loading {resolved.path.name}"):
         model = load_model_cached(resolved.path, weights, compute_dtype(weights, target))
         model = model.to(target)
-    with activity(console, "Preparing the compiled kernels (built on first use)"):
-        prepare_kernels(target)  # now, rather than in the middle of the first reply
+    # Now rather than in the middle of the first reply; a build (first use) gets a spinner.
+    building = console if kernels_to_build(target) else None
+    with activity(building, "Building the compiled kernels (first use only; up to a minute)"):
+        prepare_kernels(target)
     chosen = choose_tokenizer(resolved, model.vocab_size, tokenizer)
     return LoadedModel(model, chosen, spec, resolved.resolved)
 

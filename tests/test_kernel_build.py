@@ -11,8 +11,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
-from rwkv_cli.kernels import build
+from rwkv_cli.kernels import build, cpu_ops, kernels_to_build
 from rwkv_cli.kernels.build import (
     Extension,
     KernelBuildError,
@@ -140,3 +141,19 @@ def test_cuda_builds_are_kept_per_cuda_version_and_gpu_architectures(monkeypatch
     assert build.build_dir(extension).name.endswith("-cu12.8-sm80-90")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     assert build.build_dir(extension).name.endswith("-cu12.8-sm8.0_9.0+PTX")
+
+
+def test_only_a_build_still_to_do_is_announced(tmp_path, monkeypatch, kernel_choice) -> None:
+    """open_model shows a spinner for kernels it must build, not for ones built before."""
+    monkeypatch.setenv("RWKV_CLI_HOME", str(tmp_path))
+    cpu = torch.device("cpu")
+    assert kernels_to_build(cpu) == [cpu_ops.EXTENSION]
+    folder = build.build_dir(cpu_ops.EXTENSION)
+    folder.mkdir(parents=True)
+    (folder / f"{cpu_ops.EXTENSION.name}.so").touch()
+    (folder / "sources.sha256").write_text(build._sources_digest(cpu_ops.EXTENSION))
+    assert kernels_to_build(cpu) == []
+    (folder / "sources.sha256").write_text("sources have changed since")
+    assert kernels_to_build(cpu) == [cpu_ops.EXTENSION]
+    kernel_choice("torch")
+    assert kernels_to_build(cpu) == []

@@ -52,3 +52,13 @@ def prepare_kernels(device: torch.device) -> None:
         return
     for extension in compiled_extensions(device):
         compiled_ops(extension)
+
+
+def kernels_to_build(device: torch.device) -> list[Extension]:
+    """The compiled extensions for ``device`` that ``prepare_kernels`` would have to build (none
+    with ``--kernel torch``): a first use, worth telling the user about."""
+    from rwkv_cli.kernels.build import is_built, kernel_choice
+
+    if kernel_choice() == "torch":
+        return []
+    return [extension for extension in compiled_extensions(device) if not is_built(extension)]

@@ -103,6 +103,17 @@ CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]  # .ci/compile-kernels
 CUDA_HOST_FLAGS = ["-O3"]
 
 
+def is_built(extension: Extension) -> bool:
+    """Whether ``extension`` was built from its current sources (loading it will be quick)."""
+    folder = build_dir(extension)
+    stamp = folder / "sources.sha256"
+    return (
+        (folder / f"{extension.name}.so").is_file()
+        and stamp.is_file()
+        and stamp.read_text() == _sources_digest(extension)
+    )
+
+
 def load_extension(extension: Extension, retry: bool = False) -> None:
     """Build (or reuse) ``extension`` and load its operators into ``torch.ops.rwkv_cli``.
 
@@ -130,13 +141,12 @@ def _build(extension: Extension, retry: bool) -> None:
     if extension.cuda and not torch.cuda.is_available():
         raise KernelBuildError("no CUDA GPU is available")
     folder = build_dir(extension)
-    library = folder / f"{extension.name}.so"
     stamp, failed = folder / "sources.sha256", folder / "failed.txt"
     digest = _sources_digest(extension)
-    if library.is_file() and stamp.is_file() and stamp.read_text() == digest:
+    if is_built(extension):
         # Built before from these very sources: load it without asking ninja (half a second).
         try:
-            torch.ops.load_library(str(library))
+            torch.ops.load_library(str(folder / f"{extension.name}.so"))
             return
         except OSError:
             pass  # unloadable (a half-written file?): build again
