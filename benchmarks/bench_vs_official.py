@@ -152,13 +152,15 @@ def main() -> None:
     gib = 1024**3
     memory = "peak GPU mem" if gpu else "peak RSS"
     print(f"{'shape':<13} {'system':<24} {'prefill tok/s':>14} {'decode tok/s':>13} {memory:>16}")
+    # One rwkv-cli home for the run: kernels are built once, each checkpoint converted once.
+    home = tempfile.TemporaryDirectory()
+    env = {**os.environ, "RWKV_CLI_HOME": home.name}
     for name in args.shapes:
         fixture, shape, v7 = SHAPES[name]
         with tempfile.TemporaryDirectory() as work:
             tensors = getattr(fixtures, fixture)(**shape)
             checkpoint = fixtures.write_pth(Path(work) / "model.pth", tensors)
             del tensors
-            env = {**os.environ, "RWKV_CLI_HOME": str(Path(work) / "home")}
             runs = [
                 (run_ours(checkpoint, args, env), run_official(checkpoint, args, env, v7))
                 for _ in range(args.repeat)

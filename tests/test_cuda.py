@@ -228,7 +228,7 @@ def test_cli_on_the_gpu(rwkv7_pth) -> None:
     assert on_gpu.returncode == 0, on_gpu.stderr
     assert on_gpu.stdout == on_cpu.stdout
     assert "cuda:0 fp32" in on_gpu.stderr.decode()
-    half = rwkv(*args, "--device", "cuda", "--kernel", "compiled")
+    half = rwkv("--kernel", "compiled", *args, "--device", "cuda")
     assert half.returncode == 0, half.stderr
 
 

@@ -81,9 +81,10 @@ def wkv_inputs(
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``|actual - expected| / |expected|`` in float64 (Frobenius norms)."""
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm()).item()
+    """``|actual - expected| / |expected|`` in float64 (Frobenius norms), on the CPU: either may
+    live on a GPU."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def compare_with_torch(
