@@ -3,6 +3,7 @@
 # GPU benchmark against the official package. Logs go to $OUT (or ./gpu-logs).
 #
 #   bash benchmarks/gpu_session.sh [tests|doctor|bench|all] [extra bench_vs_official.py args]
+#   (TESTS_MATCHING="not official" selects tests, as pytest -k; TEST_TIMEOUT bounds them, in s)
 #
 # Such machines have torch and CUDA but may lack our other dependencies: put their wheels in
 # .whl/ (see the device notes) and they are installed into /tmp/site first.
@@ -32,7 +33,8 @@ fi
 if [[ $what == all || $what == tests ]]; then
     echo "== pytest -m cuda"
     timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -m cuda -q -p no:cacheprovider \
-        --junitxml="$out/cuda-tests.xml" 2>&1 | tee "$out/cuda-tests.txt" | tail -40
+        --junitxml="$out/cuda-tests.xml" ${TESTS_MATCHING:+-k "$TESTS_MATCHING"} 2>&1 \
+        | tee "$out/cuda-tests.txt" | tail -40
 fi
 if [[ $what == all || $what == bench ]]; then
     echo "== benchmarks/bench_vs_official.py --device cuda"

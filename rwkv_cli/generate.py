@@ -94,7 +94,9 @@ def prefill(
 def _advance(model: Model, session: Session, token: int, decay: float) -> Session:
     """The session after one generated token (counted for penalties)."""
     logits, state = model.forward([token], session.state)
-    counts = session.counts if session.counts is not None else new_counts(model.vocab_size)
+    counts = session.counts
+    if counts is None:
+        counts = new_counts(model.vocab_size, device=session.logits.device)
     return Session(state, logits, update_counts(counts, token, decay), session.tokens_consumed + 1)
 
 
@@ -187,7 +189,8 @@ def stream_generate(
     session = prefill(model, prompt_tokens, session)
     prompt_seconds = time.perf_counter() - started
 
-    never_sample = torch.zeros(model.vocab_size)
+    device = session.logits.device  # sampling works where the logits are (sampling.py)
+    never_sample = torch.zeros(model.vocab_size, device=device)
     never_sample[tokenizer.token_count :] = -torch.inf  # vocabulary padding decodes to nothing
     never_sample[list(ban)] = -torch.inf
     decoder = IncrementalDecoder(tokenizer)
@@ -211,9 +214,11 @@ def stream_generate(
         )
 
     while len(ids) < max_tokens:
-        counts = session.counts if session.counts is not None else new_counts(model.vocab_size)
-        # On the CPU, with the sampler: from a GPU this copy is the one wait per token.
-        logits = apply_penalties(session.logits.cpu(), counts, params) + never_sample
+        counts = (
+            session.counts if session.counts is not None else new_counts(model.vocab_size, device)
+        )
+        logits = apply_penalties(session.logits, counts, params)
+        logits = logits + never_sample.to(logits.device)  # a resumed session may be elsewhere
         token = sample_token(logits, params, generator)
         if token == END_OF_TEXT:
             yield record(matcher.flush() + decoder.flush(), None, "eos", session, tuple(ids))

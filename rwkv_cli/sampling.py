@@ -169,29 +169,34 @@ def sampling_distribution(logits: Tensor, params: SamplingParams) -> tuple[Tenso
     """The tokens :func:`sample_token` may choose and their probabilities, as ``(probs, ids)``.
 
     Both are 1-D float32/int64 CPU tensors of the same length K; ``probs`` sums to 1 and may hold
-    zeros for -inf logits. Work is done in float32 on the CPU, where the caller's generator lives,
-    so a seed gives the same tokens whatever device produced the logits.
+    zeros for -inf logits. The work over the whole vocabulary is done in float32 where the logits
+    are; only the candidates (one id when greedy, a few dozen for top-p) are read back to the
+    CPU, in one copy, and drawn from there with the caller's generator, so a seed gives the same
+    tokens whatever device produced the logits.
     """
     if logits.dim() != 1:
         raise ValueError(f"logits must be 1-D (vocab,), got shape {tuple(logits.shape)}")
-    logits = logits.detach().to(device="cpu", dtype=torch.float32)
+    logits = logits.detach().float()
     top = logits.max()
-    if not torch.isfinite(top):
-        # max is -inf when every token is banned, +inf or nan when the model misbehaved.
-        raise ValueError(f"cannot sample: the largest logit is {top.item()}")
     if params.temperature == 0:
-        return torch.ones(1), torch.argmax(logits).reshape(1)
+        top, token_id = _read_back(top, torch.argmax(logits))
+        _require_finite(top)
+        return torch.ones(1), token_id.reshape(1)
 
     # Subtracting the max before dividing keeps a tiny temperature from overflowing to inf.
     tempered = (logits - top) / params.temperature  # (V,)
     vocab_size = tempered.shape[0]
     if 0 < params.top_k < vocab_size:
         kept_logits, token_ids = torch.topk(tempered, params.top_k)  # (k,), most probable first
+        top, kept_logits, token_ids = _read_back(top, kept_logits, token_ids)
+        _require_finite(top)
         probs = torch.softmax(kept_logits, dim=0)
     elif params.top_p < 1:
-        probs, token_ids = _most_probable(torch.softmax(tempered, dim=0), params.top_p)
+        top, probs, token_ids = _most_probable(top, torch.softmax(tempered, dim=0), params.top_p)
+        _require_finite(top)
     else:
-        probs = torch.softmax(tempered, dim=0)
+        top, probs = _read_back(top, torch.softmax(tempered, dim=0))
+        _require_finite(top)
         return probs, torch.arange(vocab_size)
 
     if params.top_p < 1:
@@ -201,8 +206,9 @@ def sampling_distribution(logits: Tensor, params: SamplingParams) -> tuple[Tenso
     return probs, token_ids
 
 
-def _most_probable(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
-    """The most probable of ``probs``, descending with their ids: at least the top-p nucleus.
+def _most_probable(top: Tensor, probs: Tensor, top_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The most probable of ``probs``, descending with their ids: at least the top-p nucleus;
+    read back to the CPU with ``top``.
 
     The nucleus is usually a few dozen tokens, so this looks at a small top-k first and widens it
     only when that falls short; at V = 65536 a top-64 costs about 1/60 of a full sort.
@@ -210,11 +216,27 @@ def _most_probable(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
     vocab_size = probs.shape[0]
     size = _FIRST_CANDIDATES
     while size * _CANDIDATE_GROWTH <= vocab_size:
-        top_probs, token_ids = torch.topk(probs, size)  # (size,), (size,)
+        top_host, top_probs, token_ids = _read_back(top, *torch.topk(probs, size))
         if _count_short_of(top_probs, top_p) < size:
-            return top_probs, token_ids
+            return top_host, top_probs, token_ids
         size *= _CANDIDATE_GROWTH
-    return torch.sort(probs, descending=True, stable=True)
+    return _read_back(top, *torch.sort(probs, descending=True, stable=True))
+
+
+def _read_back(*tensors: Tensor) -> list[Tensor]:
+    """``tensors`` on the CPU, from a GPU in one copy (one wait): float64 holds float32 values
+    and token ids exactly."""
+    if all(tensor.device.type == "cpu" for tensor in tensors):
+        return list(tensors)
+    flat = torch.cat([tensor.reshape(-1).double() for tensor in tensors]).cpu()
+    parts = flat.split([tensor.numel() for tensor in tensors])
+    return [part.to(t.dtype).view(t.shape) for part, t in zip(parts, tensors, strict=True)]
+
+
+def _require_finite(top: Tensor) -> None:
+    # The largest logit is -inf when every token is banned, +inf or nan when the model misbehaved.
+    if not torch.isfinite(top):
+        raise ValueError(f"cannot sample: the largest logit is {top.item()}")
 
 
 def _nucleus_size(sorted_probs: Tensor, top_p: float) -> int:

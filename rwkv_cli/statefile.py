@@ -121,7 +121,11 @@ class StateFile:
             state = model.new_state().with_tensors(self.state_tensors)
         except ValueError as error:
             raise StateFileError(f"state file {self.path} is corrupt: {error}") from error
-        return Session(state, self.logits, self.counts, self.tokens_consumed)
+        logits, counts = (
+            None if tensor is None else tensor.to(model.device)
+            for tensor in (self.logits, self.counts)
+        )
+        return Session(state, logits, counts, self.tokens_consumed)
 
     def restore_generator(self, generator: torch.Generator) -> bool:
         """Continue the saved sampler's random sequence; False when the file has none."""

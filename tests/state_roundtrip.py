@@ -9,11 +9,11 @@ from rwkv_cli.statefile import StateFile, read_state_file, save_state_file
 
 
 def save_and_resume(
-    saver, resumer, tokens: list[int], path: Path
+    saver, resumer, tokens: list[int], path: Path, start: Session | None = None
 ) -> tuple[Session, StateFile, Session]:
-    """Prefill ``tokens`` with ``saver``, save to ``path``, resume with ``resumer``: returns the
-    saver's session, the file as read, and the resumer's session."""
-    session = prefill(saver, tokens)
+    """Prefill ``tokens`` with ``saver`` (after ``start``), save to ``path``, resume with
+    ``resumer``: returns the saver's session, the file as read, and the resumer's session."""
+    session = prefill(saver, tokens, start)
     save_state_file(
         path,
         model=saver,

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rwkv_cli import sampling
 from rwkv_cli.device import DTYPES
-from rwkv_cli.generate import generate
+from rwkv_cli.generate import generate, prefill
 from rwkv_cli.kernels import cuda
 from rwkv_cli.kernels.build import load_extension, set_kernel_choice
 from rwkv_cli.kernels.selftest import (
@@ -31,8 +32,8 @@ from rwkv_cli.kernels.selftest import (
 from rwkv_cli.kernels.wkv4 import wkv4
 from rwkv_cli.kernels.wkv5 import wkv5, wkv5_chunked
 from rwkv_cli.kernels.wkv7 import wkv7, wkv7_chunked
-from rwkv_cli.models import MODEL_CLASSES
-from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.models import MODEL_CLASSES, decode_graph
+from rwkv_cli.sampling import SamplingParams, make_generator, sample_token, sampling_distribution
 from rwkv_cli.tokenizer import load_world_tokenizer
 from tests.cli_runner import rwkv
 from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors, write_pth
@@ -171,16 +172,152 @@ def test_a_state_saved_on_the_gpu_resumes_on_the_cpu(generation, tmp_path: Path)
     assert on_gpu.state.layers[0].att_shift.is_cuda
 
 
-def test_generation_on_the_gpu_matches_the_cpu() -> None:
+@pytest.mark.parametrize(
+    "params",
+    [GREEDY, SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.5)],
+    ids=["greedy", "penalties"],
+)
+def test_generation_on_the_gpu_matches_the_cpu(params) -> None:
     tokenizer = load_world_tokenizer()
 
-    def greedy(model) -> str:
+    def complete(model) -> str:
         sampler = make_generator(0)[0]
         return generate(
-            model, tokenizer, "The quick", params=GREEDY, generator=sampler, max_tokens=16
+            model, tokenizer, "The quick", params=params, generator=sampler, max_tokens=24
         )
 
-    assert greedy(_model("7", device=GPU)) == greedy(_model("7"))
+    assert complete(_model("7", device=GPU)) == complete(_model("7"))
+
+
+# Sampling settings, and what one draw reads back from the GPU: (copies, values). The top
+# logit comes back with the candidates, which are 1 (greedy), k, the 64 most probable when
+# the nucleus is among them, or more only as far as a wide nucleus needs.
+SAMPLERS = {
+    "greedy": (GREEDY, 1, 1 + 1),
+    "top-p": (SamplingParams(temperature=1.0, top_p=0.85), 1, 1 + 2 * 64),
+    "top-k": (SamplingParams(temperature=0.7, top_p=1.0, top_k=20), 1, 1 + 2 * 20),
+    # 47571 tokens in the nucleus: top-64, 512 and 4096 fall short, then a full sort
+    "wide top-p": (
+        SamplingParams(temperature=2.0, top_p=0.999),
+        4,
+        4 + 2 * (64 + 512 + 4096 + 65536),
+    ),
+    "no filter": (SamplingParams(temperature=1.0, top_p=1.0), 1, 1 + 65536),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampling_gpu_logits_draws_what_the_cpu_draws(name, monkeypatch) -> None:
+    """The work over the vocabulary runs on the GPU; the draw, on the caller's CPU generator,
+    gives the same tokens for the same seed, and only the candidates are read back."""
+    params, copies, values = SAMPLERS[name]
+    logits = torch.randn(65536, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    logits = (logits * 5).float()
+    reads = []
+    read_back = sampling._read_back
+    monkeypatch.setattr(sampling, "_read_back", lambda *t: reads.append(t) or read_back(*t))
+    on_gpu = [sample_token(logits.to(GPU), params, make_generator(7)[0]) for _ in range(3)]
+    assert len(reads) == 3 * copies
+    assert sum(tensor.numel() for call in reads for tensor in call) == 3 * values
+    on_cpu = [sample_token(logits, params, make_generator(7)[0]) for _ in range(3)]
+    assert on_gpu == on_cpu
+    probs, ids = sampling_distribution(logits.to(GPU), params)
+    assert probs.device.type == ids.device.type == "cpu"
+
+    def dense(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(65536).index_put_((ids,), probs)  # near-ties come in any order
+
+    expected = dense(*sampling_distribution(logits, params))
+    assert torch.allclose(dense(probs, ids), expected, atol=1e-5)
+
+
+def _greedy_steps(model, state, steps: int = 6):
+    """Logits and states of ``steps`` greedy one-token steps after ``state``."""
+    logits, states, token = [], [], 42
+    for _ in range(steps):
+        step_logits, state = model.forward([token], state)
+        logits.append(step_logits)
+        states.append(state)
+        token = int(torch.argmax(step_logits))
+    return logits, states
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_one_token_graphs_equal_the_plain_step(generation, dtype, monkeypatch) -> None:
+    model = _model(generation, dtype, GPU)
+    _, prompt_state = model.forward(PROMPT)
+    monkeypatch.setenv(decode_graph.ENVIRONMENT_SWITCH, "0")
+    expected_logits, expected_states = _greedy_steps(model, prompt_state)
+    assert model._graphs == {}
+    monkeypatch.delenv(decode_graph.ENVIRONMENT_SWITCH)
+    logits, states = _greedy_steps(model, prompt_state)
+    assert isinstance(model._graphs["auto"], decode_graph.OneTokenGraph)
+    for got, want in zip(logits, expected_logits, strict=True):
+        assert relative_error(got, want) < 1e-5
+    for got, want in zip(states, expected_states, strict=True):  # every step's state kept intact
+        assert got.packed is not None
+        for got_tensor, want_tensor in zip(got.tensors(), want.tensors(), strict=True):
+            assert got_tensor.dtype == want_tensor.dtype
+            assert relative_error(got_tensor, want_tensor) < 1e-5
+
+
+def test_a_graph_resumes_from_any_earlier_state() -> None:
+    """States are immutable: stepping again from an older one (a rollback, a branch) gives what
+    it gave the first time, and leaves later states alone."""
+    model = _model("7", torch.float16, GPU)
+    _, start = model.forward(PROMPT)
+    first, after_first = model.forward([7], start)
+    second, after_second = model.forward([8], after_first)
+    saved = [tensor.clone() for tensor in after_second.tensors()]
+    again, _ = model.forward([8], after_first)  # from a state that is not the latest
+    assert torch.equal(again, second)
+    from_start, _ = model.forward([7], start)  # from an unpacked state
+    assert torch.equal(from_start, first)
+    fresh, _ = model.forward([7])  # from the zero state
+    expected, _ = model.step_ids(torch.tensor([7], device=GPU), None)
+    assert relative_error(fresh, expected) < 1e-5
+    for tensor, before in zip(after_second.tensors(), saved, strict=True):
+        assert torch.equal(tensor, before)
+
+
+def test_graphs_are_kept_per_kernel_choice() -> None:
+    model = _model("6", torch.float16, GPU)
+    _, state = model.forward([1])
+    try:
+        set_kernel_choice("torch")
+        torch_path, _ = model.forward([2], state)
+    finally:
+        set_kernel_choice("auto")
+    compiled, _ = model.forward([2], state)
+    assert set(model._graphs) == {"auto", "torch"}
+    assert relative_error(compiled, torch_path) < 1e-2
+
+
+def test_a_graph_that_cannot_be_captured_warns_once_and_decoding_goes_on(monkeypatch) -> None:
+    def fail(self, model) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode_graph.OneTokenGraph, "__init__", fail)
+    model = _model("7", torch.float16, GPU)
+    _, state = model.forward(PROMPT)
+    with pytest.warns(UserWarning, match="could not capture a CUDA graph.*not permitted"):
+        logits, state = model.forward([3], state)
+    model.forward([4], state)  # no second warning: the failure is remembered
+    assert model._graphs == {"auto": None}
+    expected, _ = _model("7").forward([*PROMPT, 3])
+    assert relative_error(logits, expected) < 1e-2
+
+
+def test_a_graph_state_saves_and_resumes_on_the_cpu(tmp_path: Path) -> None:
+    gpu, cpu = _model("7", device=GPU), _model("7")
+    start = prefill(gpu, PROMPT)
+    path = tmp_path / "graph.rwkvstate"
+    session, _, resumed = save_and_resume(gpu, cpu, [6], path, start)  # one token: a graph step
+    assert session.state.packed is not None
+    expected, _ = gpu.forward([42], session.state)
+    logits, _ = cpu.forward([42], resumed.state)
+    assert relative_error(logits, expected) < 1e-4
 
 
 OFFICIAL_GPU = r"""

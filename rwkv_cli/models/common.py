@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from rwkv_cli.checkpoint import GENERATION_NAMES
 from rwkv_cli.errors import CheckpointError, InvalidInputError, UnsupportedModelError
+from rwkv_cli.kernels.build import kernel_choice
 from rwkv_cli.kernels.linear import QuantizedMatrix, Weight, linear, quantize_int8
+from rwkv_cli.models import decode_graph
 from rwkv_cli.state import State
 
 # fp16 tops out at 65504, and the residual stream of RWKV-4/5/6 grows layer after layer, so a
@@ -282,6 +284,8 @@ class RecurrentModel:
         # prepare() scaled the weights to match
         self.rescaled = self.rescales_in_fp16 and self.weight_dtype == torch.float16
         self.fingerprint = ""  # set by the loader, which sees the checkpoint's raw tensors
+        # One-token CUDA graphs by kernel choice (None: capture failed); see decode_graph.py.
+        self._graphs: dict[str, decode_graph.OneTokenGraph | None] = {}
 
     # --- what each generation supplies -----------------------------------------------------
 
@@ -455,6 +459,7 @@ class RecurrentModel:
                     if value is not None:
                         setattr(group, field.name, value.to(device))
                 _forget_derived(group)
+        self._graphs.clear()
         return self
 
     def new_state(self) -> State:
@@ -470,8 +475,16 @@ class RecurrentModel:
         """Consume ``tokens`` after ``state``; return the next-token logits (V,) and the new state.
 
         The input state is left untouched. Call with one token to decode, many to prefill.
+        On a GPU one token runs as a CUDA graph (decode_graph.py).
         """
-        x, new_state = self._run(tokens, state)
+        check_tokens(tokens, self.vocab_size)
+        if len(tokens) == 1 and (graph := self._one_token_graph()) is not None:
+            return graph(int(tokens[0]), state)
+        return self.step_ids(torch.as_tensor(tokens, device=self.device), state)
+
+    def step_ids(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """``forward`` for token ids already in a 1-D tensor on the model's device, unchecked."""
+        x, new_state = self._run_ids(ids, state)
         return self._logits(x[-1]), new_state
 
     def sequence_logits(
@@ -479,15 +492,24 @@ class RecurrentModel:
     ) -> tuple[torch.Tensor, State]:
         """The logits after every token (T, V), for perplexity and training: unlike ``forward``
         this keeps autograd on, so gradients reach weights that require them."""
-        x, new_state = self._run(tokens, state)
+        check_tokens(tokens, self.vocab_size)
+        x, new_state = self._run_ids(torch.as_tensor(tokens, device=self.device), state)
         return self._logits(x), new_state
 
-    def _run(self, tokens: Sequence[int], state: State | None) -> tuple[torch.Tensor, State]:
-        """The final residual stream (T, C) and the new state."""
-        check_tokens(tokens, self.vocab_size)
+    def _one_token_graph(self) -> decode_graph.OneTokenGraph | None:
+        """The CUDA graph of the one-token step for the current kernel choice, captured on first
+        use; None off the GPU, when graphs are off or when capture failed."""
+        if not decode_graph.graphs_enabled(self.device):
+            return None
+        choice = kernel_choice()
+        if choice not in self._graphs:
+            self._graphs[choice] = decode_graph.capture(self)
+        return self._graphs[choice]
+
+    def _run_ids(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """The final residual stream (T, C) and the new state after the token ``ids``."""
         state = state if state is not None else self.new_state()
-        tokens = torch.as_tensor(tokens, device=self.device)
-        x = self.embedding[tokens].to(device=self.device, dtype=self.dtype)  # (T, C)
+        x = self.embedding[ids].to(device=self.device, dtype=self.dtype)  # (T, C)
         carry: dict = {}
         new_layers = []
         for index, (block, layer_state) in enumerate(zip(self.blocks, state.layers, strict=True)):
