@@ -17,6 +17,7 @@ without one.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import TYPE_CHECKING
@@ -53,9 +54,7 @@ class OneTokenGraph:
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.latest: torch.Tensor | None = None  # the copy of the buffer made by the last step
 
-        # Capture needs a stream of its own; warming up on that same stream gives it one cuBLAS
-        # workspace (32 MiB on Hopper) where warming up elsewhere would make two.
-        stream = torch.cuda.Stream(device)
+        stream = _capture_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(WARM_UP_STEPS):
@@ -82,6 +81,15 @@ class OneTokenGraph:
         self.graph.replay()
         self.latest = self.buffer.clone()
         return self.logits.clone(), State.from_packed(self.layout, self.latest)
+
+
+@functools.cache
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream every graph on ``device`` is warmed up and captured on. Capture needs a stream
+    other than the default one, and cuBLAS keeps a workspace (32 MiB on Hopper) for each stream
+    it has run on: one stream for all graphs (models, weight types, kernel choices) and their
+    warm-ups costs one workspace."""
+    return torch.cuda.Stream(device)
 
 
 def capture(model: RecurrentModel) -> OneTokenGraph | None:
