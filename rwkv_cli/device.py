@@ -3,6 +3,7 @@ this machine before anything is loaded."""
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, get_args
 
 import torch
@@ -85,6 +86,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     """fp32, fp16, bf16 (as --dtype spells them), else torch's name."""
     names = {value: key for key, value in DTYPES.items()}
     return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def use_own_stream(device: torch.device) -> None:
+    """On a GPU, make a stream of rwkv-cli's own this thread's current stream, for good.
+
+    The one-token CUDA graphs must be captured on a stream other than the default one, and cuBLAS
+    keeps a workspace (32 MiB on Hopper) for every stream it runs on. With all the work (loading,
+    prefill, graphs, sampling) on one such stream, and the graphs captured on it, there is one
+    workspace. Commands call this; library users who stay on the default stream get a second.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_stream(_own_stream(device))
+
+
+@functools.cache
+def _own_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def _has_cuda() -> bool:

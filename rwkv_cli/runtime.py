@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from rwkv_cli.demo import DEMO_SPEC
-from rwkv_cli.device import compute_dtype, resolve_device, resolve_dtype
+from rwkv_cli.device import compute_dtype, resolve_device, resolve_dtype, use_own_stream
 from rwkv_cli.errors import HubUnreachableError, InvalidInputError, NotCachedError
 from rwkv_cli.generate import Session
 from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
@@ -70,6 +70,7 @@ def open_model(
     target = resolve_device(device)
     weights = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, target)
     resolved = _resolve(spec, revision, console)
+    use_own_stream(target)
     with activity(console, f"Loading {resolved.path.name}"):
         model = load_model_cached(resolved.path, weights, compute_dtype(weights, target))
         model = model.to(target)

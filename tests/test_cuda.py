@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rwkv_cli import sampling
-from rwkv_cli.device import DTYPES
+from rwkv_cli.device import DTYPES, use_own_stream
 from rwkv_cli.generate import generate, prefill
 from rwkv_cli.kernels import cuda
 from rwkv_cli.kernels.build import load_extension, set_kernel_choice
@@ -292,6 +292,29 @@ def test_graphs_are_kept_per_kernel_choice() -> None:
     compiled, _ = model.forward([2], state)
     assert set(model._graphs) == {"auto", "torch"}
     assert relative_error(compiled, torch_path) < 1e-2
+
+
+@pytest.fixture
+def own_stream():
+    """What commands do (runtime.open_model): all GPU work on one stream of rwkv-cli's own."""
+    previous = torch.cuda.current_stream()
+    use_own_stream(torch.device(GPU, torch.cuda.current_device()))
+    yield torch.cuda.current_stream()
+    torch.cuda.set_stream(previous)
+
+
+def test_graphs_are_captured_on_the_commands_own_stream(own_stream) -> None:
+    """One stream for loading, prefill and graphs: cuBLAS keeps one workspace, not two."""
+    assert own_stream != torch.cuda.default_stream()
+    model = _model("7", torch.float16, GPU)
+    _, state = model.forward(PROMPT)
+    logits, new_state = model.forward([5], state)
+    assert isinstance(model._graphs["auto"], decode_graph.OneTokenGraph)
+    assert decode_graph._capture_stream(model.device) == own_stream
+    expected, expected_state = model.step_ids(torch.tensor([5], device=GPU), state)  # no graph
+    assert relative_error(logits, expected) < 1e-5
+    for got, want in zip(new_state.tensors(), expected_state.tensors(), strict=True):
+        assert relative_error(got, want) < 1e-5
 
 
 def test_a_graph_that_cannot_be_captured_warns_once_and_decoding_goes_on(monkeypatch) -> None:

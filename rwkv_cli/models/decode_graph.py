@@ -11,8 +11,10 @@ packed :class:`State` (one device copy). A state that is the copy made by the la
 already in the buffer and is not copied back in; any other state is copied in first. Nothing
 here waits for the GPU.
 
-``RWKV_CLI_CUDA_GRAPHS=0`` turns graphs off; a capture that fails warns once and the model runs
-without one.
+Graphs are captured on the current stream, which commands make a stream of their own
+(device.use_own_stream), or else on a side stream: never on the default stream, where capture
+is impossible. ``RWKV_CLI_CUDA_GRAPHS=0`` turns graphs off; a capture that fails warns once
+and the model runs without one.
 """
 
 from __future__ import annotations
@@ -83,12 +85,17 @@ class OneTokenGraph:
         return self.logits.clone(), State.from_packed(self.layout, self.latest)
 
 
-@functools.cache
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream every graph on ``device`` is warmed up and captured on. Capture needs a stream
-    other than the default one, and cuBLAS keeps a workspace (32 MiB on Hopper) for each stream
-    it has run on: one stream for all graphs (models, weight types, kernel choices) and their
-    warm-ups costs one workspace."""
+    """The stream a graph on ``device`` is warmed up and captured on: the current one, unless
+    that is the default stream, on which nothing can be captured (device.use_own_stream)."""
+    current = torch.cuda.current_stream(device)
+    return current if current != torch.cuda.default_stream(device) else _side_stream(device)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream for every graph captured while the default stream is current: cuBLAS keeps a
+    workspace (32 MiB on Hopper) for each stream it runs on."""
     return torch.cuda.Stream(device)
 
 
