@@ -94,10 +94,15 @@ def prefill(
 def _advance(model: Model, session: Session, token: int, decay: float) -> Session:
     """The session after one generated token (counted for penalties)."""
     logits, state = model.forward([token], session.state)
-    counts = session.counts
-    if counts is None:
-        counts = new_counts(model.vocab_size, device=session.logits.device)
-    return Session(state, logits, update_counts(counts, token, decay), session.tokens_consumed + 1)
+    counts = update_counts(_counts(session, model.vocab_size), token, decay)
+    return Session(state, logits, counts, session.tokens_consumed + 1)
+
+
+def _counts(session: Session, vocab_size: int) -> torch.Tensor:
+    """The session's penalty counts; zeros, where its logits are, before any token was sampled."""
+    if session.counts is not None:
+        return session.counts
+    return new_counts(vocab_size, device=session.logits.device)
 
 
 class _StopMatcher:
@@ -214,10 +219,7 @@ def stream_generate(
         )
 
     while len(ids) < max_tokens:
-        counts = (
-            session.counts if session.counts is not None else new_counts(model.vocab_size, device)
-        )
-        logits = apply_penalties(session.logits, counts, params)
+        logits = apply_penalties(session.logits, _counts(session, model.vocab_size), params)
         logits = logits + never_sample.to(logits.device)  # a resumed session may be elsewhere
         token = sample_token(logits, params, generator)
         if token == END_OF_TEXT:

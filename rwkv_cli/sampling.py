@@ -189,15 +189,13 @@ def sampling_distribution(logits: Tensor, params: SamplingParams) -> tuple[Tenso
     if 0 < params.top_k < vocab_size:
         kept_logits, token_ids = torch.topk(tempered, params.top_k)  # (k,), most probable first
         top, kept_logits, token_ids = _read_back(top, kept_logits, token_ids)
-        _require_finite(top)
         probs = torch.softmax(kept_logits, dim=0)
     elif params.top_p < 1:
         top, probs, token_ids = _most_probable(top, torch.softmax(tempered, dim=0), params.top_p)
-        _require_finite(top)
     else:
         top, probs = _read_back(top, torch.softmax(tempered, dim=0))
-        _require_finite(top)
-        return probs, torch.arange(vocab_size)
+        token_ids = torch.arange(vocab_size)
+    _require_finite(top)
 
     if params.top_p < 1:
         size = _nucleus_size(probs, params.top_p)
