@@ -6,7 +6,10 @@
 #   (TESTS_MATCHING="not official" selects tests, as pytest -k; TEST_TIMEOUT bounds them, in s)
 #
 # Such machines have torch and CUDA but may lack our other dependencies: put their wheels in
-# .whl/ (see the device notes) and they are installed into /tmp/site first.
+# .whl/ (see the device notes) and they are installed into /tmp/site first. An H100 image with
+# torch 2.11 needed: typer, pydantic, pydantic-core, annotated-types, annotated-doc,
+# typing-inspection, typing_extensions, click, shellingham, huggingface_hub (2.x), httpx2,
+# httpcore2, truststore, hf-xet, prompt_toolkit, wcwidth and rwkv (the official package).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
