@@ -25,6 +25,7 @@ from rwkv_cli.cpu import configure_cpu
 from rwkv_cli.device import DtypeName, dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.doctor import diagnose
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
+from rwkv_cli.fileio import check_writable
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
 from rwkv_cli.kernels.build import KernelChoice, set_kernel_choice
@@ -75,6 +76,14 @@ app = typer.Typer(
 SAMPLING = "Sampling"
 STATE = "State"
 
+
+def _writable_file(ctx: typer.Context, value: Path | None) -> Path | None:
+    """Option callback for files a command writes: stop before any work if it cannot."""
+    if value is not None and not ctx.resilient_parsing:
+        check_writable(value)
+    return value
+
+
 # Options shared by several commands, declared once.
 ModelOption = Annotated[
     str | None,
@@ -113,6 +122,7 @@ SaveStateOption = Annotated[
         "--save-state",
         help="Save the state after the output to this file (may equal --state).",
         show_default=False,
+        callback=_writable_file,
         rich_help_panel=STATE,
     ),
 ]
@@ -264,8 +274,10 @@ def generate(
 ) -> None:
     """Continue a prompt and print only the completion to stdout.
 
-    Examples: rwkv generate "Once upon a time" -m model.pth · cat notes.txt | rwkv generate
-    "Summary:" -m model.pth -n 200 --temperature 0 · rwkv generate "More:" --state s.rwkvstate
+    Examples:
+      rwkv generate "Once upon a time" -m model.pth
+      cat notes.txt | rwkv generate "Summary:" -m model.pth -n 200 --temperature 0
+      rwkv generate "More:" --state s.rwkvstate
     """
     stdin = piped_stdin()
     if prompt is None and stdin is None and state is None:
@@ -300,7 +312,14 @@ def save_state_command(
         ),
     ] = None,
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="State file to write.", show_default=False)
+        Path,
+        typer.Option(
+            "-o",
+            "--output",
+            help="State file to write.",
+            show_default=False,
+            callback=_writable_file,
+        ),
     ] = ...,
     model: ModelOption = None,
     revision: RevisionOption = None,
@@ -317,8 +336,9 @@ def save_state_command(
 ) -> None:
     """Read text into the model and save the resulting state (prefix caching).
 
-    Process a system prompt or a whole document once; continue from it many times with
-    `rwkv generate --state FILE` or `rwkv load-state FILE`.
+    Process a system prompt or a whole document once, then continue from it many times:
+      rwkv generate --state FILE
+      rwkv load-state FILE
     """
     stdin = piped_stdin()
     if text is None and stdin is None and file is None:
@@ -433,6 +453,7 @@ def chat(
         typer.Option(
             help="Save the chat to this state file after every turn.",
             show_default=False,
+            callback=_writable_file,
             rich_help_panel=STATE,
         ),
     ] = None,
@@ -560,8 +581,10 @@ def doctor(
         bool, typer.Option("--no-build", help="Do not build and test the compiled kernels.")
     ] = False,
 ) -> None:
-    """Check this machine: torch, the GPUs, the kernel toolchain, the compiled kernels (built
-    and compared with the torch path) and the caches. Exits 1 with a hint if something is broken.
+    """Check this machine: torch, the GPUs, the kernel toolchain, the compiled kernels, the caches.
+
+    Builds the compiled kernels and compares them with the torch path (not with --no-build).
+    Exits 1 with a hint if something is broken.
     """
     with activity(stderr_console(), "Checking (the first kernel build takes a minute or more)"):
         report = diagnose(build_kernels=not no_build)

@@ -47,6 +47,23 @@ def atomic_write(path: str | Path, write_to: Callable[[Path], object]) -> None:
     _fsync_directory(directory)
 
 
+def check_writable(path: str | Path) -> None:
+    """Raise :class:`WriteError` now if ``atomic_write`` could not create ``path`` later: it
+    names a directory, or its directory is missing or read-only. Commands check their output
+    files before a long run rather than fail at its end."""
+    path = Path(path)
+    directory = path.parent
+    if path.is_dir():
+        reason = "it is a directory"
+    elif not directory.is_dir():
+        reason = f"there is no directory {directory}"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        reason = f"the directory {directory} is not writable"
+    else:
+        return
+    raise WriteError(f"cannot write {path}: {reason}", hint="choose a file in a writable directory")
+
+
 def _mode_for(path: Path) -> int:
     """Keep the mode of the file being replaced; a new file gets the umask's usual 0o666 mode."""
     try:

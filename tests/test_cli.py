@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import subprocess
@@ -168,6 +169,15 @@ def test_version_and_help() -> None:
     assert version.returncode == 0 and version.stdout.decode().startswith("rwkv-cli ")
     help_text = rwkv("generate", "--help")
     assert help_text.returncode == 0 and "--max-tokens" in help_text.stdout.decode()
+
+
+def test_each_command_summary_is_one_line() -> None:
+    # Typer's command list shows a docstring's first paragraph with its line breaks kept.
+    from rwkv_cli.cli import app
+
+    for command in app.registered_commands:
+        summary = inspect.getdoc(command.callback).split("\n\n")[0]
+        assert "\n" not in summary, command.callback.__name__
 
 
 def _start_long_generation(model: Path) -> subprocess.Popen:

@@ -206,6 +206,26 @@ def test_corrupt_and_missing_state_files(tmp_path, rwkv7_pth) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "Hi", "--save-state"],
+        ["save-state", "Hi", "-o"],
+        ["chat", "--autosave"],
+    ],
+)
+def test_an_output_file_that_cannot_be_written_stops_before_any_work(
+    tmp_path, rwkv7_pth, command
+) -> None:
+    for target, reason in [
+        (tmp_path / "missing-dir" / "s.rwkvstate", "there is no directory"),
+        (tmp_path, "it is a directory"),
+    ]:
+        result = rwkv(*command, target, "-m", rwkv7_pth, stdin=b"Hi\n")
+        assert_one_line_error(result, 1, "cannot write", reason)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_state_tuning_file_needs_its_model(state_tuning_pth, rwkv7_pth) -> None:
     refused = rwkv("generate", "Hi", "--state", state_tuning_pth)
     assert_one_line_error(refused, 1, "state-tuning file")

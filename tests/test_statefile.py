@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rwkv_cli.errors import StateFileError, WriteError
-from rwkv_cli.fileio import atomic_write_bytes
+from rwkv_cli.fileio import atomic_write_bytes, check_writable
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.runtime import LoadedModel, open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
@@ -314,6 +314,26 @@ def test_writes_keep_the_mode_of_the_file_they_replace(tmp_path) -> None:
 def test_unwritable_directory_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(WriteError, match="cannot write"):
         atomic_write_bytes(tmp_path / "missing-dir" / "s.rwkvstate", b"x")
+
+
+def test_output_files_are_checked_before_they_are_written(tmp_path) -> None:
+    check_writable(tmp_path / "new.rwkvstate")
+    check_writable(Path("relative.rwkvstate"))  # the working directory
+    with pytest.raises(WriteError, match="there is no directory"):
+        check_writable(tmp_path / "missing-dir" / "s.rwkvstate")
+    with pytest.raises(WriteError, match="it is a directory"):
+        check_writable(tmp_path)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(WriteError, match="there is no directory"):
+        check_writable(tmp_path / "file" / "s.rwkvstate")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_a_read_only_directory_is_refused_before_writing(tmp_path) -> None:
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o500)
+    with pytest.raises(WriteError, match="is not writable"):
+        check_writable(read_only / "s.rwkvstate")
 
 
 # --- state tuning --------------------------------------------------------------------------
