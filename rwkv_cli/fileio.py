@@ -25,7 +25,7 @@ def atomic_write(path: str | Path, write_to: Callable[[Path], object]) -> None:
     :class:`WriteError` says why.
     """
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
+    directory = path.parent  # Path("name").parent is Path(".")
     try:
         descriptor, temp_name = tempfile.mkstemp(
             dir=directory, prefix=f".{path.name}.", suffix=".tmp"
