@@ -46,6 +46,7 @@ from rwkv_cli.textio import (
     decode_utf8,
     piped_stdin,
     read_prompt,
+    require_visible_output,
     unescape,
 )
 from rwkv_cli.tokenizer import TOKENIZER_CHOICES
@@ -408,6 +409,10 @@ def load_state_command(
         else:
             print_state_info(details)
         return
+    require_visible_output(
+        "the continuations",
+        "give the text on stdin (< /dev/null continues without any), or use | tee",
+    )
     console = stderr_console()
     stdin = piped_stdin()
     start = _open(console, model, file, force, revision, tokenizer, device, dtype)
@@ -492,6 +497,11 @@ def chat(
         raise typer.BadParameter(
             f"choose one of {', '.join(TEMPLATES)}", ctx=ctx, param_hint="'--template'"
         )
+    require_visible_output(
+        "the replies",
+        "script a chat with the messages on stdin (rwkv chat < messages.txt > replies.txt); "
+        "keep one with --autosave or | tee",
+    )
     console = stderr_console()
     start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     saved = start.state_file

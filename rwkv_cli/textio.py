@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from typing import BinaryIO, TextIO
 
@@ -41,6 +42,33 @@ def piped_stdin() -> BinaryIO | None:
     if stream is None or stream.closed or stream.isatty():
         return None
     return stream.buffer
+
+
+def require_visible_output(what: str, hint: str) -> None:
+    """Refuse an interactive session whose output nobody would see.
+
+    With stdin on a terminal, the user types and expects to read ``what`` (the replies, the
+    continuations) as it streams. A terminal or a pipe (``| tee log``) shows it; a file or a device
+    (``> out.txt``, ``> /dev/null``) would swallow it while the user waits at the prompt.
+    """
+    if sys.stdin is None or sys.stdin.closed or not sys.stdin.isatty():
+        return
+    if _has_live_reader(sys.stdout):
+        return
+    raise InvalidInputError(f"stdout is redirected to a file, so {what} would not show", hint)
+
+
+def _has_live_reader(stream: TextIO | None) -> bool:
+    """Whether text written to ``stream`` reaches someone now: a terminal, a pipe or a socket."""
+    if stream is None or stream.closed:
+        return False
+    try:
+        if stream.isatty():
+            return True
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError):  # no descriptor (a test's buffer): not a file either
+        return True
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def unescape(text: str) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from rich.console import Console
 
 from rwkv_cli.ui import PROGRESS_MIN_TOKENS, prefill_progress
@@ -80,3 +81,55 @@ def test_prefill_progress_bar_shows_on_a_terminal_only() -> None:
     with prefill_progress(piped, PROGRESS_MIN_TOKENS * 2) as update:
         update(PROGRESS_MIN_TOKENS)
     assert piped.file.getvalue() == ""
+
+
+def _on_a_terminal(args: list[str], stdout) -> tuple[subprocess.Popen, int]:
+    """Start ``rwkv`` with stdin (and stderr) on a pseudo-terminal and stdout where given."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rwkv_cli", *args],
+        stdin=follower,
+        stdout=stdout,
+        stderr=follower,
+        env={**os.environ, "TERM": "dumb", "COLUMNS": "200"},
+    )
+    os.close(follower)
+    return process, leader
+
+
+@pytest.mark.parametrize(
+    ("command", "what"), [("chat", b"the replies"), ("load-state", b"the continuations")]
+)
+def test_typing_with_stdout_in_a_file_is_refused_before_the_model_loads(
+    tmp_path, command, what
+) -> None:
+    state = tmp_path / "s.rwkvstate"
+    state.write_bytes(b"not read: the check comes first")
+    args = ["chat", "-m", str(tmp_path / "missing.pth")] if command == "chat" else [command, state]
+    with open(tmp_path / "out.txt", "wb") as out:
+        process, leader = _on_a_terminal([str(arg) for arg in args], out)
+        try:
+            screen = _read_until(leader, b"Hint:")
+            assert process.wait(timeout=60) == 1
+        finally:
+            process.kill()
+            os.close(leader)
+    assert b"Error: stdout is redirected to a file, so " + what + b" would not show" in screen
+    assert b"Traceback" not in screen
+    assert (tmp_path / "out.txt").read_bytes() == b""
+
+
+def test_chat_typed_on_a_terminal_streams_its_replies_into_a_pipe(rwkv7_pth) -> None:
+    args = ["chat", "-m", str(rwkv7_pth), "--max-tokens", "4", "--seed", "3"]
+    process, leader = _on_a_terminal(args, subprocess.PIPE)
+    try:
+        _read_until(leader, b"/help")  # the header; typed keys wait for the prompt
+        os.write(leader, b"Hello\n")
+        _read_until(leader, b"4 tokens")
+        os.write(leader, b"\x04")  # Ctrl-D
+        replies, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        os.close(leader)
+    assert process.returncode == 0
+    assert replies.strip()  # the reply went to the pipe (| tee would show it)
