@@ -21,7 +21,6 @@ import errno
 import hashlib
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from huggingface_hub.utils import WeakFileLock, build_hf_headers, get_session
 
 from rwkv_cli import __version__
 from rwkv_cli.errors import ChecksumMismatchError, DiskFullError, HubUnreachableError, RwkvCliError
+from rwkv_cli.fileio import check_free_space, format_size
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -167,7 +167,7 @@ def _download(remote: RemoteFile, blob: Path, progress: bool | None, console: Co
         partial.unlink()  # cannot be the start of this file
         have = 0
     if remote.size is not None:
-        _check_space(blob.parent, remote.size - have, remote.label)
+        check_free_space(blob.parent, remote.size - have, _SPACE_HINT, remote.label)
     checksum = _Checksum(remote.etag, remote.size)
     if have:
         _hash_file(partial, checksum)
@@ -282,22 +282,12 @@ def _hash_file(path: Path, checksum: _Checksum) -> None:
             checksum.update(block)
 
 
-def _check_space(directory: Path, needed: int, label: str) -> None:
-    free = shutil.disk_usage(directory).free
-    if needed > free:
-        raise DiskFullError(
-            f"not enough disk space for {label}: {format_size(needed)} needed, "
-            f"{format_size(free)} free in {directory}",
-            hint=_SPACE_HINT,
-        )
-
-
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     return parts.scheme, (parts.hostname or "").lower(), parts.port
 
 
-# --- output (notice, error_reason and format_size serve hub.py and ui.py too) ---------------------
+# --- output (notice and error_reason serve hub.py too) ---------------------
 
 
 @contextmanager
@@ -338,16 +328,3 @@ def error_reason(error: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none)."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
-
-
-def format_size(size: int | None) -> str:
-    """Bytes in decimal units, as download sizes are usually shown: 382 MB, 1.5 GB."""
-    if size is None:
-        return "unknown size"
-    if size < 1000:
-        return f"{size} B"
-    units = ["kB", "MB", "GB", "TB"]
-    value, unit = size / 1000, units.pop(0)
-    while value >= 1000 and units:
-        value, unit = value / 1000, units.pop(0)
-    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"

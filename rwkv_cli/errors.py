@@ -70,8 +70,8 @@ class NotCachedError(ModelNotFoundError):
 
 
 class DiskFullError(RwkvCliError):
-    """No space left for a download; nothing half-written is left in the cache. The hint suggests
-    freeing space or moving the cache with ``HF_HOME``/``HF_HUB_CACHE``."""
+    """No space left for a download or a cache file; nothing half-written is left behind. The hint
+    says where more room can come from (``HF_HOME``/``HF_HUB_CACHE``, ``RWKV_CLI_HOME``)."""
 
 
 class ChecksumMismatchError(RwkvCliError):

@@ -1,15 +1,17 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a half-written one."""
+"""Writing files safely: atomic replacement (a reader sees the old file or the new one, never a
+half-written one), and the checks worth making before a long write."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from rwkv_cli.errors import WriteError
+from rwkv_cli.errors import DiskFullError, WriteError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -102,3 +104,29 @@ def _write_error(path: Path, error: OSError) -> WriteError:
     return WriteError(
         f"cannot write {path}: {reason}", hint="check the directory exists and is writable"
     )
+
+
+def check_free_space(directory: Path, needed: int, hint: str, what: str | None = None) -> None:
+    """Raise :class:`DiskFullError` now if ``directory``'s disk has less than ``needed`` bytes
+    free, rather than after writing most of a large file."""
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        subject = f" for {what}" if what else ""
+        raise DiskFullError(
+            f"not enough disk space{subject}: {format_size(needed)} needed, "
+            f"{format_size(free)} free in {directory}",
+            hint=hint,
+        )
+
+
+def format_size(size: int | None) -> str:
+    """Bytes in decimal units, as download sizes are usually shown: 382 MB, 1.5 GB."""
+    if size is None:
+        return "unknown size"
+    if size < 1000:
+        return f"{size} B"
+    units = ["kB", "MB", "GB", "TB"]
+    value, unit = size / 1000, units.pop(0)
+    while value >= 1000 and units:
+        value, unit = value / 1000, units.pop(0)
+    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"

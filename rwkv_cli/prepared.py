@@ -23,8 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rwkv_cli.checkpoint import load_checkpoint, weights_fingerprint
-from rwkv_cli.errors import WriteError
-from rwkv_cli.fileio import atomic_write, atomic_write_bytes
+from rwkv_cli.errors import RwkvCliError, WriteError
+from rwkv_cli.fileio import atomic_write, atomic_write_bytes, check_free_space
 from rwkv_cli.filerows import FileRows
 from rwkv_cli.models import Model, model_class
 from rwkv_cli.paths import converted_dir
@@ -35,6 +35,7 @@ _HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
 _INDEX = "hashes.json"
 _HASH_BLOCK = 16 * 1024 * 1024
 EMBEDDING = "emb.weight"
+_SPACE_HINT = "free some space, or set RWKV_CLI_HOME to a disk with more room"
 
 
 def load_model_cached(
@@ -67,15 +68,24 @@ def _convert(
     }
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
+        needed = sum(tensor.nbytes for tensor in prepared.values())
+        check_free_space(cached.parent, needed, _SPACE_HINT)
         atomic_write(cached, lambda temp: save_file(prepared, temp, metadata=metadata))
-    except (WriteError, OSError, SafetensorError) as error:
-        reason = error.message if isinstance(error, WriteError) else str(error)
-        warnings.warn(f"could not cache the converted model: {reason}", stacklevel=2)
+    except (RwkvCliError, OSError, SafetensorError) as error:
+        warnings.warn(_not_cached_reason(error), stacklevel=2)
         return _build(generation, prepared, fingerprint, compute_dtype)
     # Reload from the file so the weights are memory-mapped rather than held in this process.
     return _load_converted(cached, compute_dtype) or _build(
         generation, prepared, fingerprint, compute_dtype
     )
+
+
+def _not_cached_reason(error: Exception) -> str:
+    """The warning for a converted model that could not be cached (it still runs)."""
+    if isinstance(error, RwkvCliError):
+        hint = f" ({error.hint})" if error.hint else ""
+        return f"could not cache the converted model: {error.message}{hint}"
+    return f"could not cache the converted model: {error}"
 
 
 def _load_converted(cached: Path, compute_dtype: torch.dtype | None) -> Model | None:

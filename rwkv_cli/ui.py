@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from rwkv_cli.download import format_size
 from rwkv_cli.errors import RwkvCliError
+from rwkv_cli.fileio import format_size
 from rwkv_cli.generate import GenerationChunk
 
 

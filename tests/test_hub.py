@@ -17,7 +17,7 @@ from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import constants as hf_constants
 from rich.console import Console
 
-from rwkv_cli import download, hub
+from rwkv_cli import download, fileio, hub
 from rwkv_cli.errors import (
     ChecksumMismatchError,
     DiskFullError,
@@ -430,9 +430,7 @@ def test_too_little_space_is_reported_before_downloading(
     g1: LocalHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(
-        download.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000)
-    )
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
 
     with pytest.raises(DiskFullError, match=re.escape("300 kB needed, 1.0 kB free")):
         resolve("rwkv7-g1-0.1b")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections import namedtuple
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from rwkv_cli import prepared
+from rwkv_cli import fileio, prepared
 from rwkv_cli.filerows import FileRows
 from rwkv_cli.models import load_model
 from rwkv_cli.paths import converted_dir
@@ -112,3 +113,15 @@ def test_a_cached_model_reads_its_embedding_rows_from_the_file(rwkv7_pth) -> Non
     expected, _ = load_model(rwkv7_pth).forward([1, 2, 3])
     logits, _ = model.forward([1, 2, 3])
     assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_too_little_disk_space_skips_the_cache_with_a_warning(home, rwkv7_pth, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.warns(UserWarning) as caught:
+        model = load_model_cached(rwkv7_pth)
+    (warning,) = [str(item.message) for item in caught]
+    assert warning.startswith("could not cache the converted model: not enough disk space: ")
+    assert "1.0 kB free in " in warning and "RWKV_CLI_HOME" in warning
+    assert not list(converted_dir().glob("*.safetensors"))  # nothing half-written
+    assert torch.equal(_logits(model), _logits(load_model(rwkv7_pth)))
