@@ -59,7 +59,7 @@ from rwkv_cli.ui import (
     print_models,
     print_state_info,
     print_stats,
-    show_warnings_on,
+    show_warnings_on_stderr,
     stderr_console,
 )
 
@@ -208,6 +208,11 @@ SAMPLING_OPTIONS = (
 )
 
 
+def _no_color(value: bool) -> None:
+    if value:
+        os.environ["NO_COLOR"] = "1"  # rich, prompt_toolkit and the help screens all read it
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(f"rwkv-cli {__version__}")
@@ -219,6 +224,15 @@ def _root(
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version."),
+    ] = False,
+    no_color: Annotated[
+        bool,
+        typer.Option(
+            "--no-color",
+            callback=_no_color,
+            is_eager=True,
+            help="No colours on the terminal (as NO_COLOR=1 does).",
+        ),
     ] = False,
     threads: Annotated[
         int | None,
@@ -759,34 +773,33 @@ def _first_line(error: BaseException) -> str:
 
 def main() -> None:
     """Console-script entry point and the single error boundary."""
-    console = stderr_console()
-    show_warnings_on(console)
+    show_warnings_on_stderr()
     debug = os.environ.get("RWKV_CLI_DEBUG") == "1"
+    problem = None
     try:
         code = typer.main.get_command(app).main(prog_name="rwkv", standalone_mode=False)
     except typer.TyperException as error:  # usage errors (exit 2) and other option problems
         context = getattr(error, "ctx", None)
         command = context.command_path if context is not None else "rwkv"
-        print_error(console, RwkvCliError(error.format_message(), f"see '{command} --help'"))
+        problem = RwkvCliError(error.format_message(), f"see '{command} --help'")
         code = error.exit_code
     except typer.Abort:
         code = EXIT_INTERRUPTED
     except RwkvCliError as error:
         if debug:
             raise
-        print_error(console, error)
-        code = EXIT_ERROR
+        problem, code = error, EXIT_ERROR
     except Exception as error:
         if debug:
             raise
-        print_error(
-            console,
-            RwkvCliError(
-                f"unexpected {type(error).__name__}: {_first_line(error)}",
-                hint="set RWKV_CLI_DEBUG=1 for a traceback and please report it",
-            ),
+        problem = RwkvCliError(
+            f"unexpected {type(error).__name__}: {_first_line(error)}",
+            hint="set RWKV_CLI_DEBUG=1 for a traceback and please report it",
         )
         code = EXIT_ERROR
+    console = stderr_console()  # made now, after --no-color has had its say
+    if problem is not None:
+        print_error(console, problem)
     if code == EXIT_INTERRUPTED:
         console.print("Interrupted.")
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,7 +1,8 @@
 """Everything rwkv-cli shows besides generated text: it all goes to stderr.
 
 rich's Console already honours ``NO_COLOR``, ``FORCE_COLOR`` and ``TERM=dumb`` and writes no ANSI
-codes when stderr is not a terminal; spinners are shown only on a terminal.
+codes when stderr is not a terminal; spinners are shown only on a terminal. ``--no-color`` sets
+``NO_COLOR``, so consoles are made when needed rather than once at start.
 """
 
 from __future__ import annotations
@@ -123,11 +124,12 @@ def print_stats(console: Console, last: GenerationChunk) -> None:
     )
 
 
-def show_warnings_on(console: Console) -> None:
-    """Print Python warnings raised by the library as one ``Warning:`` line each."""
+def show_warnings_on_stderr() -> None:
+    """Print Python warnings raised by the library as one ``Warning:`` line each (on a console
+    made when the warning comes, so it follows ``--no-color``)."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        console.print(f"[yellow]Warning:[/yellow] {escape(str(message))}")
+        stderr_console().print(f"[yellow]Warning:[/yellow] {escape(str(message))}")
 
     warnings.showwarning = show
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -83,7 +84,9 @@ def test_prefill_progress_bar_shows_on_a_terminal_only() -> None:
     assert piped.file.getvalue() == ""
 
 
-def _on_a_terminal(args: list[str], stdout) -> tuple[subprocess.Popen, int]:
+def _on_a_terminal(
+    args: list[str], stdout, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, int]:
     """Start ``rwkv`` with stdin (and stderr) on a pseudo-terminal and stdout where given."""
     leader, follower = pty.openpty()
     process = subprocess.Popen(
@@ -91,7 +94,7 @@ def _on_a_terminal(args: list[str], stdout) -> tuple[subprocess.Popen, int]:
         stdin=follower,
         stdout=stdout,
         stderr=follower,
-        env={**os.environ, "TERM": "dumb", "COLUMNS": "200"},
+        env={**os.environ, "TERM": "dumb", "COLUMNS": "200", **(env or {})},
     )
     os.close(follower)
     return process, leader
@@ -133,3 +136,24 @@ def test_chat_typed_on_a_terminal_streams_its_replies_into_a_pipe(rwkv7_pth) -> 
         os.close(leader)
     assert process.returncode == 0
     assert replies.strip()  # the reply went to the pipe (| tee would show it)
+
+
+_COLOUR = re.compile(rb"\x1b\[(?:\d+;)*(?:3[0-8]|9[0-7])(?:;\d+)*m")  # SGR with a foreground
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "coloured"),
+    [([], {}, True), (["--no-color"], {}, False), ([], {"NO_COLOR": "1"}, False)],
+    ids=["default", "--no-color", "NO_COLOR"],
+)
+def test_colour_on_a_terminal_unless_turned_off(tmp_path, options, env, coloured) -> None:
+    args = [*options, "generate", "-m", str(tmp_path / "missing.pth"), "Hi"]
+    process, leader = _on_a_terminal(args, subprocess.PIPE, {"TERM": "xterm-256color", **env})
+    try:
+        screen = _read_until(leader, b"Hint:")
+        assert process.wait(timeout=60) == 1
+    finally:
+        process.kill()
+        os.close(leader)
+    assert b"Error:" in screen
+    assert bool(_COLOUR.search(screen)) == coloured
