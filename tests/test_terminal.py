@@ -100,6 +100,18 @@ def _on_a_terminal(
     return process, leader
 
 
+def _failing_on_a_terminal(args: list[str], stdout, env: dict[str, str] | None = None) -> bytes:
+    """What a command that should fail shows on the terminal; asserts exit status 1."""
+    process, leader = _on_a_terminal(args, stdout, env)
+    try:
+        screen = _read_until(leader, b"Hint:")
+        assert process.wait(timeout=60) == 1
+    finally:
+        process.kill()
+        os.close(leader)
+    return screen
+
+
 @pytest.mark.parametrize(
     ("command", "what"), [("chat", b"the replies"), ("load-state", b"the continuations")]
 )
@@ -110,13 +122,7 @@ def test_typing_with_stdout_in_a_file_is_refused_before_the_model_loads(
     state.write_bytes(b"not read: the check comes first")
     args = ["chat", "-m", str(tmp_path / "missing.pth")] if command == "chat" else [command, state]
     with open(tmp_path / "out.txt", "wb") as out:
-        process, leader = _on_a_terminal([str(arg) for arg in args], out)
-        try:
-            screen = _read_until(leader, b"Hint:")
-            assert process.wait(timeout=60) == 1
-        finally:
-            process.kill()
-            os.close(leader)
+        screen = _failing_on_a_terminal([str(arg) for arg in args], out)
     assert b"Error: stdout is redirected to a file, so " + what + b" would not show" in screen
     assert b"Traceback" not in screen
     assert (tmp_path / "out.txt").read_bytes() == b""
@@ -148,12 +154,6 @@ _COLOUR = re.compile(rb"\x1b\[(?:\d+;)*(?:3[0-8]|9[0-7])(?:;\d+)*m")  # SGR with
 )
 def test_colour_on_a_terminal_unless_turned_off(tmp_path, options, env, coloured) -> None:
     args = [*options, "generate", "-m", str(tmp_path / "missing.pth"), "Hi"]
-    process, leader = _on_a_terminal(args, subprocess.PIPE, {"TERM": "xterm-256color", **env})
-    try:
-        screen = _read_until(leader, b"Hint:")
-        assert process.wait(timeout=60) == 1
-    finally:
-        process.kill()
-        os.close(leader)
+    screen = _failing_on_a_terminal(args, subprocess.PIPE, {"TERM": "xterm-256color", **env})
     assert b"Error:" in screen
     assert bool(_COLOUR.search(screen)) == coloured
