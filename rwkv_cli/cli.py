@@ -38,7 +38,7 @@ from rwkv_cli.repl import (
     show_transcript_tail,
 )
 from rwkv_cli.runtime import LoadedModel, Start, default_model, open_start
-from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.sampling import MAX_SEED, SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
 from rwkv_cli.textio import (
     OutputClosedError,
@@ -164,6 +164,8 @@ DecayOption = Annotated[
 SeedOption = Annotated[
     int | None,
     typer.Option(
+        min=0,
+        max=MAX_SEED,
         help="Random seed for reproducible sampling (a resumed state continues its own).",
         show_default=False,
         rich_help_panel=SAMPLING,
@@ -781,7 +783,9 @@ def main() -> None:
     except typer.TyperException as error:  # usage errors (exit 2) and other option problems
         context = getattr(error, "ctx", None)
         command = context.command_path if context is not None else "rwkv"
-        problem = RwkvCliError(error.format_message(), f"see '{command} --help'")
+        cause = error.__cause__  # a value our own checks refused says what to use instead
+        hint = cause.hint if isinstance(cause, RwkvCliError) and cause.hint else None
+        problem = RwkvCliError(error.format_message(), hint or f"see '{command} --help'")
         code = error.exit_code
     except typer.Abort:
         code = EXIT_INTERRUPTED

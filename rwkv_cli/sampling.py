@@ -27,7 +27,7 @@ from rwkv_cli.errors import InvalidInputError
 _RANDOM_SEED_BITS = 63
 
 # torch.Generator.manual_seed accepts any value that fits in an unsigned 64-bit integer.
-_MAX_SEED = 2**64 - 1
+MAX_SEED = 2**64 - 1
 
 # The float32 running total of the sorted probabilities carries rounding error, so a nucleus
 # boundary that is reached exactly on paper (0.38 + 0.32 against top-p 0.7) can land a few ulps
@@ -63,17 +63,17 @@ class SamplingParams:
         if not _is_number(self.temperature) or not (0 <= self.temperature < math.inf):
             raise InvalidInputError(
                 f"temperature must be a finite number >= 0, got {self.temperature!r}",
-                hint="Use 0 for greedy decoding; 1 leaves the model's distribution unchanged.",
+                hint="use 0 for greedy decoding; 1 leaves the model's distribution unchanged",
             )
         if not _is_number(self.top_p) or not (0 < self.top_p <= 1):
             raise InvalidInputError(
                 f"top-p must be in (0, 1], got {self.top_p!r}",
-                hint="Use 1 to turn nucleus sampling off.",
+                hint="use 1 to turn nucleus sampling off",
             )
         if not _is_integer(self.top_k) or self.top_k < 0:
             raise InvalidInputError(
                 f"top-k must be an integer >= 0, got {self.top_k!r}",
-                hint="Use 0 to turn top-k filtering off.",
+                hint="use 0 to turn top-k filtering off",
             )
         for name, value in (
             ("presence penalty", self.presence_penalty),
@@ -84,7 +84,7 @@ class SamplingParams:
         if not _is_number(self.penalty_decay) or not (0 < self.penalty_decay <= 1):
             raise InvalidInputError(
                 f"penalty decay must be in (0, 1], got {self.penalty_decay!r}",
-                hint="Use 1 to count every earlier token fully, however long ago it appeared.",
+                hint="use 1 to count every earlier token fully, however long ago it appeared",
             )
         return self
 
@@ -117,7 +117,7 @@ def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
     """Return a CPU generator seeded with ``seed`` (or a fresh random seed) and the seed used."""
     if seed is None:
         seed = secrets.randbits(_RANDOM_SEED_BITS)
-    elif not _is_integer(seed) or not (0 <= seed <= _MAX_SEED):
+    elif not _is_integer(seed) or not (0 <= seed <= MAX_SEED):
         raise InvalidInputError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)

@@ -53,8 +53,8 @@ _LONGEST = 256
 _TrieNode = dict[int, Any]
 
 _VOCAB_HINT = (
-    f"The World vocabulary ships with rwkv-cli as rwkv_cli/data/{VOCAB_FILE}; "
-    "reinstalling rwkv-cli restores a damaged copy."
+    f"the World vocabulary ships with rwkv-cli as rwkv_cli/data/{VOCAB_FILE}; "
+    "reinstalling rwkv-cli restores a damaged copy"
 )
 
 NEOX_NAME = "20B_tokenizer"
@@ -67,8 +67,8 @@ BUNDLED_TOKENIZER_FILE = "tokenizer.json"
 BPE_NAME_DIGITS = 12
 
 _NEOX_HINT = (
-    f"The 20B tokenizer ships with rwkv-cli as rwkv_cli/data/{NEOX_FILE}; "
-    "reinstalling rwkv-cli restores a damaged copy."
+    f"the 20B tokenizer ships with rwkv-cli as rwkv_cli/data/{NEOX_FILE}; "
+    "reinstalling rwkv-cli restores a damaged copy"
 )
 
 
@@ -116,12 +116,12 @@ class WorldTokenizer:
         except OSError as error:
             reason = error.strerror or str(error)
             raise TokenizerError(
-                f"Cannot read the tokenizer vocabulary {os.fspath(path)!r}: {reason}.",
+                f"cannot read the tokenizer vocabulary {os.fspath(path)!r}: {reason}",
                 hint=_VOCAB_HINT,
             ) from error
         except UnicodeDecodeError as error:
             raise TokenizerError(
-                f"The tokenizer vocabulary {os.fspath(path)!r} is not UTF-8 text.",
+                f"the tokenizer vocabulary {os.fspath(path)!r} is not UTF-8 text",
                 hint=_VOCAB_HINT,
             ) from error
         return cls(entries)
@@ -222,10 +222,10 @@ class BPETokenizer:
         self.token_count = len(self._bytes_by_id)
         if self.token_count == 0 or self._bytes_by_id[EOS_ID] != b"":
             raise TokenizerError(
-                f"The {self.label} tokenizer's id {EOS_ID} is not a special end-of-text token."
+                f"the {self.label} tokenizer's id {EOS_ID} is not a special end-of-text token"
             )
         self.vocab_size = self.token_count if vocab_size is None else vocab_size
-        self._check_fits(self.vocab_size)
+        _require_fit(self.label, self.token_count, self.vocab_size)
 
     @property
     def label(self) -> str:
@@ -241,18 +241,18 @@ class BPETokenizer:
             tokenizer = tokenizers.Tokenizer.from_file(os.fspath(path))
         except Exception as error:  # the library raises plain Exception for bad files
             raise TokenizerError(
-                f"Cannot read the tokenizer {os.fspath(path)!r}: {str(error).strip()[:200]}."
+                f"cannot read the tokenizer {os.fspath(path)!r}: {str(error).strip()[:200]}"
             ) from error
         if not isinstance(tokenizer.decoder, tokenizers.decoders.ByteLevel):
             raise TokenizerError(
-                f"The tokenizer {os.fspath(path)!r} is not a byte-level BPE tokenizer.",
+                f"the tokenizer {os.fspath(path)!r} is not a byte-level BPE tokenizer",
                 hint="rwkv-cli reads byte-level BPE tokenizer.json files (GPT-2 style) only",
             )
         return cls(tokenizer, name or bpe_name(path), vocab_size)
 
     def with_vocab_size(self, vocab_size: int) -> BPETokenizer:
         """The same tokenizer for a model whose head has ``vocab_size`` rows (padding unused)."""
-        self._check_fits(vocab_size)
+        _require_fit(self.label, self.token_count, vocab_size)
         padded = copy.copy(self)  # shares the loaded vocabulary
         padded.vocab_size = vocab_size
         return padded
@@ -265,9 +265,9 @@ class BPETokenizer:
         """The bytes one id stands for (``b""`` for the special tokens)."""
         if not 0 <= token_id < self.token_count:
             raise TokenizerError(
-                f"Token id {token_id!r} is not in the {self.label} vocabulary "
-                f"(valid ids are 0 to {self.token_count - 1}).",
-                hint=f"The ids must come from the {self.label} tokenizer.",
+                f"token id {token_id!r} is not in the {self.label} vocabulary "
+                f"(valid ids are 0 to {self.token_count - 1})",
+                hint=f"the ids must come from the {self.label} tokenizer",
             )
         return self._bytes_by_id[token_id]
 
@@ -279,13 +279,6 @@ class BPETokenizer:
         """The text of ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def _check_fits(self, vocab_size: int) -> None:
-        if vocab_size < self.token_count:
-            raise TokenizerError(
-                f"The {self.label} tokenizer has {self.token_count} tokens, more than the model's "
-                f"vocabulary of {vocab_size}."
-            )
-
 
 class NeoXTokenizer(BPETokenizer):
     """GPT-NeoX's "20B" tokenizer of RWKV-4 Pile/Raven and RWKV-7 Pile models."""
@@ -296,8 +289,8 @@ class NeoXTokenizer(BPETokenizer):
         """Wrap a loaded ``20B_tokenizer.json`` for a model with ``vocab_size`` rows."""
         if tokenizer.get_vocab_size(with_added_tokens=True) != NEOX_TOKEN_COUNT:
             raise TokenizerError(
-                f"The 20B tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} "
-                f"tokens; expected {NEOX_TOKEN_COUNT}.",
+                f"the 20B tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} "
+                f"tokens; expected {NEOX_TOKEN_COUNT}",
                 hint=_NEOX_HINT,
             )
         super().__init__(tokenizer, NEOX_NAME, vocab_size)
@@ -311,7 +304,7 @@ class NeoXTokenizer(BPETokenizer):
             tokenizer = tokenizers.Tokenizer.from_file(os.fspath(path))
         except Exception as error:  # the library raises plain Exception for bad files
             raise TokenizerError(
-                f"Cannot read the tokenizer {os.fspath(path)!r}: {str(error).strip()[:200]}.",
+                f"cannot read the tokenizer {os.fspath(path)!r}: {str(error).strip()[:200]}",
                 hint=_NEOX_HINT,
             ) from error
         return cls(tokenizer, vocab_size)
@@ -351,7 +344,7 @@ def _byte_level_token_bytes(tokenizer: tokenizers.Tokenizer, label: str) -> list
     by_id: list[bytes | None] = [None] * len(vocabulary)
     for text, token_id in vocabulary.items():
         if token_id >= len(by_id):
-            raise TokenizerError(f"The {label} tokenizer's ids are not contiguous ({token_id}).")
+            raise TokenizerError(f"the {label} tokenizer's ids are not contiguous ({token_id})")
         token = added.get(token_id)
         if token is not None and token.special:
             by_id[token_id] = b""
@@ -407,13 +400,20 @@ def tokenizer_by_name(name: str, vocab_size: int | None = None) -> Tokenizer:
     if canonical == NEOX_NAME:
         return load_neox_tokenizer(vocab_size or NEOX_TOKEN_COUNT)
     tokenizer = load_world_tokenizer()
-    if vocab_size is not None and tokenizer.token_count > vocab_size:
-        raise TokenizerError(
-            f"the World tokenizer has {tokenizer.token_count} tokens, more than the model's "
-            f"vocabulary of {vocab_size}",
-            hint="models with a vocabulary of 50277 or 50304 use --tokenizer 20b",
-        )
+    if vocab_size is not None:
+        _require_fit("World", tokenizer.token_count, vocab_size)
     return tokenizer
+
+
+def _require_fit(label: str, token_count: int, vocab_size: int) -> None:
+    """TokenizerError unless a tokenizer of ``token_count`` tokens fits a model's vocabulary."""
+    if token_count > vocab_size:
+        raise TokenizerError(
+            f"the {label} tokenizer has {token_count} tokens, more than the model's "
+            f"vocabulary of {vocab_size}",
+            hint="leave out --tokenizer to use the model's own (World for 65536 tokens, 20b for "
+            "50277 and 50304)",
+        )
 
 
 def _parse_vocabulary(lines: Iterable[str], source: str) -> dict[int, bytes]:
@@ -426,13 +426,13 @@ def _parse_vocabulary(lines: Iterable[str], source: str) -> dict[int, bytes]:
             token_id, token = _parse_line(line)
         except ValueError as error:
             raise TokenizerError(
-                f"Bad entry in the tokenizer vocabulary {source!r}, line {line_number}: {error}.",
+                f"bad entry in the tokenizer vocabulary {source!r}, line {line_number}: {error}",
                 hint=_VOCAB_HINT,
             ) from None
         if token_id in entries:
             raise TokenizerError(
-                f"Bad entry in the tokenizer vocabulary {source!r}, line {line_number}: "
-                f"id {token_id} appears twice.",
+                f"bad entry in the tokenizer vocabulary {source!r}, line {line_number}: "
+                f"id {token_id} appears twice",
                 hint=_VOCAB_HINT,
             )
         entries[token_id] = token
@@ -470,19 +470,19 @@ def _check_vocabulary(token_bytes_by_id: dict[int, bytes]) -> None:
         token_id in token_bytes_by_id for token_id in expected_ids
     ):
         raise TokenizerError(
-            f"The tokenizer vocabulary has {len(token_bytes_by_id)} entries; "
-            f"the World vocabulary has ids 1 to {LAST_ID}.",
+            f"the tokenizer vocabulary has {len(token_bytes_by_id)} entries; "
+            f"the World vocabulary has ids 1 to {LAST_ID}",
             hint=_VOCAB_HINT,
         )
     for byte in range(256):
         if token_bytes_by_id[byte + 1] != bytes([byte]):
             raise TokenizerError(
-                f"The tokenizer vocabulary's id {byte + 1} should be the single byte {byte:#04x}.",
+                f"the tokenizer vocabulary's id {byte + 1} should be the single byte {byte:#04x}",
                 hint=_VOCAB_HINT,
             )
     if len(set(token_bytes_by_id.values())) != len(token_bytes_by_id):
         raise TokenizerError(
-            "The tokenizer vocabulary lists the same token under two ids.", hint=_VOCAB_HINT
+            "the tokenizer vocabulary lists the same token under two ids", hint=_VOCAB_HINT
         )
 
 
@@ -505,7 +505,7 @@ def _build_trie(token_bytes_by_id: dict[int, bytes]) -> _TrieNode:
 
 def _unknown_id_error(token_id: object) -> TokenizerError:
     return TokenizerError(
-        f"Token id {token_id!r} is not in the World vocabulary "
-        f"(valid ids are {EOS_ID} to {LAST_ID}; {LAST_ID + 1} to {VOCAB_SIZE - 1} are unused).",
-        hint="The ids must come from the World tokenizer (rwkv_vocab_v20230424).",
+        f"token id {token_id!r} is not in the World vocabulary "
+        f"(valid ids are {EOS_ID} to {LAST_ID}; {LAST_ID + 1} to {VOCAB_SIZE - 1} are unused)",
+        hint="the ids must come from the World tokenizer (rwkv_vocab_v20230424)",
     )

@@ -130,19 +130,22 @@ def test_non_utf8_stdin(rwkv7_pth) -> None:
 
 
 @pytest.mark.parametrize(
-    ("option", "value", "fragment"),
+    ("option", "value", "fragment", "hint"),
     [
-        ("--top-p", "1.5", "top-p"),
-        ("--temperature", "-1", "temperature"),
-        ("--top-k", "-2", "top-k"),
-        ("--penalty-decay", "0", "penalty decay"),
-        ("--temperature", "warm", "--temperature"),
-        ("--max-tokens", "-1", "--max-tokens"),
+        ("--top-p", "1.5", "top-p", "use 1 to turn nucleus sampling off"),
+        ("--temperature", "-1", "temperature", "use 0 for greedy decoding"),
+        ("--top-k", "-2", "top-k", "use 0 to turn top-k filtering off"),
+        ("--penalty-decay", "0", "penalty decay", "use 1 to count every earlier token"),
+        ("--temperature", "warm", "--temperature", "see 'rwkv generate --help'"),
+        ("--max-tokens", "-1", "--max-tokens", "see 'rwkv generate --help'"),
+        ("--seed", "-5", "--seed", "see 'rwkv generate --help'"),
+        ("--seed", str(2**64), "--seed", "see 'rwkv generate --help'"),
     ],
 )
-def test_invalid_option_values_are_usage_errors(rwkv7_pth, option, value, fragment) -> None:
+def test_invalid_option_values_are_usage_errors(rwkv7_pth, option, value, fragment, hint) -> None:
     result = rwkv("generate", "x", "-m", rwkv7_pth, option, value)
     assert_one_line_error(result, 2, fragment)
+    assert f"Hint: {hint}" in result.stderr.decode()
 
 
 def test_unknown_option_is_a_usage_error() -> None:

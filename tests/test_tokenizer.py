@@ -380,7 +380,7 @@ def test_vocab_with_duplicate_token_raises(tmp_path: Path) -> None:
 
 
 def test_missing_vocab_raises(tmp_path: Path) -> None:
-    with pytest.raises(TokenizerError, match="Cannot read") as caught:
+    with pytest.raises(TokenizerError, match="cannot read") as caught:
         WorldTokenizer.from_file(tmp_path / "nope.txt")
     assert "nope.txt" in caught.value.message
     assert caught.value.hint
