@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from rich.console import Console
 
 from rwkv_cli.demo import DEMO_SPEC
 from rwkv_cli.device import compute_dtype, resolve_device, resolve_dtype, use_own_stream
-from rwkv_cli.errors import HubUnreachableError, InvalidInputError, NotCachedError
+from rwkv_cli.errors import HubUnreachableError, InvalidInputError, NotCachedError, TokenizerError
 from rwkv_cli.generate import Session
 from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from rwkv_cli.kernels import kernels_to_build, prepare_kernels
@@ -57,6 +58,7 @@ def open_model(
     tokenizer: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    saved_tokenizer: str | None = None,
 ) -> LoadedModel:
     """Load the model ``spec`` names: a local checkpoint, a Hub file, an alias (downloading it
     on first use) or the demo model, through the converted-weights cache. For the tokenizer see
@@ -78,17 +80,24 @@ def open_model(
     building = console if kernels_to_build(target) else None
     with activity(building, "Building the compiled kernels (first use only; up to a minute)"):
         prepare_kernels(target)
-    chosen = choose_tokenizer(resolved, model.vocab_size, tokenizer)
+    chosen = choose_tokenizer(resolved, model.vocab_size, tokenizer, saved_tokenizer)
     return LoadedModel(model, chosen, spec, resolved.resolved)
 
 
-def choose_tokenizer(resolved: ResolvedModel, vocab_size: int, name: str | None) -> Tokenizer:
+def choose_tokenizer(
+    resolved: ResolvedModel, vocab_size: int, name: str | None, saved: str | None = None
+) -> Tokenizer:
     """The tokenizer of a model with ``vocab_size`` rows.
 
     A local checkpoint with a ``tokenizer.json`` in its folder (the demo model) uses that file,
     unless ``name`` names another tokenizer. Otherwise ``name`` ("world", "20b", ...) decides, and
-    without it the vocabulary size (65536: World; 50277 or 50304: 20B).
+    without it the vocabulary size (65536: World; 50277 or 50304: 20B). Without ``name``, the
+    tokenizer a state file was ``saved`` with comes first where it fits this model; where it does
+    not, the state file's own check says what differs.
     """
+    if name is None and saved is not None:
+        with contextlib.suppress(TokenizerError):
+            return choose_tokenizer(resolved, vocab_size, saved)
     bundled = bundled_tokenizer_path(resolved.path) if resolved.repo_id is None else None
     if bundled is not None and (name is None or name.lower() == bpe_name(bundled)):
         return BPETokenizer.from_file(bundled, vocab_size=vocab_size)
@@ -146,11 +155,13 @@ def open_start(
         loaded = open_model(model_spec, revision, console, tokenizer, **where)
         return Start(loaded, import_state_tuning(state_path, loaded.model))
     state_file = read_state_file(state_path)
-    tokenizer = tokenizer or state_file.identity.tokenizer
+    saved = state_file.identity.tokenizer
     if model_spec is None:
-        loaded = _open_saved_model(state_file, console, tokenizer, where)
+        loaded = _open_saved_model(state_file, console, tokenizer or saved, where)
     else:
-        loaded = open_model(model_spec, revision, console, tokenizer, **where)
+        loaded = open_model(
+            model_spec, revision, console, tokenizer, saved_tokenizer=saved, **where
+        )
     session = state_file.session_for(loaded.model, loaded.tokenizer.name, force=force)
     return Start(loaded, session, state_file)
 

@@ -116,7 +116,8 @@ class StateFile:
         problem = self.identity.difference(ModelIdentity.of(model, tokenizer_name))
         if problem is not None and not (force and problem[1] == _FORCE_HINT):
             message, hint = problem
-            raise StateFileError(message, hint=hint)
+            made_with = f"it was made with {self.model_spec} ({self.identity.describe()})"
+            raise StateFileError(message, hint=hint or f"{made_with}: use that model")
         try:
             state = model.new_state().with_tensors(self.state_tensors)
         except ValueError as error:

@@ -182,6 +182,14 @@ def test_state_for_another_model_is_one_line_error(tmp_path, rwkv7_pth, rwkv7_de
     rwkv("save-state", "x", "-m", rwkv7_pth, "-o", state)
     result = rwkv("generate", "y", "--state", state, "-m", rwkv7_deeper_pth)
     assert_one_line_error(result, 1, "state was made by RWKV-7 L2 D128; model is RWKV-7 L3 D128")
+    assert f"Hint: it was made with {rwkv7_pth} (RWKV-7 L2 D128)" in result.stderr.decode()
+
+
+def test_a_state_whose_tokenizer_the_model_lacks_says_what_differs(tmp_path, rwkv7_pth) -> None:
+    state = tmp_path / "demo.rwkvstate"
+    rwkv("save-state", "And God", "-m", "demo", "-o", state)  # the demo's own BPE tokenizer
+    result = rwkv("generate", "y", "--state", state, "-m", rwkv7_pth)
+    assert_one_line_error(result, 1, "state was made by RWKV-7 L6 D192; model is RWKV-7 L2 D128")
 
 
 def test_fine_tune_state_needs_force(tmp_path, rwkv7_pth, rwkv7_other_weights_pth) -> None:
