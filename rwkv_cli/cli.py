@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import typer
@@ -247,18 +247,18 @@ def _root(
         ),
     ] = None,
     kernel: Annotated[
-        KernelChoice,
+        Literal[KernelChoice, "cuda"],
         typer.Option(
             "--kernel",
             envvar="RWKV_CLI_KERNEL",
             help="Compiled C++/CUDA kernels where they build, else the torch path (auto); always "
-            "the torch path; or compiled, failing if they do not build.",
+            "the torch path; or compiled (cuda is the same), failing if they do not build.",
         ),
     ] = "auto",
 ) -> None:
     """Run RWKV language models from the terminal."""
     configure_cpu(threads)
-    set_kernel_choice(kernel)
+    set_kernel_choice("compiled" if kernel == "cuda" else kernel)
 
 
 @app.command()

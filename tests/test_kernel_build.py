@@ -110,10 +110,11 @@ def test_cli_kernel_torch_never_builds(rwkv7_pth, tmp_path: Path) -> None:
     assert not (home / "kernels").exists()
 
 
-def test_cli_kernel_compiled_without_a_usable_build_is_an_error(rwkv7_pth, tmp_path) -> None:
+@pytest.mark.parametrize("choice", ["compiled", "cuda"])  # cuda is another name for compiled
+def test_cli_kernel_compiled_without_a_usable_build_is_an_error(rwkv7_pth, tmp_path, choice):
     """No GPU here and no C++ compiler: whichever kernels this device has cannot be built."""
     env = {"RWKV_CLI_HOME": str(tmp_path / "home"), "CXX": str(tmp_path / "no-such-compiler")}
-    result = rwkv("--kernel", "compiled", "generate", "Hi", "-m", rwkv7_pth, env=env)
+    result = rwkv("--kernel", choice, "generate", "Hi", "-m", rwkv7_pth, env=env)
     assert_one_line_error(result, 1, "kernels")
 
 
