@@ -22,7 +22,8 @@ import torch
 from huggingface_hub import constants as hf_constants
 
 from rwkv_cli import __version__
-from rwkv_cli.errors import RwkvCliError
+from rwkv_cli.device import resolve_device
+from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.kernels import cpu_ops, cuda
 from rwkv_cli.kernels.build import kernel_choice, kernels_dir
 from rwkv_cli.paths import converted_dir, home_dir
@@ -89,6 +90,7 @@ def diagnose(build_kernels: bool = True) -> Report:
         _tool_check("ninja", _ninja_path(), needed=True),
         _tool_check("C++ compiler", shutil.which(os.environ.get("CXX", "c++")), needed=True),
         Check("kernel choice", kernel_choice()),
+        _default_device_check(gpus),
         _cuda_kernels_check(bool(gpus), build_kernels),
         _cpu_kernels_check(build_kernels),
         *_storage_checks(),
@@ -108,6 +110,21 @@ def visible_gpus() -> list[str]:
             f"compute capability {properties.major}.{properties.minor}"
         )
     return found
+
+
+def _default_device_check(gpus: list[str]) -> Check:
+    """Where commands run without --device: ``RWKV_CLI_DEVICE`` if set (and usable), else the
+    CPU, with a tip when a GPU sits unused."""
+    name, configured = "device", os.environ.get("RWKV_CLI_DEVICE")
+    if configured is None:
+        tip = " (a GPU is here: --device cuda, or RWKV_CLI_DEVICE=cuda for every command)"
+        return Check(name, "cpu" + (tip if gpus else ""))
+    try:
+        device = resolve_device(configured)
+    except InvalidInputError as error:
+        hint = "unset RWKV_CLI_DEVICE, or set it to a device listed above (or cpu, or auto)"
+        return Check(name, f"RWKV_CLI_DEVICE={configured}: {error.message}", "failed", hint)
+    return Check(name, f"{device} (RWKV_CLI_DEVICE={configured})", "ok")
 
 
 def _torch_check() -> Check:

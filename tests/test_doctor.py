@@ -13,7 +13,7 @@ from rwkv_cli.kernels import cuda
 from rwkv_cli.kernels.build import KernelBuildError, KernelSelfTestError
 from tests.cli_runner import rwkv
 
-NAMES = ("rwkv-cli", "torch", "GPU", "nvcc", "ninja", "C++ compiler", "kernel choice")
+NAMES = ("rwkv-cli", "torch", "GPU", "nvcc", "ninja", "C++ compiler", "kernel choice", "device")
 STORAGE = ("HF cache", "rwkv-cli home", "converted", "kernel builds")
 FAKE_GPU = "cuda:0 Fake GPU, 80.0 GiB, compute capability 9.0"
 
@@ -106,3 +106,24 @@ def test_a_gpu_torch_cannot_use_is_a_failure(monkeypatch: pytest.MonkeyPatch) ->
     assert checks["GPU"].status == "failed"
     assert "1 NVIDIA GPU(s) present, but torch cannot use them" in checks["GPU"].value
     assert "CUDA build of torch" in checks["GPU"].hint
+
+
+@pytest.mark.parametrize(
+    ("configured", "gpus", "status", "shown"),
+    [
+        (None, [], "info", "cpu"),
+        (None, [FAKE_GPU], "info", "cpu (a GPU is here: --device cuda, or RWKV_CLI_DEVICE=cuda"),
+        ("cpu", [], "ok", "cpu (RWKV_CLI_DEVICE=cpu)"),
+        ("tpu", [], "failed", "RWKV_CLI_DEVICE=tpu: unknown device 'tpu'"),
+    ],
+)
+def test_the_default_device_and_a_tip_when_a_gpu_sits_unused(
+    monkeypatch: pytest.MonkeyPatch, configured, gpus, status, shown
+) -> None:
+    if configured is None:
+        monkeypatch.delenv("RWKV_CLI_DEVICE", raising=False)
+    else:
+        monkeypatch.setenv("RWKV_CLI_DEVICE", configured)
+    check = doctor._default_device_check(gpus)
+    assert check.status == status and check.value.startswith(shown)
+    assert (check.hint is not None) == (status == "failed")
