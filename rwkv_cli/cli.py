@@ -46,6 +46,7 @@ from rwkv_cli.textio import (
     decode_utf8,
     piped_stdin,
     read_prompt,
+    require_utf8,
     require_visible_output,
     unescape,
 )
@@ -210,6 +211,12 @@ SAMPLING_OPTIONS = (
 )
 
 
+def _utf8_argument(param: typer.CallbackParam, value: str | None) -> str | None:
+    """Text from the command line, which must be UTF-8 like piped text."""
+    name = (param.name or "").upper() if param.param_type_name == "argument" else param.opts[0]
+    return None if value is None else require_utf8(value, name)
+
+
 def _no_color(value: bool) -> None:
     if value:
         os.environ["NO_COLOR"] = "1"  # rich, prompt_toolkit and the help screens all read it
@@ -267,7 +274,9 @@ def generate(
     prompt: Annotated[
         str | None,
         typer.Argument(
-            help="Prompt text. Piped stdin is read too and comes first.", show_default=False
+            help="Prompt text. Piped stdin is read too and comes first.",
+            show_default=False,
+            callback=_utf8_argument,
         ),
     ] = None,
     model: ModelOption = None,
@@ -325,7 +334,9 @@ def save_state_command(
     text: Annotated[
         str | None,
         typer.Argument(
-            help="Text to read. Piped stdin is read too and comes first.", show_default=False
+            help="Text to read. Piped stdin is read too and comes first.",
+            show_default=False,
+            callback=_utf8_argument,
         ),
     ] = None,
     output: Annotated[
@@ -481,7 +492,11 @@ def chat(
     force: ForceOption = False,
     system: Annotated[
         str | None,
-        typer.Option(help="A system prompt before the conversation.", show_default=False),
+        typer.Option(
+            help="A system prompt before the conversation.",
+            show_default=False,
+            callback=_utf8_argument,
+        ),
     ] = None,
     think: Annotated[
         bool, typer.Option("--think", help="Let G1 models think before answering.")
@@ -547,7 +562,7 @@ def chat(
             f"template · seed {seed_used} · /help[/dim]"
         )
         show_transcript_tail(console, conversation)
-    lines = TerminalLines(chat_history_file()) if on_terminal else ScriptLines(sys.stdin)
+    lines = TerminalLines(chat_history_file()) if on_terminal else ScriptLines(sys.stdin.buffer)
     stdout = Console(file=sys.stdout)
     ChatRepl(
         conversation,

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import BinaryIO, Protocol
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,7 +22,7 @@ from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.generate import GenerationChunk, Session
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, read_state_file, save_state_file
-from rwkv_cli.textio import OutputClosedError, StdoutWriter
+from rwkv_cli.textio import OutputClosedError, StdoutWriter, decode_utf8
 from rwkv_cli.ui import print_error
 
 MULTILINE_FENCE = '"""'
@@ -48,17 +48,29 @@ class LineSource(Protocol):
 
 
 class ScriptLines:
-    """One message per line from a non-terminal stdin; never waits for a terminal."""
+    """One message per line from a non-terminal stdin (the lines between two \"\"\" lines make
+    one message); never waits for a terminal. Lines must be UTF-8; CRLF endings are fine."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
+        self.line_number = 0
 
     def read(self) -> str | None:
-        try:
-            line = self.stream.readline()
-        except UnicodeDecodeError as error:
-            raise InvalidInputError("stdin is not valid UTF-8") from error
-        return None if line == "" else line.rstrip("\n")
+        line = self._line()
+        if line is None or line.strip() != MULTILINE_FENCE:
+            return line
+        block = []
+        while (line := self._line()) is not None and line.strip() != MULTILINE_FENCE:
+            block.append(line)
+        return "\n".join(block)  # a block still open at the end of input is sent as it is
+
+    def _line(self) -> str | None:
+        data = self.stream.readline()
+        if not data:
+            return None
+        self.line_number += 1
+        text = decode_utf8(data, f"stdin line {self.line_number}")
+        return text.removesuffix("\n").removesuffix("\r")
 
 
 class TerminalLines:

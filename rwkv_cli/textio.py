@@ -36,6 +36,24 @@ def decode_utf8(data: bytes, source: str) -> str:
         ) from error
 
 
+def require_utf8(text: str, source: str) -> str:
+    """``text`` if it came from valid UTF-8; InvalidInputError otherwise.
+
+    Python hands over undecodable bytes of the command line as lone surrogates
+    (``surrogateescape``); they are turned back into the bytes to say which one is wrong.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        given = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        raise InvalidInputError(f"{source} is not valid UTF-8 text") from None
+    return decode_utf8(given, source)  # names the first byte that is not UTF-8
+
+
 def piped_stdin() -> BinaryIO | None:
     """The binary stdin when input is piped or redirected; None on a terminal or when closed."""
     stream = sys.stdin

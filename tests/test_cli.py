@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from rwkv_cli.errors import InvalidInputError
 from rwkv_cli.generate import generate
 from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.textio import require_utf8
 from rwkv_cli.tokenizer import load_world_tokenizer
 from tests.cli_runner import assert_one_line_error, rwkv
 from tests.fixtures import write_pth
@@ -127,6 +130,29 @@ def test_corrupt_checkpoint_of_a_detected_generation(tmp_path) -> None:
 def test_non_utf8_stdin(rwkv7_pth) -> None:
     result = rwkv("generate", "-m", rwkv7_pth, stdin=b"caf\xe9 au lait")
     assert_one_line_error(result, 1, "stdin is not valid UTF-8", "offset 3")
+
+
+NOT_UTF8 = os.fsdecode(b"caf\xe9")  # how Python hands such argv bytes over: a lone surrogate
+
+
+@pytest.mark.parametrize(
+    ("command", "source"),
+    [
+        (["generate", NOT_UTF8], "PROMPT"),
+        (["save-state", "-o", "unused.rwkvstate", NOT_UTF8], "TEXT"),
+        (["chat", "--system", NOT_UTF8], "--system"),
+    ],
+    ids=["generate", "save-state", "chat"],
+)
+def test_non_utf8_command_line_text(rwkv7_pth, command, source) -> None:
+    result = rwkv(*command, "-m", rwkv7_pth)
+    assert_one_line_error(result, 1, f"{source} is not valid UTF-8 (byte 0xe9 at offset 3)")
+
+
+def test_command_line_text_checks() -> None:
+    assert require_utf8("café ✓", "PROMPT") == "café ✓"
+    with pytest.raises(InvalidInputError, match="PROMPT is not valid UTF-8 text"):
+        require_utf8("a\ud800", "PROMPT")  # a surrogate that stands for no byte
 
 
 @pytest.mark.parametrize(
