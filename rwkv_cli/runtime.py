@@ -12,7 +12,13 @@ from rich.console import Console
 
 from rwkv_cli.demo import DEMO_SPEC
 from rwkv_cli.device import compute_dtype, resolve_device, resolve_dtype, use_own_stream
-from rwkv_cli.errors import HubUnreachableError, InvalidInputError, NotCachedError, TokenizerError
+from rwkv_cli.errors import (
+    HubUnreachableError,
+    InvalidInputError,
+    ModelNotFoundError,
+    NotCachedError,
+    TokenizerError,
+)
 from rwkv_cli.generate import Session
 from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from rwkv_cli.kernels import kernels_to_build, prepare_kernels
@@ -180,10 +186,18 @@ def _open_saved_model(
 ) -> LoadedModel:
     """The model a state file names: exactly where it was found, else how it was asked for."""
     pinned = _PINNED_HUB_FILE.match(state_file.model_resolved)
-    if pinned:
-        loaded = open_model(pinned["spec"], pinned["commit"], console, tokenizer, **where)
-    elif Path(state_file.model_resolved).is_file():
-        loaded = open_model(state_file.model_resolved, None, console, tokenizer, **where)
-    else:
-        loaded = open_model(state_file.model_spec, None, console, tokenizer, **where)
+    try:
+        if pinned:
+            loaded = open_model(pinned["spec"], pinned["commit"], console, tokenizer, **where)
+        elif Path(state_file.model_resolved).is_file():
+            loaded = open_model(state_file.model_resolved, None, console, tokenizer, **where)
+        else:
+            loaded = open_model(state_file.model_spec, None, console, tokenizer, **where)
+    except ModelNotFoundError as error:  # a state from another machine, or a model moved away
+        hint = f"pass that model ({state_file.identity.describe()}) with -m MODEL"
+        if isinstance(error, NotCachedError):
+            hint = f"{hint}, or {error.hint}"
+        raise type(error)(
+            f"{state_file.path} was made with a model that is not here: {error.message}", hint
+        ) from error
     return LoadedModel(loaded.model, loaded.tokenizer, state_file.model_spec, loaded.resolved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,6 +191,19 @@ def test_a_state_whose_tokenizer_the_model_lacks_says_what_differs(tmp_path, rwk
     rwkv("save-state", "And God", "-m", "demo", "-o", state)  # the demo's own BPE tokenizer
     result = rwkv("generate", "y", "--state", state, "-m", rwkv7_pth)
     assert_one_line_error(result, 1, "state was made by RWKV-7 L6 D192; model is RWKV-7 L2 D128")
+
+
+def test_a_state_whose_model_is_gone_says_so_and_resumes_with_m(tmp_path, rwkv7_pth) -> None:
+    moved = tmp_path / "moved.pth"
+    shutil.copyfile(rwkv7_pth, moved)
+    state = tmp_path / "s.rwkvstate"
+    rwkv("save-state", "x", "-m", moved, "-o", state)
+    moved.unlink()  # as if the state came from another machine
+    result = rwkv("load-state", state, "-n", "2", stdin=b" y")
+    assert_one_line_error(result, 1, f"{state} was made with a model that is not here", "moved.pth")
+    assert "Hint: pass that model (RWKV-7 L2 D128) with -m MODEL" in result.stderr.decode()
+    resumed = rwkv("load-state", state, "-m", rwkv7_pth, "-n", "2", stdin=b" y")
+    assert resumed.returncode == 0 and resumed.stdout
 
 
 def test_fine_tune_state_needs_force(tmp_path, rwkv7_pth, rwkv7_other_weights_pth) -> None:
