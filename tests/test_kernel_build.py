@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -98,6 +99,37 @@ def test_a_failed_build_is_not_tried_again_until_asked(broken, monkeypatch) -> N
     assert len(compiles) == 1
     assert not (build.build_dir(broken) / "failed.txt").exists()
     build._build_once.cache_clear()
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(broken, monkeypatch) -> None:
+    """torch's builder would wait forever for the ``lock`` file of a build killed by a signal."""
+    folder = build.build_dir(broken)
+    folder.mkdir(parents=True)
+    (folder / build.TORCH_BUILD_LOCK).touch()
+    lock_at_compile = []
+    monkeypatch.setattr(
+        build,
+        "_compile",
+        lambda *_: lock_at_compile.append((folder / build.TORCH_BUILD_LOCK).exists()),
+    )
+    build.load_extension(broken)
+    build._build_once.cache_clear()
+    assert lock_at_compile == [False]
+
+
+def test_one_build_per_folder_at_a_time(tmp_path) -> None:
+    entered = threading.Event()
+
+    def second_build() -> None:
+        with build._build_lock(tmp_path):
+            entered.set()
+
+    with build._build_lock(tmp_path):
+        waiting = threading.Thread(target=second_build)
+        waiting.start()
+        assert not entered.wait(0.5)  # blocked while the first build holds the folder
+    assert entered.wait(10)
+    waiting.join()
 
 
 def test_cli_kernel_torch_never_builds(rwkv7_pth, tmp_path: Path) -> None:

@@ -30,11 +30,17 @@ from typing import Literal
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from rwkv_cli.errors import RwkvCliError
 from rwkv_cli.paths import home_dir
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 OPS_NAMESPACE = "rwkv_cli"
+TORCH_BUILD_LOCK = "lock"  # the file torch.utils.cpp_extension creates while it builds a folder
 
 KernelChoice = Literal["auto", "torch", "compiled"]
 KERNEL_CHOICES: tuple[KernelChoice, ...] = ("auto", "torch", "compiled")
@@ -143,13 +149,8 @@ def _build(extension: Extension, retry: bool) -> None:
     folder = build_dir(extension)
     stamp, failed = folder / "sources.sha256", folder / "failed.txt"
     digest = _sources_digest(extension)
-    if is_built(extension):
-        # Built before from these very sources: load it without asking ninja (half a second).
-        try:
-            torch.ops.load_library(str(folder / f"{extension.name}.so"))
-            return
-        except OSError:
-            pass  # unloadable (a half-written file?): build again
+    if _load_built(extension, folder):
+        return
     if not retry and failed.is_file():
         earlier_digest, _, message = failed.read_text().partition("\n")
         if earlier_digest == digest:
@@ -157,13 +158,46 @@ def _build(extension: Extension, retry: bool) -> None:
                 f"{message} (an earlier build; `rwkv doctor` tries again)",
                 hint=f"compiler output: {folder / 'build-error.log'}",
             )
+    with _build_lock(folder):
+        if _load_built(extension, folder):  # another process built it while this one waited
+            return
+        try:
+            _compile(extension, folder)
+        except KernelBuildError as error:
+            failed.write_text(f"{digest}\n{error.message}")
+            raise
+        failed.unlink(missing_ok=True)
+        stamp.write_text(digest)
+
+
+def _load_built(extension: Extension, folder: Path) -> bool:
+    """Load a build made before from these very sources, without asking ninja (half a second)."""
+    if not is_built(extension):
+        return False
     try:
-        _compile(extension, folder)
-    except KernelBuildError as error:
-        failed.write_text(f"{digest}\n{error.message}")
-        raise
-    failed.unlink(missing_ok=True)
-    stamp.write_text(digest)
+        torch.ops.load_library(str(folder / f"{extension.name}.so"))
+    except OSError:
+        return False  # unloadable (a half-written file?): build again
+    return True
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """One build per folder at a time, across processes.
+
+    torch's builder guards a folder with a ``lock`` file that a build killed by a signal (a closed
+    terminal, ``kill``, the OOM killer) leaves behind, and every later build then waits for it
+    forever. This lock is an ``flock``, which the system drops when its process dies: while it is
+    held no other build is running, so a torch ``lock`` file found then is stale and removed.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # Windows: no flock; torch's own lock file is all there is
+        yield
+        return
+    with open(folder / "build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds here
+        (folder / TORCH_BUILD_LOCK).unlink(missing_ok=True)
+        yield
 
 
 def _sources_digest(extension: Extension) -> str:
@@ -179,7 +213,6 @@ def _sources_digest(extension: Extension) -> str:
 def _compile(extension: Extension, folder: Path) -> None:
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
-    folder.mkdir(parents=True, exist_ok=True)
     _put_ninja_on_path()
     try:
         with _quiet(cpp_extension.logger):  # its compiler warnings would break one-line errors
