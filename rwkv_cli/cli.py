@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -788,9 +789,17 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else ""
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    """End like Ctrl-C does: cleanup runs (temporary files go, the previous files stay)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console-script entry point and the single error boundary."""
     show_warnings_on_stderr()
+    for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # kill; a closed terminal
+        if stop is not None:
+            signal.signal(stop, _exit_on_signal)
     debug = os.environ.get("RWKV_CLI_DEBUG") == "1"
     problem = None
     try:

@@ -256,7 +256,10 @@ def test_state_tuning_file_needs_its_model(state_tuning_pth, rwkv7_pth) -> None:
     assert tuned.returncode == 0 and tuned.stdout != plain.stdout
 
 
-def test_ctrl_c_keeps_the_previous_state_file(tmp_path, rwkv7_pth) -> None:
+@pytest.mark.parametrize(
+    ("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+)
+def test_ctrl_c_or_kill_keeps_the_previous_state_file(tmp_path, rwkv7_pth, stop, code) -> None:
     state = tmp_path / "s.rwkvstate"
     rwkv("save-state", "Safe.", "-m", rwkv7_pth, "-o", state)
     before = state.read_bytes()
@@ -279,8 +282,8 @@ def test_ctrl_c_keeps_the_previous_state_file(tmp_path, rwkv7_pth) -> None:
         stderr=subprocess.PIPE,
     )
     process.stdout.read(20)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == code
     assert state.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.rwkvstate"]
