@@ -85,7 +85,8 @@ def _not_cached_reason(error: Exception) -> str:
     if isinstance(error, RwkvCliError):
         hint = f" ({error.hint})" if error.hint else ""
         return f"could not cache the converted model: {error.message}{hint}"
-    return f"could not cache the converted model: {error}"
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+    return f"could not cache the converted model in {converted_dir()}: {reason}"
 
 
 def _load_converted(cached: Path, compute_dtype: torch.dtype | None) -> Model | None:

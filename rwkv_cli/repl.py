@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from rich.console import Console
 from rich.markup import escape
@@ -24,6 +25,9 @@ from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, read_state_file, save_state_file
 from rwkv_cli.textio import OutputClosedError, StdoutWriter, decode_utf8
 from rwkv_cli.ui import print_error
+
+if TYPE_CHECKING:
+    from prompt_toolkit.history import History
 
 MULTILINE_FENCE = '"""'
 THINK_END = "</think>"
@@ -78,12 +82,10 @@ class TerminalLines:
 
     def __init__(self, history_file: Path) -> None:
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory
         from prompt_toolkit.output import create_output
 
-        history_file.parent.mkdir(parents=True, exist_ok=True)
         self.session = PromptSession(
-            history=FileHistory(str(history_file)), output=create_output(stdout=sys.stderr)
+            history=_history(history_file), output=create_output(stdout=sys.stderr)
         )
 
     def read(self) -> str | None:
@@ -108,6 +110,22 @@ class TerminalLines:
             if line.strip() == MULTILINE_FENCE:
                 return "\n".join(lines)
             lines.append(line)
+
+
+def _history(path: Path) -> History:
+    """Typed lines kept in ``path`` across sessions; for this session only (with a warning) if
+    the file cannot be written."""
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.open("a").close()
+    except OSError as error:
+        warnings.warn(
+            f"no input history: cannot write {path} ({error.strerror or error})", stacklevel=2
+        )
+        return InMemoryHistory()
+    return FileHistory(str(path))
 
 
 @dataclass

@@ -117,6 +117,16 @@ def test_a_lock_left_by_a_killed_build_is_cleared(broken, monkeypatch) -> None:
     assert lock_at_compile == [False]
 
 
+def test_an_unusable_build_folder_is_a_build_error(broken, tmp_path, monkeypatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.touch()
+    monkeypatch.setenv("RWKV_CLI_HOME", str(blocker / "home"))
+    with pytest.raises(KernelBuildError, match="cannot use the build folder") as caught:
+        build.load_extension(broken)
+    build._build_once.cache_clear()
+    assert "RWKV_CLI_HOME" in caught.value.hint
+
+
 def test_one_build_per_folder_at_a_time(tmp_path) -> None:
     entered = threading.Event()
 

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from rwkv_cli.errors import InvalidInputError
-from rwkv_cli.repl import ScriptLines
+from rwkv_cli.repl import ScriptLines, _history
 
 
 def _messages(data: bytes) -> list[str]:
@@ -37,3 +37,12 @@ def test_a_line_that_is_not_utf8_is_named() -> None:
     assert lines.read() == "fine"
     with pytest.raises(InvalidInputError, match=r"stdin line 2 is not valid UTF-8 \(byte 0xe9"):
         lines.read()
+
+
+def test_history_is_kept_in_memory_when_its_file_cannot_be_written(tmp_path) -> None:
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    assert isinstance(_history(tmp_path / "history"), FileHistory)
+    (tmp_path / "a-file").touch()
+    with pytest.warns(UserWarning, match="no input history: cannot write"):
+        assert isinstance(_history(tmp_path / "a-file" / "history"), InMemoryHistory)

@@ -190,13 +190,18 @@ def _build_lock(folder: Path) -> Iterator[None]:
     forever. This lock is an ``flock``, which the system drops when its process dies: while it is
     held no other build is running, so a torch ``lock`` file found then is stale and removed.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # Windows: no flock; torch's own lock file is all there is
-        yield
-        return
-    with open(folder / "build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds here
-        (folder / TORCH_BUILD_LOCK).unlink(missing_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / "build.lock", "w")  # noqa: SIM115 (held across the yield)
+    except OSError as error:
+        raise KernelBuildError(
+            f"cannot use the build folder {folder}: {error.strerror or error}",
+            hint="set RWKV_CLI_HOME to a writable directory",
+        ) from error
+    with handle:
+        if fcntl is not None:  # Windows has no flock: torch's own lock file is all there is
+            fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds here
+            (folder / TORCH_BUILD_LOCK).unlink(missing_ok=True)
         yield
 
 
