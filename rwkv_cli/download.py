@@ -34,7 +34,12 @@ from huggingface_hub import constants
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, get_session
 
 from rwkv_cli import __version__
-from rwkv_cli.errors import ChecksumMismatchError, DiskFullError, HubUnreachableError, RwkvCliError
+from rwkv_cli.errors import (
+    ChecksumMismatchError,
+    DiskFullError,
+    HubUnreachableError,
+    WriteError,
+)
 from rwkv_cli.fileio import check_free_space, format_size
 
 if TYPE_CHECKING:
@@ -88,12 +93,25 @@ def download_to_cache(remote: RemoteFile, *, progress: bool | None, console: Con
                     _download(remote, blob, progress, console)
                 _link(blob, pointer)
         _write_ref(storage, remote.revision or constants.DEFAULT_REVISION, remote.commit)
-    except PermissionError as error:
-        raise RwkvCliError(
-            f"cannot write to the Hugging Face cache: {error}",
-            hint="set HF_HOME (or HF_HUB_CACHE) to a writable directory",
-        ) from error
+    except OSError as error:  # a full disk is a DiskFullError by now
+        raise _cache_error(f"{error.strerror or error} ({error.filename})") from error
     return pointer
+
+
+def require_cache_folder() -> None:
+    """Raise WriteError now, before any request, if the Hugging Face cache folder cannot exist
+    (a file where a folder should be). A read-only cache is fine while nothing new is needed."""
+    try:
+        Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cache_error(error.strerror or str(error)) from error
+
+
+def _cache_error(reason: str) -> WriteError:
+    return WriteError(
+        f"cannot write to the Hugging Face cache {constants.HF_HUB_CACHE}: {reason}",
+        hint="set HF_HOME (or HF_HUB_CACHE) to a writable directory",
+    )
 
 
 # --- the cache layout --------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from rwkv_cli.download import (
     error_reason,
     notice,
     repo_folder,
+    require_cache_folder,
 )
 from rwkv_cli.errors import (
     HubAccessError,
@@ -234,6 +235,7 @@ def resolve_model(
                 hint="unset HF_HUB_OFFLINE to download it, or pass the path of a local checkpoint",
             )
     console = console or _stderr_console()
+    require_cache_folder()
     try:
         remote = _locate(target, revision)
     except HubUnreachableError as error:

@@ -28,6 +28,7 @@ from rwkv_cli.errors import (
     NotCachedError,
     RemoteFileNotFoundError,
     RepoNotFoundError,
+    WriteError,
 )
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
 from rwkv_cli.models import load_model
@@ -435,6 +436,17 @@ def test_too_little_space_is_reported_before_downloading(
     with pytest.raises(DiskFullError, match=re.escape("300 kB needed, 1.0 kB free")):
         resolve("rwkv7-g1-0.1b")
     assert g1.server.file_gets(G1_NEW) == []
+
+
+def test_a_cache_that_cannot_be_a_folder_is_reported_before_any_request(
+    g1: LocalHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.touch()
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(blocker / "hub"))
+    with pytest.raises(WriteError, match=r"cannot write to the Hugging Face cache .*a-file/hub"):
+        resolve("rwkv7-g1-0.1b")
+    assert g1.server.requests == []
 
 
 @pytest.mark.parametrize("filename", [G1_NEW, "README.md"], ids=["lfs-sha256", "git-sha1"])
