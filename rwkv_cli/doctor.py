@@ -234,17 +234,30 @@ def _self_test_check(name: str, self_test: Callable[[], str]) -> Check:
 
 def _storage_checks() -> list[Check]:
     places = (
-        ("HF cache", Path(hf_constants.HF_HUB_CACHE)),
-        ("rwkv-cli home", home_dir()),
-        ("converted", converted_dir()),
-        ("kernel builds", kernels_dir()),
+        ("HF cache", Path(hf_constants.HF_HUB_CACHE), "HF_HOME (or HF_HUB_CACHE)"),
+        ("rwkv-cli home", home_dir(), "RWKV_CLI_HOME"),
+        ("converted", converted_dir(), "RWKV_CLI_HOME"),
+        ("kernel builds", kernels_dir(), "RWKV_CLI_HOME"),
     )
-    return [Check(name, f"{path} ({_folder_summary(path)})") for name, path in places]
+    return [_storage_check(*place) for place in places]
+
+
+def _storage_check(name: str, path: Path, variable: str) -> Check:
+    """A folder's size, or why it cannot be created (a file where a folder should be)."""
+    if path.is_dir():
+        return Check(name, f"{path} ({_folder_summary(path)})")
+    blocker = next((place for place in (path, *path.parents) if place.exists()), None)
+    if blocker is None or blocker.is_dir():
+        return Check(name, f"{path} (not created yet)")
+    return Check(
+        name,
+        f"{path} cannot be created: {blocker} is a file",
+        "failed",
+        hint=f"set {variable} to a writable directory",
+    )
 
 
 def _folder_summary(path: Path) -> str:
-    if not path.is_dir():
-        return "not created yet"
     files = [Path(root) / name for root, _, names in os.walk(path) for name in names]
     size = sum(file.stat().st_size for file in files if file.is_file() and not file.is_symlink())
     shown = f"{size / _GIB:.1f} GiB" if size >= _GIB else f"{size / 1024**2:.1f} MiB"

@@ -127,3 +127,15 @@ def test_the_default_device_and_a_tip_when_a_gpu_sits_unused(
     check = doctor._default_device_check(gpus)
     assert check.status == status and check.value.startswith(shown)
     assert (check.hint is not None) == (status == "failed")
+
+
+def test_a_folder_that_cannot_be_created_is_a_failure(tmp_path, monkeypatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.touch()
+    monkeypatch.setenv("RWKV_CLI_HOME", str(blocker / "home"))
+    checks = {check.name: check for check in doctor.diagnose(build_kernels=False).checks}
+    home = checks["rwkv-cli home"]
+    assert home.status == "failed"
+    assert home.value.endswith(f"cannot be created: {blocker} is a file")
+    assert "RWKV_CLI_HOME" in home.hint
+    assert checks["HF cache"].status == "info"
