@@ -57,6 +57,8 @@ def check_writable(path: str | Path) -> None:
     directory = path.parent
     if path.is_dir():
         reason = "it is a directory"
+    elif directory.exists() and not directory.is_dir():
+        reason = f"{directory} is a file, not a directory"
     elif not directory.is_dir():
         reason = f"there is no directory {directory}"
     elif not os.access(directory, os.W_OK | os.X_OK):

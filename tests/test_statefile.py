@@ -324,7 +324,7 @@ def test_output_files_are_checked_before_they_are_written(tmp_path) -> None:
     with pytest.raises(WriteError, match="it is a directory"):
         check_writable(tmp_path)
     (tmp_path / "file").write_bytes(b"")
-    with pytest.raises(WriteError, match="there is no directory"):
+    with pytest.raises(WriteError, match="file is a file, not a directory"):
         check_writable(tmp_path / "file" / "s.rwkvstate")
 
 
