@@ -214,9 +214,11 @@ def resolve_model(
     a cached copy is used when there is one.
     """
     local = Path(spec).expanduser()
-    if local.is_file():
+    if local.is_file() or local.is_dir():
         if revision is not None:
             raise InvalidInputError(f"a revision applies to Hub models, not to the file {spec}")
+        if local.is_dir():
+            return ResolvedModel(spec, _checkpoint_in(local, console or _stderr_console()))
         return ResolvedModel(spec, local.resolve())
     if spec.strip().lower() == DEMO_SPEC:
         if revision is not None:
@@ -275,6 +277,33 @@ class _HubSpec:
         candidates = [name for name in names if _is_repo_checkpoint(name)]
         newest = _newest(candidates)
         return candidates[0] if newest is None and len(candidates) == 1 else newest
+
+
+def _checkpoint_in(folder: Path, console: Console) -> Path:
+    """The checkpoint a local folder holds, chosen like a repo's: the only one, or the newest by
+    the date in its name (then a notice says which)."""
+    names = sorted(path.name for path in folder.iterdir() if path.is_file())
+    chosen = _HubSpec(str(folder)).choose(names)
+    checkpoints = [name for name in names if _is_repo_checkpoint(name)]
+    if chosen is not None:
+        if len(checkpoints) > 1:
+            notice(console, f"Using {chosen}, the newest of {len(checkpoints)} in {folder}")
+        return (folder / chosen).resolve()
+    if not checkpoints:
+        raise ModelNotFoundError(
+            f"the folder {folder} holds no checkpoint (.pth or .safetensors)",
+            hint="pass the checkpoint file itself",
+        )
+    raise ModelNotFoundError(
+        f"cannot tell which checkpoint in {folder} to use: {_listed(checkpoints)}",
+        hint="pass one of them as the file's path",
+    )
+
+
+def _listed(names: list[str]) -> str:
+    """Up to _HINT_LIST_LIMIT names, then how many more."""
+    more = len(names) - _HINT_LIST_LIMIT
+    return ", ".join(names[:_HINT_LIST_LIMIT]) + (f" and {more} more" if more > 0 else "")
 
 
 def _parse_spec(spec: str) -> _HubSpec:
@@ -389,11 +418,8 @@ def _no_such_file(target: _HubSpec, names: list[str]) -> RemoteFileNotFoundError
     checkpoints = sorted(name for name in names if _is_checkpoint(name))
     if not checkpoints:
         return RemoteFileNotFoundError(message, hint=f"{repo} has no .pth or .safetensors files")
-    shown = ", ".join(checkpoints[:_HINT_LIST_LIMIT])
-    more = len(checkpoints) - _HINT_LIST_LIMIT
-    shown += f" and {more} more" if more > 0 else ""
     return RemoteFileNotFoundError(
-        message, hint=f"pick one as {repo}:FILENAME; its checkpoints: {shown}"
+        message, hint=f"pick one as {repo}:FILENAME; its checkpoints: {_listed(checkpoints)}"
     )
 
 

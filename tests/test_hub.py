@@ -215,6 +215,31 @@ def test_an_existing_local_file_comes_first(
         resolve("BlinkDL/rwkv7-g1", revision="main")
 
 
+def test_a_local_folder_means_its_checkpoint(tmp_path: Path) -> None:
+    for name in ("config.json", "tokenizer.json", "rwkv-x.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert resolve(str(tmp_path)).path == tmp_path / "rwkv-x.pth"
+    with pytest.raises(InvalidInputError):
+        resolve(str(tmp_path), revision="main")
+
+
+def test_a_local_folder_of_dated_checkpoints_means_the_newest(tmp_path: Path) -> None:
+    for name in ("rwkv7-g1a-0.1b-20250728-ctx4096.pth", "rwkv7-g1-0.1b-20250307-ctx4096.pth"):
+        (tmp_path / name).write_bytes(b"")
+    console = quiet()
+    assert resolve(str(tmp_path), console=console).path.name.startswith("rwkv7-g1a-0.1b-20250728")
+    assert "the newest of 2 in" in console.file.getvalue()
+
+
+def test_a_local_folder_without_one_clear_checkpoint_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="holds no checkpoint"):
+        resolve(str(tmp_path))
+    (tmp_path / "a.pth").write_bytes(b"")
+    (tmp_path / "b.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match=r"cannot tell which checkpoint .*: a.pth, b.saf"):
+        resolve(str(tmp_path))
+
+
 def test_a_missing_local_path_is_not_sent_to_the_hub(local_hub: LocalHub) -> None:
     with pytest.raises(ModelNotFoundError, match=re.escape("no such file: models/missing.pth")):
         resolve("models/missing.pth")
