@@ -7,6 +7,7 @@ tracebacks instead.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -797,6 +798,8 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 def main() -> None:
     """Console-script entry point and the single error boundary."""
     show_warnings_on_stderr()
+    if isinstance(sys.stdout, io.TextIOWrapper):  # an encoding without é gets "?", not a crash
+        sys.stdout.reconfigure(errors="replace")
     for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # kill; a closed terminal
         if stop is not None:
             signal.signal(stop, _exit_on_signal)

@@ -178,6 +178,14 @@ def test_load_state_info_and_json(tmp_path, rwkv7_pth) -> None:
     assert details["sampling"]["temperature"] == 1.0 and details["has_rng_state"] is True
 
 
+def test_text_the_output_encoding_lacks_is_replaced_not_a_crash(tmp_path, rwkv7_pth) -> None:
+    state = tmp_path / "s.rwkvstate"
+    rwkv("save-state", "café", "-m", rwkv7_pth, "-o", state)
+    result = rwkv("load-state", state, "--info", env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert b"'caf?'" in result.stdout
+
+
 def test_state_for_another_model_is_one_line_error(tmp_path, rwkv7_pth, rwkv7_deeper_pth) -> None:
     state = tmp_path / "s.rwkvstate"
     rwkv("save-state", "x", "-m", rwkv7_pth, "-o", state)
