@@ -141,6 +141,9 @@ ForceOption = Annotated[
 MaxTokensOption = Annotated[
     int, typer.Option("-n", "--max-tokens", min=0, help="Most tokens to generate.")
 ]
+ReplyTokensOption = Annotated[
+    int, typer.Option("-n", "--max-tokens", min=1, help="Most tokens in a reply.")
+]
 TemperatureOption = Annotated[
     float,
     typer.Option(help="0 means greedy (always the likeliest token).", rich_help_panel=SAMPLING),
@@ -512,7 +515,7 @@ def chat(
             help="Turn format: world, g1 or pile (default: from the model).", show_default=False
         ),
     ] = None,
-    max_tokens: MaxTokensOption = MAX_REPLY_TOKENS,
+    max_tokens: ReplyTokensOption = MAX_REPLY_TOKENS,
     temperature: TemperatureOption = CHAT_SAMPLING.temperature,
     top_p: TopPOption = CHAT_SAMPLING.top_p,
     top_k: TopKOption = CHAT_SAMPLING.top_k,
