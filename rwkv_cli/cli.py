@@ -31,7 +31,7 @@ from rwkv_cli.fileio import check_writable
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
 from rwkv_cli.kernels.build import KernelChoice, set_kernel_choice
-from rwkv_cli.paths import chat_history_file
+from rwkv_cli.paths import input_history_file
 from rwkv_cli.repl import (
     ChatRepl,
     ScriptLines,
@@ -55,7 +55,6 @@ from rwkv_cli.textio import (
 from rwkv_cli.tokenizer import TOKENIZER_CHOICES
 from rwkv_cli.ui import (
     activity,
-    ask_line,
     prefill_progress,
     print_bench,
     print_error,
@@ -463,8 +462,12 @@ def load_state_command(
         return
     if run.text_tail:
         console.print(f"[dim]…{run.text_tail[-300:]}[/dim]")
-    console.print("[dim]Type text to append (empty: just continue); Ctrl-D ends.[/dim]")
-    while (line := ask_line(console)) is not None:
+    console.print(
+        '[dim]Type text to append (empty: just continue; """ starts and ends several lines); '
+        "Ctrl-D ends.[/dim]"
+    )
+    lines = TerminalLines(input_history_file())
+    while (line := lines.read()) is not None:
         run.turn(console, unescape(line))
 
 
@@ -567,7 +570,7 @@ def chat(
             f"template · seed {seed_used} · /help[/dim]"
         )
         show_transcript_tail(console, conversation)
-    lines = TerminalLines(chat_history_file()) if on_terminal else ScriptLines(sys.stdin.buffer)
+    lines = TerminalLines(input_history_file()) if on_terminal else ScriptLines(sys.stdin.buffer)
     stdout = Console(file=sys.stdout)
     ChatRepl(
         conversation,

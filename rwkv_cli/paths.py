@@ -21,6 +21,6 @@ def converted_dir() -> Path:
     return home_dir() / "converted"
 
 
-def chat_history_file() -> Path:
-    """Lines typed in ``rwkv chat``, for recall with the arrow keys."""
+def input_history_file() -> Path:
+    """Lines typed in ``rwkv chat`` and ``rwkv load-state``, for recall with the arrow keys."""
     return home_dir() / "chat_history"

@@ -55,15 +55,6 @@ def prefill_progress(console: Console, total: int) -> Iterator[Callable[[int], N
         yield lambda done: progress.update(task, completed=done)
 
 
-def ask_line(console: Console) -> str | None:
-    """One line typed by the user (prompt on stderr); None at end of input (Ctrl-D)."""
-    try:
-        return console.input("[bold]> [/bold]")
-    except EOFError:
-        console.print()
-        return None
-
-
 def print_state_info(details: dict) -> None:
     """``load-state --info``: the file's description, on stdout (it is what was asked for)."""
     for key, value in details.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pty
 import re
@@ -14,6 +15,7 @@ import time
 import pytest
 from rich.console import Console
 
+from rwkv_cli.tokenizer import load_world_tokenizer
 from rwkv_cli.ui import PROGRESS_MIN_TOKENS, prefill_progress
 from tests.cli_runner import rwkv
 
@@ -30,6 +32,12 @@ def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
             except OSError:  # the child closed the terminal
                 break
     return data
+
+
+def _read_until_prompt(fd: int, after: bytes) -> None:
+    """Read until ``after`` and then prompt_toolkit's ``>`` prompt (maybe in the same read)."""
+    if b">" not in _read_until(fd, after).split(after, 1)[1]:
+        _read_until(fd, b">")
 
 
 def test_load_state_on_a_terminal_continues_each_typed_line(tmp_path, rwkv7_pth) -> None:
@@ -57,18 +65,21 @@ def test_load_state_on_a_terminal_continues_each_typed_line(tmp_path, rwkv7_pth)
     )
     os.close(follower)
     try:
-        screen = _read_until(leader, b"> ")
+        screen = _read_until(leader, b"Ctrl-D ends.")
         assert b"Remember this." in screen  # the tail of the saved text
-        os.write(leader, b" And\n")
-        screen = _read_until(leader, b"> ")
-        assert b"generated: 5 tokens" in screen
+        os.write(leader, b" And\n")  # typed keys wait for the prompt
+        _read_until(leader, b"generated: 5 tokens")
+        os.write(leader, b'"""\nTwo\nlines\n"""\n')  # one turn of several lines
+        _read_until_prompt(leader, after=b"generated: 5 tokens")  # Ctrl-D before it is lost
         os.write(leader, b"\x04")  # Ctrl-D
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
         os.close(leader)
-    saved = rwkv("load-state", state, "--json").stdout
-    assert b'"tokens_consumed": 9' in saved  # 3 read + " And" (1) + 5 generated: saved each turn
+    saved = json.loads(rwkv("load-state", state, "--json").stdout)
+    block = len(load_world_tokenizer().encode("Two\nlines"))
+    # 3 read + " And" (1) + 5 generated + the block + 5 generated: saved after each turn
+    assert saved["tokens_consumed"] == 3 + 1 + 5 + block + 5
 
 
 def test_prefill_progress_bar_shows_on_a_terminal_only() -> None:
@@ -134,7 +145,7 @@ def test_chat_typed_on_a_terminal_streams_its_replies_into_a_pipe(rwkv7_pth) -> 
     try:
         _read_until(leader, b"/help")  # the header; typed keys wait for the prompt
         os.write(leader, b"Hello\n")
-        _read_until(leader, b"4 tokens")
+        _read_until_prompt(leader, after=b"4 tokens")  # Ctrl-D before the prompt is lost
         os.write(leader, b"\x04")  # Ctrl-D
         replies, _ = process.communicate(timeout=60)
     finally:
