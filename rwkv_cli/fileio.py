@@ -1,5 +1,5 @@
 """Writing files safely: atomic replacement (a reader sees the old file or the new one, never a
-half-written one), and the checks worth making before a long write."""
+half-written one), locks between processes, and the checks worth making before a long write."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from glob import escape as glob_escape
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from rwkv_cli.errors import DiskFullError, WriteError
 
@@ -47,6 +53,26 @@ def atomic_write(path: str | Path, write_to: Callable[[Path], object]) -> None:
             raise _write_error(path, error) from error
         raise
     _fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (created if need be) while the block runs: one
+    process at a time, the others wait. It is an ``flock``, which the system drops when its
+    process dies, so a killed process never leaves it held. OSError if the file cannot be
+    created; on Windows (no flock) the block runs unguarded."""
+    with open(lock_file, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def remove_leftovers(path: Path) -> None:
+    """Delete temporary files that writes of ``path`` by ``atomic_write`` left when their process
+    was killed. Only safe while holding the lock every writer of ``path`` takes."""
+    for temporary in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 def check_writable(path: str | Path) -> None:

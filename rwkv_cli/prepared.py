@@ -12,10 +12,12 @@ its size and modification time, so a changed file is converted again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,7 +26,13 @@ from safetensors.torch import load_file, save_file
 
 from rwkv_cli.checkpoint import load_checkpoint, weights_fingerprint
 from rwkv_cli.errors import RwkvCliError, WriteError
-from rwkv_cli.fileio import atomic_write, atomic_write_bytes, check_free_space
+from rwkv_cli.fileio import (
+    atomic_write,
+    atomic_write_bytes,
+    check_free_space,
+    exclusive,
+    remove_leftovers,
+)
 from rwkv_cli.filerows import FileRows
 from rwkv_cli.models import Model, model_class
 from rwkv_cli.paths import converted_dir
@@ -48,7 +56,29 @@ def load_model_cached(
     path = Path(path)
     name = f"{source_hash(path)}-{_dtype_name(dtype)}-v{LAYOUT_VERSION}.safetensors"
     cached = converted_dir() / name
-    return _load_converted(cached, compute_dtype) or _convert(path, cached, dtype, compute_dtype)
+    model = _load_converted(cached, compute_dtype)
+    if model is not None:
+        return model
+    with _one_conversion_at_a_time(cached):  # another process may have converted it meanwhile
+        return _load_converted(cached, compute_dtype) or _convert(
+            path, cached, dtype, compute_dtype
+        )
+
+
+@contextlib.contextmanager
+def _one_conversion_at_a_time(cached: Path) -> Iterator[None]:
+    """Convert each checkpoint in one process at a time (a second command waits, then loads the
+    result), and clear what a killed conversion left (a file as large as the model). Where the
+    cache cannot be written the conversion runs unguarded, and its write says why it failed."""
+    with contextlib.ExitStack() as held:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive(cached.with_name(f".{cached.name}.lock")))
+        except OSError:
+            pass
+        else:
+            remove_leftovers(cached)
+        yield
 
 
 def _convert(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from rwkv_cli import fileio, prepared
+from rwkv_cli.checkpoint import load_checkpoint
 from rwkv_cli.filerows import FileRows
 from rwkv_cli.models import load_model
 from rwkv_cli.paths import converted_dir
@@ -125,3 +128,28 @@ def test_too_little_disk_space_skips_the_cache_with_a_warning(home, rwkv7_pth, m
     assert "1.0 kB free in " in warning and "RWKV_CLI_HOME" in warning
     assert not list(converted_dir().glob("*.safetensors"))  # nothing half-written
     assert torch.equal(_logits(model), _logits(load_model(rwkv7_pth)))
+
+
+def test_what_a_killed_conversion_left_is_cleared(home, rwkv7_pth):
+    load_model_cached(rwkv7_pth)
+    (cached,) = converted_dir().glob("*.safetensors")
+    cached.unlink()
+    leftover = cached.with_name(f".{cached.name}.k1ll3d.tmp")  # atomic_write's temporary name
+    leftover.write_bytes(b"half a model")
+    load_model_cached(rwkv7_pth)
+    assert cached.is_file() and not leftover.exists()
+
+
+def test_two_loaders_of_a_new_checkpoint_convert_it_once(home, rwkv7_pth, monkeypatch):
+    reads = []
+
+    def slow_read(path):
+        reads.append(path)
+        time.sleep(0.5)  # long enough for the other loader to arrive meanwhile
+        return load_checkpoint(path)
+
+    monkeypatch.setattr(prepared, "load_checkpoint", slow_read)
+    with ThreadPoolExecutor(2) as pool:  # flock excludes threads too: each opens its own file
+        models = list(pool.map(load_model_cached, [rwkv7_pth, rwkv7_pth]))
+    assert len(reads) == 1
+    assert torch.equal(_logits(models[0]), _logits(models[1]))

@@ -30,12 +30,8 @@ from typing import Literal
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-
 from rwkv_cli.errors import RwkvCliError
+from rwkv_cli.fileio import exclusive
 from rwkv_cli.paths import home_dir
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
@@ -185,23 +181,21 @@ def _load_built(extension: Extension, folder: Path) -> bool:
 def _build_lock(folder: Path) -> Iterator[None]:
     """One build per folder at a time, across processes.
 
-    torch's builder guards a folder with a ``lock`` file that a build killed by a signal (a closed
-    terminal, ``kill``, the OOM killer) leaves behind, and every later build then waits for it
-    forever. This lock is an ``flock``, which the system drops when its process dies: while it is
-    held no other build is running, so a torch ``lock`` file found then is stale and removed.
+    torch's builder guards a folder with a ``lock`` file that a build killed by a signal (the OOM
+    killer, ``kill -9``) leaves behind, and every later build then waits for it forever. This lock
+    is an ``flock`` (``fileio.exclusive``), which the system drops when its process dies: while it
+    is held no other build is running, so a torch ``lock`` file found then is stale and removed.
     """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / "build.lock", "w")  # noqa: SIM115 (held across the yield)
-    except OSError as error:
-        raise KernelBuildError(
-            f"cannot use the build folder {folder}: {error.strerror or error}",
-            hint="set RWKV_CLI_HOME to a writable directory",
-        ) from error
-    with handle:
-        if fcntl is not None:  # Windows has no flock: torch's own lock file is all there is
-            fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds here
-            (folder / TORCH_BUILD_LOCK).unlink(missing_ok=True)
+    with contextlib.ExitStack() as held:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive(folder / "build.lock"))  # waits for a build here
+        except OSError as error:
+            raise KernelBuildError(
+                f"cannot use the build folder {folder}: {error.strerror or error}",
+                hint="set RWKV_CLI_HOME to a writable directory",
+            ) from error
+        (folder / TORCH_BUILD_LOCK).unlink(missing_ok=True)
         yield
 
 
