@@ -120,12 +120,18 @@ def show_warnings_on_stderr() -> None:
     made when the warning comes, so it follows ``--no-color``)."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        stderr_console().print(f"[yellow]Warning:[/yellow] {escape(str(message))}")
+        stderr_console().print(f"[yellow]Warning:[/yellow] {_shown(str(message))}")
 
     warnings.showwarning = show
 
 
 def print_error(console: Console, error: RwkvCliError) -> None:
-    console.print(f"[bold red]Error:[/bold red] {escape(error.message)}")
+    console.print(f"[bold red]Error:[/bold red] {_shown(error.message)}")
     if error.hint:
-        console.print(f"[yellow]Hint:[/yellow] {escape(error.hint)}")
+        console.print(f"[yellow]Hint:[/yellow] {_shown(error.hint)}")
+
+
+def _shown(text: str) -> str:
+    """``text`` as markup-free display text; a byte of a non-UTF-8 file name (which Python
+    carries as a lone surrogate) shows as U+FFFD rather than as an escape."""
+    return escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))

@@ -149,6 +149,11 @@ def test_non_utf8_command_line_text(rwkv7_pth, command, source) -> None:
     assert_one_line_error(result, 1, f"{source} is not valid UTF-8 (byte 0xe9 at offset 3)")
 
 
+def test_a_file_name_that_is_not_utf8_shows_in_errors_as_a_replacement_character() -> None:
+    result = rwkv("generate", "x", "-m", os.fsdecode(b"mod\xe9l.pth"))
+    assert_one_line_error(result, 1, "no such file: mod\ufffdl.pth")
+
+
 def test_command_line_text_checks() -> None:
     assert require_utf8("café ✓", "PROMPT") == "café ✓"
     with pytest.raises(InvalidInputError, match="PROMPT is not valid UTF-8 text"):
