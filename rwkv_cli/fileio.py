@@ -56,15 +56,21 @@ def atomic_write(path: str | Path, write_to: Callable[[Path], object]) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path) -> Iterator[None]:
+def exclusive(lock_file: Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``lock_file`` (created if need be) while the block runs: one
     process at a time, the others wait. It is an ``flock``, which the system drops when its
-    process dies, so a killed process never leaves it held. OSError if the file cannot be
-    created; on Windows (no flock) the block runs unguarded."""
+    process dies, so a killed process never leaves it held. Yields whether the lock is held:
+    False where there are no such locks (Windows, some network file systems), and the block
+    runs unguarded. OSError if the file cannot be created."""
     with open(lock_file, "a") as handle:
-        if fcntl is not None:
+        try:
+            if fcntl is None:
+                raise OSError(errno.ENOLCK, "no flock here")
             fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        except OSError:
+            yield False
+        else:
+            yield True
 
 
 def remove_leftovers(path: Path) -> None:

@@ -73,10 +73,10 @@ def _one_conversion_at_a_time(cached: Path) -> Iterator[None]:
     with contextlib.ExitStack() as held:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            held.enter_context(exclusive(cached.with_name(f".{cached.name}.lock")))
+            alone = held.enter_context(exclusive(cached.with_name(f".{cached.name}.lock")))
         except OSError:
-            pass
-        else:
+            alone = False
+        if alone:
             remove_leftovers(cached)
         yield
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rwkv_cli import fileio
 from rwkv_cli.kernels import build, cpu_ops, kernels_to_build
 from rwkv_cli.kernels.build import (
     Extension,
@@ -125,6 +126,17 @@ def test_an_unusable_build_folder_is_a_build_error(broken, tmp_path, monkeypatch
         build.load_extension(broken)
     build._build_once.cache_clear()
     assert "RWKV_CLI_HOME" in caught.value.hint
+
+
+def test_without_flock_a_torch_lock_is_left_alone(broken, monkeypatch) -> None:
+    """Without a lock of our own (Windows, some network file systems) a torch ``lock`` may
+    belong to a running build: it must not be removed."""
+    monkeypatch.setattr(fileio, "fcntl", None)
+    folder = build.build_dir(broken)
+    folder.mkdir(parents=True)
+    (folder / build.TORCH_BUILD_LOCK).touch()
+    with build._build_lock(folder):
+        assert (folder / build.TORCH_BUILD_LOCK).exists()
 
 
 def test_one_build_per_folder_at_a_time(tmp_path) -> None:

@@ -189,13 +189,14 @@ def _build_lock(folder: Path) -> Iterator[None]:
     with contextlib.ExitStack() as held:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            held.enter_context(exclusive(folder / "build.lock"))  # waits for a build here
+            alone = held.enter_context(exclusive(folder / "build.lock"))  # waits for a build
         except OSError as error:
             raise KernelBuildError(
                 f"cannot use the build folder {folder}: {error.strerror or error}",
                 hint="set RWKV_CLI_HOME to a writable directory",
             ) from error
-        (folder / TORCH_BUILD_LOCK).unlink(missing_ok=True)
+        if alone:
+            (folder / TORCH_BUILD_LOCK).unlink(missing_ok=True)
         yield
 
 
