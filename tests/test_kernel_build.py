@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,16 @@ def test_one_build_per_folder_at_a_time(tmp_path) -> None:
         assert not entered.wait(0.5)  # blocked while the first build holds the folder
     assert entered.wait(10)
     waiting.join()
+
+
+def test_a_build_that_failed_on_a_nearly_full_disk_is_tried_again(broken, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(KernelBuildError, match=r"\(the disk is nearly full\)") as caught:
+        build.load_extension(broken)
+    build._build_once.cache_clear()
+    assert "builds again" in caught.value.hint
+    assert not (build.build_dir(broken) / "failed.txt").exists()
 
 
 def test_cli_kernel_torch_never_builds(rwkv7_pth, tmp_path: Path) -> None:

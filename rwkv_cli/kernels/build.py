@@ -36,6 +36,7 @@ from rwkv_cli.paths import home_dir
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 OPS_NAMESPACE = "rwkv_cli"
+_NEARLY_FULL_BYTES = 256 << 20  # a failed build with less free is not remembered as failing
 TORCH_BUILD_LOCK = "lock"  # the file torch.utils.cpp_extension creates while it builds a folder
 
 KernelChoice = Literal["auto", "torch", "compiled"]
@@ -160,6 +161,11 @@ def _build(extension: Extension, retry: bool) -> None:
         try:
             _compile(extension, folder)
         except KernelBuildError as error:
+            if shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:  # likely the cause; passes
+                raise KernelBuildError(
+                    f"{error.message} (the disk is nearly full)",
+                    hint="free some disk space: the next command builds again",
+                ) from error
             failed.write_text(f"{digest}\n{error.message}")
             raise
         failed.unlink(missing_ok=True)
