@@ -61,7 +61,8 @@ def exclusive(lock_file: Path) -> Iterator[bool]:
     process at a time, the others wait. It is an ``flock``, which the system drops when its
     process dies, so a killed process never leaves it held. Yields whether the lock is held:
     False where there are no such locks (Windows, some network file systems), and the block
-    runs unguarded. OSError if the file cannot be created."""
+    runs unguarded. OSError if the file (or its folder) cannot be created."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a") as handle:
         try:
             if fcntl is None:

@@ -72,7 +72,6 @@ def _one_conversion_at_a_time(cached: Path) -> Iterator[None]:
     cache cannot be written the conversion runs unguarded, and its write says why it failed."""
     with contextlib.ExitStack() as held:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
             alone = held.enter_context(exclusive(cached.with_name(f".{cached.name}.lock")))
         except OSError:
             alone = False

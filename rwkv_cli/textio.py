@@ -43,15 +43,10 @@ def require_utf8(text: str, source: str) -> str:
     (``surrogateescape``); they are turned back into the bytes to say which one is wrong.
     """
     try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
         given = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a surrogate that stands for no byte
         raise InvalidInputError(f"{source} is not valid UTF-8 text") from None
-    return decode_utf8(given, source)  # names the first byte that is not UTF-8
+    return decode_utf8(given, source)  # the text itself, or the first byte that is not UTF-8
 
 
 def piped_stdin() -> BinaryIO | None:

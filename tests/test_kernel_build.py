@@ -165,6 +165,15 @@ def test_a_build_that_failed_on_a_nearly_full_disk_is_tried_again(broken, monkey
     assert not (build.build_dir(broken) / "failed.txt").exists()
 
 
+def test_an_extension_is_loaded_once_per_process(broken, monkeypatch) -> None:
+    """A second copy (another RWKV_CLI_HOME's build) would register its operators twice, which
+    makes torch abort the process."""
+    monkeypatch.setattr(build, "_loaded", {broken.name})  # as if loaded from another folder
+    monkeypatch.setattr(build, "_compile", lambda *_: pytest.fail("built a second copy"))
+    build.load_extension(broken, retry=True)
+    build._build_once.cache_clear()
+
+
 def test_cli_kernel_torch_never_builds(rwkv7_pth, tmp_path: Path) -> None:
     home = tmp_path / "home"
     result = rwkv(

@@ -141,6 +141,10 @@ def _build_once(extension: Extension, retry: bool) -> KernelBuildError | None:
 
 
 def _build(extension: Extension, retry: bool) -> None:
+    if extension.name in _loaded:
+        # Its operators are registered in this process already (from this or another build
+        # folder); a second copy would register them twice, which aborts the process.
+        return
     if extension.cuda and not torch.cuda.is_available():
         raise KernelBuildError("no CUDA GPU is available")
     folder = build_dir(extension)
@@ -168,6 +172,7 @@ def _build(extension: Extension, retry: bool) -> None:
                 ) from error
             failed.write_text(f"{digest}\n{error.message}")
             raise
+        _loaded.add(extension.name)  # cpp_extension.load loaded it
         failed.unlink(missing_ok=True)
         stamp.write_text(digest)
 
@@ -180,6 +185,7 @@ def _load_built(extension: Extension, folder: Path) -> bool:
         torch.ops.load_library(str(folder / f"{extension.name}.so"))
     except OSError:
         return False  # unloadable (a half-written file?): build again
+    _loaded.add(extension.name)
     return True
 
 
@@ -194,7 +200,6 @@ def _build_lock(folder: Path) -> Iterator[None]:
     """
     with contextlib.ExitStack() as held:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
             alone = held.enter_context(exclusive(folder / "build.lock"))  # waits for a build
         except OSError as error:
             raise KernelBuildError(
@@ -283,6 +288,7 @@ def _first_error_line(output: str) -> str:
 _DIAGNOSTIC = re.compile(r"error:|: not found$|No such file or directory")
 
 
+_loaded: set[str] = set()  # extensions whose operators this process has registered
 _reported: set[str] = set()
 _choice: KernelChoice = "auto"
 
