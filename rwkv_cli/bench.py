@@ -18,6 +18,7 @@ from rwkv_cli.filerows import FileRows
 from rwkv_cli.generate import prefill
 from rwkv_cli.kernels.linear import QuantizedMatrix
 from rwkv_cli.runtime import open_model
+from rwkv_cli.tokenizer import load_neox_tokenizer, load_world_tokenizer
 
 WARM_UP_TOKENS = 16  # a short prefill and one decode step before timing
 
@@ -56,6 +57,8 @@ def benchmark(
     # those of every later run.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         pool.apply(_load_once, (spec, device, dtype))
+    for tokenizer_loader in (load_world_tokenizer, load_neox_tokenizer):
+        tokenizer_loader.cache_clear()  # every row loads its tokenizer, as a new process does
     gc.collect()
     reset_peak_rss()
     started = time.perf_counter()

@@ -20,7 +20,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-from rwkv_cli.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
+from rwkv_cli.errors import (
+    CheckpointError,
+    DamagedFileError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
+
+_DAMAGED_HINT = "download or copy the file again"
 
 GENERATION_NAMES = {
     "4": "RWKV-4",
@@ -47,10 +54,6 @@ class Checkpoint:
     generation: str
     tensors: dict[str, torch.Tensor]
 
-    @property
-    def generation_name(self) -> str:
-        return GENERATION_NAMES[self.generation]
-
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint file and detect its generation; raise a user-facing error if unusable.
@@ -71,7 +74,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             )
     else:
         generation = detect_generation(tensors)
+    _require_finite(tensors, path)
     return Checkpoint(path=path, generation=generation, tensors=tensors)
+
+
+def _require_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One NaN or infinite weight turns every output into NaN: refuse the file now, naming the
+    tensor, rather than fail at the first token."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DamagedFileError(
+                f"{path} is damaged: {name} holds NaN or infinite values", hint=_DAMAGED_HINT
+            )
 
 
 # Hugging Face transformers' RwkvForCausalLM (RWKV-4) names the same tensors differently, and
@@ -148,9 +162,8 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
             hint="only plain tensor checkpoints are read; nothing in a file is ever executed",
         ) from error
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is truncated or corrupt ({_first_line(error)})",
-            hint="download the file again",
+        raise DamagedFileError(
+            f"{path} is truncated or corrupt ({_first_line(error)})", hint=_DAMAGED_HINT
         ) from error
     if not isinstance(loaded, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
@@ -163,9 +176,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_safetensors(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is truncated or corrupt ({_first_line(error)})",
-            hint="download the file again",
+        raise DamagedFileError(
+            f"{path} is truncated or corrupt ({_first_line(error)})", hint=_DAMAGED_HINT
         ) from error
 
 

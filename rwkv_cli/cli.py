@@ -24,7 +24,7 @@ from rwkv_cli import __version__
 from rwkv_cli.bench import benchmark
 from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
 from rwkv_cli.cpu import configure_cpu
-from rwkv_cli.device import DtypeName, dtype_name, resolve_device, resolve_dtype
+from rwkv_cli.device import DTYPES, DtypeName, dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.doctor import diagnose
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.fileio import check_writable
@@ -57,6 +57,7 @@ from rwkv_cli.ui import (
     activity,
     prefill_progress,
     print_bench,
+    print_dim,
     print_error,
     print_models,
     print_state_info,
@@ -88,14 +89,23 @@ def _writable_file(ctx: typer.Context, value: Path | None) -> Path | None:
 
 
 # Options shared by several commands, declared once.
+MODEL_SPECS = (
+    "A checkpoint file or folder, a Hub repo (owner/name or owner/name:file) or an alias from "
+    "`rwkv models`."
+)
 ModelOption = Annotated[
     str | None,
     typer.Option(
         "-m",
         "--model",
-        help=f"A checkpoint file, a Hub repo (owner/name or owner/name:file) or an alias from "
-        f"`rwkv models`. Default: the model a --state file names, else {DEFAULT_MODEL}.",
+        help=f"{MODEL_SPECS} Default: the model of the state resumed, else {DEFAULT_MODEL}.",
         show_default=False,
+    ),
+]
+BenchModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "-m", "--model", help=f"{MODEL_SPECS} Default: {DEFAULT_MODEL}.", show_default=False
     ),
 ]
 TokenizerOption = Annotated[
@@ -213,6 +223,14 @@ SAMPLING_OPTIONS = (
     "frequency_penalty",
     "penalty_decay",
 )
+
+
+def _dtype_names(values: list[str] | None) -> list[str] | None:
+    """Option callback: an unknown weight type is a usage error, as for the single --dtype."""
+    for name in values or []:
+        if name.strip().lower() not in DTYPES:
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(DTYPES)}")
+    return values
 
 
 def _utf8_argument(param: typer.CallbackParam, value: str | None) -> str | None:
@@ -399,9 +417,10 @@ def save_state_command(
         text_tail=((previous.text_tail if previous else "") + content)[-TEXT_TAIL_CHARS:],
     )
     if verbose or console.is_terminal:
-        console.print(
-            f"[dim]Saved the state after {session.tokens_consumed} tokens "
-            f"({len(tokens)} new) to {output}[/dim]"
+        print_dim(
+            console,
+            f"Saved the state after {session.tokens_consumed} tokens ({len(tokens)} new) "
+            f"to {output}",
         )
 
 
@@ -461,7 +480,7 @@ def load_state_command(
         run.turn(console, decode_utf8(stdin.read(), "stdin"))
         return
     if run.text_tail:
-        console.print(f"[dim]…{run.text_tail[-300:]}[/dim]")
+        print_dim(console, f"…{run.text_tail[-300:]}")
     console.print(
         '[dim]Type text to append (empty: just continue; """ starts and ends several lines); '
         "Ctrl-D ends.[/dim]"
@@ -565,9 +584,10 @@ def chat(
     if on_terminal or verbose:
         weights = dtype_name(loaded.model.weight_dtype)
         model_line = f"{loaded.model.describe()} · {loaded.model.device} · {weights}"
-        console.print(
-            f"[dim]rwkv chat · {model_line} · {loaded.spec} · {conversation.template.name} "
-            f"template · seed {seed_used} · /help[/dim]"
+        print_dim(
+            console,
+            f"rwkv chat · {model_line} · {loaded.spec} · {conversation.template.name} "
+            f"template · seed {seed_used} · /help",
         )
         show_transcript_tail(console, conversation)
     lines = TerminalLines(input_history_file()) if on_terminal else ScriptLines(sys.stdin.buffer)
@@ -587,7 +607,7 @@ def chat(
 
 @app.command()
 def bench(
-    model: ModelOption = None,
+    model: BenchModelOption = None,
     prompt_tokens: Annotated[
         int, typer.Option("--prompt-tokens", min=1, help="Prompt length to prefill.")
     ] = 512,
@@ -599,6 +619,7 @@ def bench(
         list[str] | None,
         typer.Option(
             "--dtype",
+            callback=_dtype_names,
             help="Weight type to measure (default: fp16 on a GPU, fp32 on the CPU); repeat the "
             "option to measure several.",
             show_default=False,
@@ -645,11 +666,21 @@ def doctor(
 
 @app.command()
 def download(
-    spec: Annotated[str, typer.Argument(help="Model to fetch (see --model).", show_default=False)],
+    spec: Annotated[
+        str,
+        typer.Argument(
+            help="A Hub repo (owner/name or owner/name:file) or an alias from `rwkv models`.",
+            show_default=False,
+        ),
+    ],
     revision: RevisionOption = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Download again even if cached (replaces a damaged copy)."),
+    ] = False,
 ) -> None:
     """Download a model into the Hugging Face cache and print its local path."""
-    typer.echo(resolve_model(spec, revision, console=stderr_console()).path)
+    typer.echo(resolve_model(spec, revision, console=stderr_console(), again=force).path)
 
 
 @app.command()
@@ -740,18 +771,15 @@ class _Continuation:
         reproduce the run)."""
         if self.show_info:
             model = self.loaded.model
-            console.print(
-                f"[dim]{model.describe()} · {self.loaded.spec} · {model.device} "
-                f"{dtype_name(model.weight_dtype)} · seed {self.seed}[/dim]"
+            print_dim(
+                console,
+                f"{model.describe()} · {self.loaded.spec} · {model.device} "
+                f"{dtype_name(model.weight_dtype)} · seed {self.seed}",
             )
 
     def turn(self, console, text: str) -> None:
         """Generate after ``text``, streaming to stdout; then save the state if asked."""
         loaded = self.loaded
-        if self.show_info:
-            console.print(
-                f"[dim]{loaded.model.describe()} · {loaded.spec} · seed {self.seed}[/dim]"
-            )
         writer = StdoutWriter(sys.stdout)
         completion = []
         try:
@@ -818,7 +846,8 @@ def main() -> None:
         command = context.command_path if context is not None else "rwkv"
         cause = error.__cause__  # a value our own checks refused says what to use instead
         hint = cause.hint if isinstance(cause, RwkvCliError) and cause.hint else None
-        problem = RwkvCliError(error.format_message(), hint or f"see '{command} --help'")
+        message = error.format_message()  # none when the help was shown (no arguments)
+        problem = RwkvCliError(message, hint or f"see '{command} --help'") if message else None
         code = error.exit_code
     except typer.Abort:
         code = EXIT_INTERRUPTED

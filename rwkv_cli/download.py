@@ -73,8 +73,11 @@ class RemoteFile:
         return f"{self.repo_id}:{self.filename}"
 
 
-def download_to_cache(remote: RemoteFile, *, progress: bool | None, console: Console) -> Path:
-    """The cached file for ``remote`` (``snapshots/<commit>/<filename>``), downloaded if need be.
+def download_to_cache(
+    remote: RemoteFile, *, progress: bool | None, console: Console, again: bool = False
+) -> Path:
+    """The cached file for ``remote`` (``snapshots/<commit>/<filename>``), downloaded if need be
+    (``again``: even if cached, replacing a damaged copy once the new one is verified).
 
     ``progress``: ``None`` shows a bar when ``console`` is a terminal, unless
     ``HF_HUB_DISABLE_PROGRESS_BARS`` is set; ``True`` shows it on a terminal regardless; ``False``
@@ -83,13 +86,13 @@ def download_to_cache(remote: RemoteFile, *, progress: bool | None, console: Con
     storage = repo_folder(remote.repo_id)
     pointer = storage / "snapshots" / remote.commit / remote.filename
     try:
-        if not pointer.exists():
+        if again or not pointer.exists():
             blob = storage / "blobs" / remote.etag
             lock = Path(constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{remote.etag}.lock"
             blob.parent.mkdir(parents=True, exist_ok=True)
             lock.parent.mkdir(parents=True, exist_ok=True)
             with WeakFileLock(lock):
-                if not blob.exists():
+                if again or not blob.exists():
                     _download(remote, blob, progress, console)
                 _link(blob, pointer)
         _write_ref(storage, remote.revision or constants.DEFAULT_REVISION, remote.commit)

@@ -24,8 +24,18 @@ class CheckpointError(RwkvCliError):
     """The file exists but is not a readable RWKV checkpoint (corrupt, truncated, wrong kind)."""
 
 
+class DamagedFileError(CheckpointError):
+    """A checkpoint file that is truncated or corrupt, or holds NaN weights: the same file,
+    fetched or copied again, would work. For a Hub file the hint names ``rwkv download --force``."""
+
+
 class UnsupportedModelError(RwkvCliError):
     """A readable checkpoint of a generation or layout this version cannot run."""
+
+
+class ModelOutputError(RwkvCliError):
+    """The model's scores for the next token are not numbers (nan, inf): nothing can be sampled.
+    16-bit overflow or damaged weights; the hint suggests fp32."""
 
 
 class TokenizerError(RwkvCliError):

@@ -26,32 +26,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write(path: str | Path, write_to: Callable[[Path], object]) -> None:
-    """Replace ``path`` with what ``write_to(temp_path)`` writes: a temp file in the same
-    directory, fsync, rename.
+    """Replace ``path`` with what ``write_to(temp_path)`` writes: a file in a temporary folder
+    of its own beside ``path`` (a writer that makes temporary files itself, as safetensors does,
+    makes them there too), fsync, rename.
 
-    On any failure the temp file is removed, the previous file (if any) is left as it was, and a
-    :class:`WriteError` says why.
+    On any failure the temporary folder is removed, the previous file (if any) is left as it
+    was, and a :class:`WriteError` says why. A killed process leaves the folder behind for
+    ``remove_leftovers``.
     """
     path = Path(path)
     directory = path.parent  # Path("name").parent is Path(".")
     try:
-        descriptor, temp_name = tempfile.mkstemp(
-            dir=directory, prefix=f".{path.name}.", suffix=".tmp"
-        )
+        folder = Path(tempfile.mkdtemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp"))
     except OSError as error:
         raise _write_error(path, error) from error
-    os.close(descriptor)
+    temp = folder / path.name
     try:
-        os.chmod(temp_name, _mode_for(path))
-        write_to(Path(temp_name))
-        _fsync_file(temp_name)
-        os.replace(temp_name, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        if isinstance(error, OSError):
-            raise _write_error(path, error) from error
-        raise
+        write_to(temp)
+        os.chmod(temp, _mode_for(path))
+        _fsync_file(temp)
+        os.replace(temp, path)
+    except OSError as error:
+        raise _write_error(path, error) from error
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     _fsync_directory(directory)
 
 
@@ -78,8 +76,11 @@ def remove_leftovers(path: Path) -> None:
     """Delete temporary files that writes of ``path`` by ``atomic_write`` left when their process
     was killed. Only safe while holding the lock every writer of ``path`` takes."""
     for temporary in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        with contextlib.suppress(OSError):
-            temporary.unlink()
+        if temporary.is_dir() and not temporary.is_symlink():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                temporary.unlink()  # a temporary file, as earlier versions wrote
 
 
 def check_writable(path: str | Path) -> None:
@@ -111,7 +112,7 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def _fsync_file(name: str) -> None:
+def _fsync_file(name: str | Path) -> None:
     descriptor = os.open(name, os.O_RDONLY)
     try:
         os.fsync(descriptor)

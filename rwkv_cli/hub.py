@@ -81,7 +81,7 @@ _HINT_LIST_LIMIT = 8  # file names shown in a hint before "... and N more"
 # a point ("1B5" -> "1.5b"). "{size}" in a repo is the size as written, in lower case: RWKV-4 Pile
 # has one repo per size.
 _FAMILIES = (
-    ("rwkv7-g1", "BlinkDL/rwkv7-g1", "rwkv7-g1[a-z]*-{size}", "0.1b 0.4b 1.5b 2.9b"),
+    ("rwkv7-g1", "BlinkDL/rwkv7-g1", "rwkv7-g1[a-z0-9]*-{size}", "0.1b 0.4b 1.5b 2.9b 7.2b 13.3b"),
     ("rwkv7-world", "BlinkDL/rwkv-7-world", "RWKV-x070-World-{size}", "0.1B 0.4B 1.5B 2.9B"),
     ("rwkv6-world", "BlinkDL/rwkv-6-world", "RWKV-x060-World-{size}", "1B6 3B 7B 14B"),
     ("rwkv5-world", "BlinkDL/rwkv-5-world", "RWKV-5-World-{size}", "0.1B 0.4B 1B5 3B"),
@@ -203,6 +203,7 @@ def resolve_model(
     progress: bool | None = None,
     *,
     console: Console | None = None,
+    again: bool = False,
 ) -> ResolvedModel:
     """Turn a model spec into a local file, downloading it into the Hugging Face cache if needed.
 
@@ -211,7 +212,8 @@ def resolve_model(
     a terminal regardless of that variable; ``False`` never shows it. A bar is never drawn when
     stderr is not a terminal. A one-line notice goes to ``console`` (default: stderr) before any
     download. With ``HF_HUB_OFFLINE=1`` only the cache is consulted. If the Hub cannot be reached,
-    a cached copy is used when there is one.
+    a cached copy is used when there is one. ``again`` downloads a Hub file even if it is cached
+    (to replace a damaged copy).
     """
     local = Path(spec).expanduser()
     if local.is_file() or local.is_dir():
@@ -227,13 +229,19 @@ def resolve_model(
     target = _parse_spec(spec.strip())
     offline = constants.is_offline_mode()
     pinned = revision is not None and GIT_SHA1.fullmatch(revision) is not None
-    if offline or pinned:  # a commit's files never change: a cached copy is the answer
+    if offline and again:
+        raise InvalidInputError(
+            f"cannot download {target.label} again: HF_HUB_OFFLINE is set",
+            hint="unset HF_HUB_OFFLINE",
+        )
+    if (offline or pinned) and not again:  # a commit's files never change: a cached copy will do
         cached = _from_cache(spec, target, revision)
         if cached is not None:
             return cached
         if offline:
+            at = f" at {revision}" if revision else ""
             raise NotCachedError(
-                f"{target.label} is not in the local cache and HF_HUB_OFFLINE is set",
+                f"{target.label}{at} is not in the local cache and HF_HUB_OFFLINE is set",
                 hint="unset HF_HUB_OFFLINE to download it, or pass the path of a local checkpoint",
             )
     console = console or _stderr_console()
@@ -241,12 +249,12 @@ def resolve_model(
     try:
         remote = _locate(target, revision)
     except HubUnreachableError as error:
-        cached = _from_cache(spec, target, revision)
+        cached = None if again else _from_cache(spec, target, revision)
         if cached is None:
             raise
         notice(console, f"{error.message}; using the cached {cached.repo_id}:{cached.filename}")
         return cached
-    path = download_to_cache(remote, progress=progress, console=console)
+    path = download_to_cache(remote, progress=progress, console=console, again=again)
     return ResolvedModel(spec, path, remote.repo_id, remote.filename, remote.commit)
 
 
@@ -452,10 +460,16 @@ def _translate(error: Exception, repo_id: str, revision: str | None) -> RwkvCliE
                 "it may be private, gated or misspelt",
                 hint=_TOKEN_HINT,
             )
-        if isinstance(error, RepositoryNotFoundError) or status == 404:
+        if isinstance(error, RepositoryNotFoundError):  # the Hub says so (X-Error-Code)
             return RepoNotFoundError(
                 f"repository {repo_id} not found on {endpoint}",
                 hint="check the name; 'rwkv models' lists the known aliases",
+            )
+        if status == 404:  # without the Hub's error code: a proxy, a portal, a wrong endpoint
+            return HubUnreachableError(
+                f"{endpoint} answered HTTP 404 without the Hub's error code: it does not look "
+                "like a Hugging Face Hub",
+                hint=f"check HF_ENDPOINT and any proxy; {_OFFLINE_HINT}",
             )
         return HubUnreachableError(f"{endpoint} answered HTTP {status}", hint=_OFFLINE_HINT)
     if isinstance(error, FileMetadataError):

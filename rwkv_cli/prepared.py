@@ -8,6 +8,8 @@ memory-map that file: no pickle, no copy, and pages are only read as the model t
 Converted files are keyed by the SHA-256 of the source file. A file in the Hugging Face cache is
 stored under its SHA-256 already; any other file is hashed once and the hash remembered against
 its size and modification time, so a changed file is converted again.
+A conversion deletes the converted copies of the file's earlier contents, so a checkpoint that a
+training run rewrites keeps one copy, not one per version.
 """
 
 from __future__ import annotations
@@ -103,10 +105,32 @@ def _convert(
     except (RwkvCliError, OSError, SafetensorError) as error:
         warnings.warn(_not_cached_reason(error), stacklevel=2)
         return _build(generation, prepared, fingerprint, compute_dtype)
+    _remove_superseded(cached, metadata["source"])
     # Reload from the file so the weights are memory-mapped rather than held in this process.
     return _load_converted(cached, compute_dtype) or _build(
         generation, prepared, fingerprint, compute_dtype
     )
+
+
+def _remove_superseded(cached: Path, source: str) -> None:
+    """Delete the converted files nothing will load again: those of ``source``'s earlier
+    contents (a checkpoint rewritten in place, as a training run does), and those in another
+    layout version. Each is as large as a model."""
+    content_hash = cached.name.split("-", 1)[0]
+    for other in cached.parent.glob("*.safetensors"):
+        if other.name.startswith(content_hash + "-"):
+            continue  # the same contents in another dtype
+        stale_layout = not other.name.endswith(f"-v{LAYOUT_VERSION}.safetensors")
+        if stale_layout or _converted_from(other) == source:
+            other.unlink(missing_ok=True)
+
+
+def _converted_from(converted: Path) -> str | None:
+    try:
+        with safe_open(converted, framework="pt") as file:
+            return (file.metadata() or {}).get("source")
+    except (SafetensorError, OSError):
+        return None
 
 
 def _not_cached_reason(error: Exception) -> str:

@@ -24,7 +24,7 @@ from rwkv_cli.generate import GenerationChunk, Session
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, read_state_file, save_state_file
 from rwkv_cli.textio import OutputClosedError, StdoutWriter, decode_utf8
-from rwkv_cli.ui import print_error
+from rwkv_cli.ui import print_dim, print_error
 
 if TYPE_CHECKING:
     from prompt_toolkit.history import History
@@ -266,11 +266,11 @@ class ChatRepl:
 
     def _save(self, argument: str) -> None:
         save_chat(self.chat, _one_path(argument), self.seed)
-        self.console.print(f"[dim]Saved to {escape(argument)}.[/dim]")
+        print_dim(self.console, f"Saved to {argument}.")
 
     def _load(self, argument: str) -> None:
         self.chat = load_chat(self.chat, _one_path(argument))
-        self.console.print(f"[dim]Loaded {escape(argument)}.[/dim]")
+        print_dim(self.console, f"Loaded {argument}.")
         show_transcript_tail(self.console, self.chat)
 
     def _set(self, argument: str) -> None:
@@ -392,7 +392,7 @@ def show_transcript_tail(console: Console, chat: Chat, turns: int = 4) -> None:
     for message in _visible(chat.messages)[-turns:]:
         who = "You" if message.role == "user" else ("System" if message.role == "system" else "AI")
         text = message.text.strip().replace("\n", " ")
-        console.print(f"[dim]{who}: {escape(text[:300])}[/dim]")
+        print_dim(console, f"{who}: {text[:300]}")
 
 
 def _visible(messages: list[Message]) -> list[Message]:

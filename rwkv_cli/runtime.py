@@ -13,6 +13,7 @@ from rich.console import Console
 from rwkv_cli.demo import DEMO_SPEC
 from rwkv_cli.device import compute_dtype, resolve_device, resolve_dtype, use_own_stream
 from rwkv_cli.errors import (
+    DamagedFileError,
     HubUnreachableError,
     InvalidInputError,
     ModelNotFoundError,
@@ -80,8 +81,7 @@ def open_model(
     resolved = _resolve(spec, revision, console)
     use_own_stream(target)
     with activity(console, f"Loading {resolved.path.name}"):
-        model = load_model_cached(resolved.path, weights, compute_dtype(weights, target))
-        model = model.to(target)
+        model = _load(resolved, weights, target)
     # Now rather than in the middle of the first reply; a build (first use) gets a spinner.
     building = console if kernels_to_build(target) else None
     with activity(building, "Building the compiled kernels (first use only; up to a minute)"):
@@ -110,6 +110,21 @@ def choose_tokenizer(
     if name is None:
         return tokenizer_for_vocab(vocab_size)
     return tokenizer_by_name(name, vocab_size=vocab_size)
+
+
+def _load(resolved: ResolvedModel, weights: torch.dtype, target: torch.device) -> Model:
+    """The model, through the converted-weights cache, on ``target``. A damaged download's
+    error says how to fetch that very file again."""
+    try:
+        model = load_model_cached(resolved.path, weights, compute_dtype(weights, target))
+    except DamagedFileError as error:
+        if resolved.repo_id is None:
+            raise
+        again = f"{resolved.repo_id}:{resolved.filename} --revision {resolved.revision} --force"
+        raise DamagedFileError(
+            error.message, hint=f"fetch it again: rwkv download {again}"
+        ) from error
+    return model.to(target)
 
 
 def _resolve(spec: str, revision: str | None, console: Console | None) -> ResolvedModel:

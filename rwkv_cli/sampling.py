@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rwkv_cli.errors import InvalidInputError
+from rwkv_cli.errors import InvalidInputError, ModelOutputError
 
 # Fresh seeds are drawn from 63 bits so they stay positive in any signed 64-bit field (JSON
 # readers, other languages) while leaving far more seeds than anyone will ever try.
@@ -234,7 +234,11 @@ def _read_back(*tensors: Tensor) -> list[Tensor]:
 def _require_finite(top: Tensor) -> None:
     # The largest logit is -inf when every token is banned, +inf or nan when the model misbehaved.
     if not torch.isfinite(top):
-        raise ValueError(f"cannot sample: the largest logit is {top.item()}")
+        raise ModelOutputError(
+            f"cannot sample the next token: the model's largest score is {top.item()}",
+            hint="16-bit weights can overflow: try --dtype fp32; if that fails too, the "
+            "checkpoint's weights are damaged",
+        )
 
 
 def _nucleus_size(sorted_probs: Tensor, top_p: float) -> int:

@@ -105,7 +105,6 @@ class StdoutWriter:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.wrote_any = False
         self.ends_with_newline = True
 
     def write(self, text: str) -> None:
@@ -117,7 +116,6 @@ class StdoutWriter:
         except BrokenPipeError as error:
             _silence(self.stream)
             raise OutputClosedError from error
-        self.wrote_any = True
         self.ends_with_newline = text.endswith("\n")
 
 

@@ -21,7 +21,13 @@ from rwkv_cli.generate import GenerationChunk
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    """The console for everything but generated text (``:100:`` in a file name stays as is)."""
+    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+
+def print_dim(console: Console, text: str) -> None:
+    """One line of secondary information, shown exactly as written (file names, model text)."""
+    console.print(_shown(text), style="dim")
 
 
 @contextlib.contextmanager
@@ -83,7 +89,10 @@ def print_bench(results: list) -> None:
     """``rwkv bench``: one aligned table on stdout, a row per weight format."""
     gib = 1024**3
     first = results[0]
-    print(f"model: {first.model} ({first.architecture}, {first.device}, {first.threads} threads)")
+    print(
+        f"model: {first.model} ({first.architecture}, {first.device}, "
+        f"{first.threads} thread{'s' if first.threads != 1 else ''})"
+    )
     print(f"prompt: {first.prompt_tokens} tokens, then {first.decode_tokens} decoded one by one")
     on_gpu = any(result.peak_gpu_bytes for result in results)
     header = ("dtype", "load (cached)", "prefill tok/s", "decode tok/s", "peak RSS", "weights")

@@ -96,6 +96,14 @@ def test_wrong_shape_is_reported(tmp_path) -> None:
         load_model(write_pth(tmp_path / "m.pth", tensors))
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_a_nan_or_infinite_weight_is_reported_at_load(tmp_path, bad_value) -> None:
+    tensors = rwkv7_tensors(n_layer=2, n_embd=64, vocab_size=32)
+    tensors["blocks.1.att.receptance.weight"][3, 5] = bad_value
+    with pytest.raises(CheckpointError, match=r"damaged: blocks\.1\.att\.receptance\.weight"):
+        load_model(write_pth(tmp_path / "m.pth", tensors))
+
+
 def test_block_zero_may_lack_the_unused_value_lora(tmp_path) -> None:
     tensors = rwkv7_tensors(n_layer=2, n_embd=64, vocab_size=32)
     for name in ("v0", "v1", "v2"):

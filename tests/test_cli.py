@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rwkv_cli.bench import benchmark
 from rwkv_cli.errors import InvalidInputError
 from rwkv_cli.generate import generate
 from rwkv_cli.models import load_model
@@ -67,9 +68,20 @@ def test_verbose_puts_info_and_stats_on_stderr_only(rwkv7_pth) -> None:
     verbose = rwkv("generate", "Hi", "-m", rwkv7_pth, "-n", "8", *GREEDY, "--verbose")
     assert verbose.stdout == quiet.stdout
     stderr = verbose.stderr.decode()
-    assert "RWKV-7 L2 D128" in stderr
+    assert stderr.count("RWKV-7 L2 D128") == 1  # one header line, naming the device and seed
+    assert "cpu fp32" in stderr and "seed" in stderr
     assert "generated: 8 tokens" in stderr and "tok/s" in stderr
     assert "\x1b[" not in stderr  # no ANSI codes when stderr is not a terminal
+
+
+def test_file_names_are_shown_as_written_not_as_markup_or_emoji(rwkv7_pth, tmp_path) -> None:
+    folder = tmp_path / "[/] [v2]"  # "[/]" closes a markup tag: a folder "[", then "] [v2]"
+    folder.mkdir(parents=True)
+    model = folder / "step:100:final.pth"
+    model.symlink_to(rwkv7_pth)
+    result = rwkv("generate", "Hi", "-m", model, "-n", "2", "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert f"· {model} ·" in result.stderr.decode()
 
 
 def test_seed_makes_sampling_reproducible(rwkv7_pth) -> None:
@@ -203,6 +215,9 @@ def test_version_and_help() -> None:
     assert version.returncode == 0 and version.stdout.decode().startswith("rwkv-cli ")
     help_text = rwkv("generate", "--help")
     assert help_text.returncode == 0 and "--max-tokens" in help_text.stdout.decode()
+    bare = rwkv()  # the help, and no empty "Error:" line after it
+    assert bare.returncode == 2 and "generate" in bare.stdout.decode()
+    assert bare.stderr == b""
 
 
 def test_each_command_summary_is_one_line() -> None:
@@ -260,7 +275,14 @@ def test_bench_reports_speed_and_memory_per_dtype(rwkv7_pth) -> None:
     assert lines[2].split()[:4] == ["dtype", "load", "(cached)", "prefill"]
     assert lines[3].startswith("fp32 ") and len(lines) == 4
     unknown = rwkv(*args, "--dtype", "int4")
-    assert unknown.returncode == 1 and b"unknown dtype 'int4'" in unknown.stderr
+    assert unknown.returncode == 2 and b"'int4' is not one of" in unknown.stderr
+
+
+def test_every_bench_row_times_a_whole_load_tokenizer_included(rwkv7_pth) -> None:
+    loads = load_world_tokenizer.cache_info().misses
+    for _ in range(2):  # the second row must not reuse the first row's tokenizer
+        benchmark(str(rwkv7_pth), prompt_tokens=8, decode_tokens=1)
+    assert load_world_tokenizer.cache_info().misses == loads + 2
 
 
 def test_tokenizer_override(rwkv7_pth) -> None:

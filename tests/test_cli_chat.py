@@ -124,7 +124,7 @@ class Tmux:
             text=True,
         ).stdout
 
-    def wait_for_prompt(self, timeout: float = 60) -> None:
+    def wait_for_prompt(self, timeout: float = 120) -> None:
         """Until the last line on screen is the chat's empty "> " prompt."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -134,7 +134,7 @@ class Tmux:
             time.sleep(0.2)
         raise AssertionError(f"no prompt:\n{self.screen()}")
 
-    def wait_for(self, text: str, timeout: float = 60) -> str:
+    def wait_for(self, text: str, timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             screen = self.screen()

@@ -33,6 +33,29 @@ def test_download_prints_the_local_path_and_announces_on_stderr(g1) -> None:
     assert result.stderr.decode().startswith(f"Downloading {G1}:{NEW}")
 
 
+def test_a_damaged_download_names_the_command_that_fetches_it_again(g1, tmp_path) -> None:
+    hub, commit = g1
+    args = ("generate", "Hi", "-n", "3", "--temperature", "0")
+    elsewhere = {"RWKV_CLI_HOME": str(tmp_path / "home")}  # its converted copy would serve
+    local = rwkv(*args, "-m", tmp_path / "new.pth", env=elsewhere)  # the Hub's NEW, as a file
+    args += ("-m", "rwkv7-g1-0.1b")
+    path = Path(rwkv("download", "rwkv7-g1-0.1b", env=hub.env()).stdout.decode().strip())
+    blob = path.resolve()
+    blob.write_bytes(blob.read_bytes()[:5000])  # damaged on disk after the download
+    damaged = rwkv(*args, env=hub.env(HF_HUB_OFFLINE="1"))
+    assert_one_line_error(damaged, 1, "is truncated or corrupt")
+    command = f"rwkv download {G1}:{NEW} --revision {commit} --force"
+    assert damaged.stderr.decode().splitlines()[1] == f"Hint: fetch it again: {command}"
+    plain = rwkv("download", "rwkv7-g1-0.1b", env=hub.env())  # a cached copy is not re-checked
+    assert plain.returncode == 0 and blob.stat().st_size == 5000
+    offline = rwkv(*command.split()[1:], env=hub.env(HF_HUB_OFFLINE="1"))
+    assert_one_line_error(offline, 1, "cannot download", "again: HF_HUB_OFFLINE is set")
+    again = rwkv(*command.split()[1:], env=hub.env())
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.decode().startswith(f"Downloading {G1}:{NEW}")
+    assert rwkv(*args, env=hub.env()).stdout == local.stdout != b""
+
+
 def test_generate_with_an_alias_then_offline_from_the_cache(g1) -> None:
     hub, _ = g1
     online = rwkv(

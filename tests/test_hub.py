@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import functools
+import http.server
 import io
 import random
 import re
 import socket
 import subprocess
 import sys
+import threading
 from collections import namedtuple
 from pathlib import Path
 
@@ -103,6 +106,11 @@ ALIAS_CASES = [
         ["rwkv7-g1-0.4b-20250324-ctx4096.pth", G1_04],
         ["rwkv7a-g1b-0.4b-20251010-ctx4096.pth", "rwkv7-g1-0.4b-20250324-ctx4096.pth.json"],
     ),
+    AliasCase(  # releases G1a2, G1a3 (a digit after the letter) are G1 too
+        "rwkv7-g1-1.5b",
+        ["rwkv7-g1a2-1.5b-20251005-ctx8192.pth", "rwkv7-g1a3-1.5b-20251015-ctx8192.pth", G1_15],
+        ["rwkv7-g0a3-1.5b-20251029-ctx8192.pth", "rwkv7a-g1b-1.5b-20251010-ctx8192.pth"],
+    ),
     AliasCase(
         "rwkv7-world-0.1b",
         ["RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth"],
@@ -140,7 +148,7 @@ ALIAS_CASES = [
 def test_aliases_cover_every_family_and_size() -> None:
     aliases = {alias.name: alias.repo_id for alias in list_aliases()}
     expected = {
-        "rwkv7-g1-": ("0.1b", "0.4b", "1.5b", "2.9b"),
+        "rwkv7-g1-": ("0.1b", "0.4b", "1.5b", "2.9b", "7.2b", "13.3b"),
         "rwkv7-world-": ("0.1b", "0.4b", "1.5b", "2.9b"),
         "rwkv6-world-": ("1.6b", "3b", "7b", "14b"),
         "rwkv5-world-": ("0.1b", "0.4b", "1.5b", "3b", "7b"),
@@ -430,6 +438,24 @@ def test_hub_down_falls_back_to_a_cached_copy(
     console = quiet()
 
     assert resolve("rwkv7-g1-0.1b", console=console).path == downloaded
+    assert "using the cached" in console.file.getvalue()
+
+
+def test_an_endpoint_that_is_not_a_hub_falls_back_to_a_cached_copy(
+    g1: LocalHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    downloaded = resolve("rwkv7-g1-0.1b").path
+    # A plain web server (a captive portal, a wrong HF_ENDPOINT): 404 for everything, and
+    # without the Hub's X-Error-Code, so it says nothing about the repository.
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as plain:
+        threading.Thread(target=plain.serve_forever, daemon=True).start()
+        monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{plain.server_port}")
+        console = quiet()
+        assert resolve("rwkv7-g1-0.1b", console=console).path == downloaded
+        with pytest.raises(HubUnreachableError, match="does not look like a Hugging Face Hub"):
+            resolve("rwkv7-g1-0.4b")
+        plain.shutdown()
     assert "using the cached" in console.file.getvalue()
 
 

@@ -37,6 +37,9 @@ def test_first_load_converts_and_later_loads_skip_the_checkpoint(home, rwkv7_pth
     converted = list(converted_dir().glob("*.safetensors"))
     assert len(converted) == 1
     assert converted[0].name.endswith(f"-float32-v{prepared.LAYOUT_VERSION}.safetensors")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert converted[0].stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' own 0600
 
     def no_reading(path):
         raise AssertionError("the checkpoint was read again")
@@ -49,15 +52,28 @@ def test_first_load_converts_and_later_loads_skip_the_checkpoint(home, rwkv7_pth
     assert second.fingerprint == direct.fingerprint != ""
 
 
-def test_a_changed_source_file_is_converted_again(home, tmp_path):
+def test_a_changed_source_file_is_converted_again_replacing_its_copies(home, tmp_path, rwkv7_pth):
+    other = load_model_cached(rwkv7_pth)  # another checkpoint's copy stays
     path = write_pth(tmp_path / "model.pth", rwkv7_tensors(seed=0))
     before = _logits(load_model_cached(path))
+    load_model_cached(path, torch.bfloat16)  # the same contents in another dtype stay too
+    assert len(list(converted_dir().glob("*.safetensors"))) == 3
     write_pth(path, rwkv7_tensors(seed=5))
     os.utime(path, ns=(1, 1))  # a different modification time, whatever the clock resolution
     after = _logits(load_model_cached(path))
     assert not torch.equal(before, after)
     assert torch.equal(after, _logits(load_model(path)))
-    assert len(list(converted_dir().glob("*.safetensors"))) == 2
+    kept = {file.name.split("-")[0] for file in converted_dir().glob("*.safetensors")}
+    assert kept == {source_hash(rwkv7_pth), source_hash(path)}  # the old contents' two went
+    assert torch.equal(_logits(load_model_cached(rwkv7_pth)), _logits(other))
+
+
+def test_copies_in_an_older_layout_are_deleted_by_the_next_conversion(home, rwkv7_pth):
+    older = converted_dir() / f"{'0' * 64}-float32-v{prepared.LAYOUT_VERSION - 1}.safetensors"
+    older.parent.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, older)
+    load_model_cached(rwkv7_pth)
+    assert not older.exists()
 
 
 def test_the_hash_is_computed_once_per_file_version(home, rwkv7_pth, monkeypatch):
@@ -134,10 +150,14 @@ def test_what_a_killed_conversion_left_is_cleared(home, rwkv7_pth):
     load_model_cached(rwkv7_pth)
     (cached,) = converted_dir().glob("*.safetensors")
     cached.unlink()
-    leftover = cached.with_name(f".{cached.name}.k1ll3d.tmp")  # atomic_write's temporary name
-    leftover.write_bytes(b"half a model")
+    leftover = cached.with_name(f".{cached.name}.k1ll3d.tmp")  # atomic_write's temporary folder
+    leftover.mkdir()
+    (leftover / ".tmpN5oovx").write_bytes(b"half a model")  # where safetensors was writing
+    older = cached.with_name(f".{cached.name}.0ld3r.tmp")  # a temporary file of earlier versions
+    older.write_bytes(b"half a model")
     load_model_cached(rwkv7_pth)
-    assert cached.is_file() and not leftover.exists()
+    assert cached.is_file() and not leftover.exists() and not older.exists()
+    assert [path.name for path in converted_dir().iterdir() if ".tmp" in path.name] == []
 
 
 def test_two_loaders_of_a_new_checkpoint_convert_it_once(home, rwkv7_pth, monkeypatch):

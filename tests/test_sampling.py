@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from rwkv_cli.errors import InvalidInputError
+from rwkv_cli.errors import InvalidInputError, ModelOutputError
 from rwkv_cli.sampling import (
     SamplingParams,
     apply_penalties,
@@ -295,7 +295,7 @@ def test_all_but_one_banned_always_gives_that_one() -> None:
 def test_unsamplable_logits_raise(logits: torch.Tensor) -> None:
     generator, _ = make_generator(0)
     for params in (SamplingParams(temperature=0.0), SamplingParams()):
-        with pytest.raises(ValueError, match="largest logit"):
+        with pytest.raises(ModelOutputError, match="largest score"):
             sample_token(logits, params, generator)
 
 

@@ -17,9 +17,8 @@ from rwkv_cli.kernels.wkv4 import wkv4_torch
 from rwkv_cli.kernels.wkv5 import wkv5_sequential
 from rwkv_cli.kernels.wkv7 import wkv7_sequential
 
-# The three WKV recurrences: RWKV-4; RWKV-5 and 6 (one kernel); RWKV-7.
-GENERATIONS = ("4", "5", "7")
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The three WKV recurrences: RWKV-4; RWKV-5 and 6 (one kernel); RWKV-7.
 TORCH_REFERENCES: dict[str, Callable] = {
     "4": wkv4_torch,
     "5": wkv5_sequential,
