@@ -197,11 +197,32 @@ VerboseOption = Annotated[
     bool,
     typer.Option("-v", "--verbose", help="Show info and stats even when not on a terminal."),
 ]
+
+
+def _checked_device(ctx: typer.Context, value: str) -> str:
+    """Option callback: a device this machine lacks fails before any work; the error names
+    RWKV_CLI_DEVICE when the value came from there."""
+    if ctx.resilient_parsing:
+        return value
+    try:
+        resolve_device(value)
+    except InvalidInputError as error:
+        source = ctx.get_parameter_source("device")
+        if source is None or source.name != "ENVIRONMENT":
+            raise
+        raise InvalidInputError(
+            f"{error.message} (RWKV_CLI_DEVICE={value})",
+            hint=f"unset RWKV_CLI_DEVICE or pass --device; {error.hint}",
+        ) from error
+    return value
+
+
 DeviceOption = Annotated[
     str,
     typer.Option(
         "--device",
         envvar="RWKV_CLI_DEVICE",
+        callback=_checked_device,
         help="Where to run the model: cpu, cuda (the current GPU), cuda:N, or auto (a GPU if "
         "there is one).",
     ),
@@ -819,6 +840,23 @@ class _Continuation:
             )
 
 
+def _usage_hint(error: typer.TyperException, root_options: set[str]) -> str:
+    """What to do about a usage error: a value our own checks refused says what to use instead;
+    an option of ``rwkv`` itself given after the command goes before it; else the help."""
+    context = getattr(error, "ctx", None)
+    command = context.command_path if context is not None else "rwkv"
+    cause = error.__cause__
+    if isinstance(cause, RwkvCliError) and cause.hint:
+        return cause.hint
+    option = getattr(error, "option_name", None)
+    if option in root_options:
+        subcommand = command.removeprefix("rwkv ")
+        return (
+            f"{option} is an option of rwkv itself: put it first, 'rwkv {option} ... {subcommand}'"
+        )
+    return f"see '{command} --help'"
+
+
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
@@ -839,15 +877,13 @@ def main() -> None:
             signal.signal(stop, _exit_on_signal)
     debug = os.environ.get("RWKV_CLI_DEBUG") == "1"
     problem = None
+    root = typer.main.get_command(app)
     try:
-        code = typer.main.get_command(app).main(prog_name="rwkv", standalone_mode=False)
+        code = root.main(prog_name="rwkv", standalone_mode=False)
     except typer.TyperException as error:  # usage errors (exit 2) and other option problems
-        context = getattr(error, "ctx", None)
-        command = context.command_path if context is not None else "rwkv"
-        cause = error.__cause__  # a value our own checks refused says what to use instead
-        hint = cause.hint if isinstance(cause, RwkvCliError) and cause.hint else None
         message = error.format_message()  # none when the help was shown (no arguments)
-        problem = RwkvCliError(message, hint or f"see '{command} --help'") if message else None
+        root_options = {name for param in root.params for name in param.opts}
+        problem = RwkvCliError(message, _usage_hint(error, root_options)) if message else None
         code = error.exit_code
     except typer.Abort:
         code = EXIT_INTERRUPTED

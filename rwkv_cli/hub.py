@@ -73,6 +73,7 @@ DEFAULT_MODEL = "rwkv7-g1-0.1b"
 """The model ``chat`` and ``generate`` use without ``-m``: the smallest RWKV-7 G1 (about 380 MB)."""
 
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
+TRANSFORMERS_WEIGHTS = "pytorch_model.bin"  # transformers' RWKV-4 weights, in a folder
 _HINT_LIST_LIMIT = 8  # file names shown in a hint before "... and N more"
 
 # Alias families: (alias prefix, repo, file-name stem, sizes as written in file names). A file
@@ -289,7 +290,7 @@ class _HubSpec:
 
 def _checkpoint_in(folder: Path, console: Console) -> Path:
     """The checkpoint a local folder holds, chosen like a repo's: the only one, or the newest by
-    the date in its name (then a notice says which)."""
+    the date in its name (then a notice says which); else transformers' ``pytorch_model.bin``."""
     names = sorted(path.name for path in folder.iterdir() if path.is_file())
     chosen = _HubSpec(str(folder)).choose(names)
     checkpoints = [name for name in names if _is_repo_checkpoint(name)]
@@ -297,9 +298,18 @@ def _checkpoint_in(folder: Path, console: Console) -> Path:
         if len(checkpoints) > 1:
             notice(console, f"Using {chosen}, the newest of {len(checkpoints)} in {folder}")
         return (folder / chosen).resolve()
+    if not checkpoints and TRANSFORMERS_WEIGHTS in names:
+        return (folder / TRANSFORMERS_WEIGHTS).resolve()
     if not checkpoints:
+        others = [name for name in names if _is_checkpoint(name)]
+        if others:
+            raise ModelNotFoundError(
+                f"the folder {folder} holds no model checkpoint, only {_listed(others)}",
+                hint="state-tuning files go with --state; experimental RWKV-7 variants (rwkv7a, "
+                "rwkv7b) do not run",
+            )
         raise ModelNotFoundError(
-            f"the folder {folder} holds no checkpoint (.pth or .safetensors)",
+            f"the folder {folder} holds no checkpoint (.pth, .safetensors or pytorch_model.bin)",
             hint="pass the checkpoint file itself",
         )
     raise ModelNotFoundError(

@@ -220,6 +220,12 @@ def test_version_and_help() -> None:
     assert bare.stderr == b""
 
 
+def test_an_option_of_rwkv_itself_after_the_command_says_where_it_goes() -> None:
+    result = rwkv("bench", "--threads", "2")
+    assert_one_line_error(result, 2, "No such option: --threads")
+    assert "put it first, 'rwkv --threads ... bench'" in result.stderr.decode()
+
+
 def test_each_command_summary_is_one_line() -> None:
     # Typer's command list shows a docstring's first paragraph with its line breaks kept.
     from rwkv_cli.cli import app

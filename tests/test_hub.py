@@ -248,6 +248,19 @@ def test_a_local_folder_without_one_clear_checkpoint_is_an_error(tmp_path: Path)
         resolve(str(tmp_path))
 
 
+def test_a_folder_of_transformers_weights_means_its_pytorch_model_bin(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    assert resolve(str(tmp_path)).path == tmp_path / "pytorch_model.bin"
+
+
+def test_a_folder_of_state_files_and_variants_says_what_it_holds(tmp_path: Path) -> None:
+    for name in ("rwkv7a-g1b-0.1b-20251010-ctx4096.pth", "rwkv7-g1-0.1b-state.pth"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match=r"no model checkpoint, only rwkv7-g1-0\.1b-state"):
+        resolve(str(tmp_path))
+
+
 def test_a_missing_local_path_is_not_sent_to_the_hub(local_hub: LocalHub) -> None:
     with pytest.raises(ModelNotFoundError, match=re.escape("no such file: models/missing.pth")):
         resolve("models/missing.pth")
