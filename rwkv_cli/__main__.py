@@ -1,5 +1,5 @@
 """``python -m rwkv_cli`` runs the ``rwkv`` command."""
 
-from rwkv_cli.cli import main
+from rwkv_cli.entry import main
 
 main()

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,6 +27,7 @@ from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, temp
 from rwkv_cli.cpu import configure_cpu
 from rwkv_cli.device import DTYPES, DtypeName, dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.doctor import diagnose
+from rwkv_cli.entry import EXIT_INTERRUPTED
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.fileio import check_writable
 from rwkv_cli.generate import Session, prefill, stream_generate
@@ -46,6 +48,8 @@ from rwkv_cli.textio import (
     OutputClosedError,
     StdoutWriter,
     decode_utf8,
+    has_live_reader,
+    interactive,
     piped_stdin,
     read_prompt,
     require_utf8,
@@ -67,7 +71,6 @@ from rwkv_cli.ui import (
 )
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention for Ctrl-C
 
 app = typer.Typer(
     name="rwkv",
@@ -84,6 +87,8 @@ STATE = "State"
 def _writable_file(ctx: typer.Context, value: Path | None) -> Path | None:
     """Option callback for files a command writes: stop before any work if it cannot."""
     if value is not None and not ctx.resilient_parsing:
+        if str(value) == "-":
+            raise typer.BadParameter("state files are binary: name a file (- is not stdout here)")
         check_writable(value)
     return value
 
@@ -361,7 +366,7 @@ def generate(
     run = _Continuation.begin(
         ctx,
         start,
-        verbose or console.is_terminal,
+        verbose or interactive(console),
         seed=seed,
         stop=stop,
         max_tokens=max_tokens,
@@ -424,7 +429,7 @@ def save_state_command(
     console = stderr_console()
     start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     tokens = start.loaded.tokenizer.encode(content)
-    with prefill_progress(console, len(tokens)) as on_progress:
+    with prefill_progress(console) as on_progress:
         session = prefill(start.loaded.model, tokens, start.session, on_progress=on_progress)
     previous = start.state_file
     save_state_file(
@@ -437,7 +442,7 @@ def save_state_command(
         sampling=previous.sampling if previous else None,
         text_tail=((previous.text_tail if previous else "") + content)[-TEXT_TAIL_CHARS:],
     )
-    if verbose or console.is_terminal:
+    if verbose or interactive(console):
         print_dim(
             console,
             f"Saved the state after {session.tokens_consumed} tokens ({len(tokens)} new) "
@@ -490,7 +495,7 @@ def load_state_command(
     run = _Continuation.begin(
         ctx,
         start,
-        verbose or console.is_terminal,
+        verbose or interactive(console),
         seed=seed,
         stop=stop,
         max_tokens=max_tokens,
@@ -798,29 +803,42 @@ class _Continuation:
                 f"{dtype_name(model.weight_dtype)} · seed {self.seed}",
             )
 
+    def _not_saved(self, reason: str) -> None:
+        if self.save_path is not None:
+            warnings.warn(f"{reason}: the state was not saved to {self.save_path}", stacklevel=3)
+
     def turn(self, console, text: str) -> None:
         """Generate after ``text``, streaming to stdout; then save the state if asked."""
         loaded = self.loaded
         writer = StdoutWriter(sys.stdout)
         completion = []
         try:
-            for last in stream_generate(
-                loaded.model,
-                loaded.tokenizer,
-                text,
-                params=self.params,
-                generator=self.generator,
-                max_tokens=self.max_tokens,
-                stop=self.stop,
-                session=self.session,
-            ):
-                writer.write(last.text)
-                completion.append(last.text)
+            with prefill_progress(console) as on_prefill:  # gone before the text streams
+                for last in stream_generate(
+                    loaded.model,
+                    loaded.tokenizer,
+                    text,
+                    params=self.params,
+                    generator=self.generator,
+                    max_tokens=self.max_tokens,
+                    stop=self.stop,
+                    session=self.session,
+                    on_prefill=on_prefill,
+                ):
+                    writer.write(last.text)
+                    completion.append(last.text)
         except OutputClosedError:
+            self._not_saved("the output was closed before the end")
             raise typer.Exit() from None
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, kill
+            self._not_saved("interrupted")
+            raise
         finally:
-            if sys.stdout.isatty() and not writer.ends_with_newline:
-                writer.write("\n")
+            if not writer.ends_with_newline:
+                if sys.stdout.isatty():
+                    writer.write("\n")
+                elif self.show_info and interactive(console) and has_live_reader(sys.stdout):
+                    console.print()  # `| tee`: the footer starts a line of its own
         if self.show_info:
             print_stats(console, last)
         self.session = last.session
@@ -870,6 +888,8 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 def main() -> None:
     """Console-script entry point and the single error boundary."""
     show_warnings_on_stderr()
+    if sys.stdout is None:  # started with stdout closed (>&-): as if its reader had gone
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open until the process ends)
     if isinstance(sys.stdout, io.TextIOWrapper):  # an encoding without é gets "?", not a crash
         sys.stdout.reconfigure(errors="replace")
     for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # kill; a closed terminal

@@ -41,6 +41,7 @@ from rwkv_cli.errors import (
     WriteError,
 )
 from rwkv_cli.fileio import check_free_space, format_size
+from rwkv_cli.textio import interactive
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -196,7 +197,7 @@ def _download(remote: RemoteFile, blob: Path, progress: bool | None, console: Co
         notice(console, f"Resuming {remote.label} ({done} of {total} already here)")
     else:
         notice(console, f"Downloading {remote.label} ({format_size(remote.size)})")
-    show = progress is not False and console.is_terminal
+    show = progress is not False and interactive(console)
     show = show and (progress is True or not constants.HF_HUB_DISABLE_PROGRESS_BARS)
     name = remote.filename.rsplit("/", 1)[-1]  # the bar names the file, not its folders
     try:

@@ -76,18 +76,18 @@ def prefill(
     tokens: Sequence[int],
     session: Session | None = None,
     chunk_len: int = PREFILL_CHUNK_LEN,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Session:
     """Feed ``tokens`` in chunks and return the session after them.
 
-    ``on_progress`` is called with the number of tokens consumed after each chunk.
+    ``on_progress(done, total)`` is called with the tokens consumed after each chunk.
     """
     session = session or Session()
     state, logits = session.state, session.logits
     for start in range(0, len(tokens), chunk_len):
         logits, state = model.forward(tokens[start : start + chunk_len], state)
         if on_progress is not None:
-            on_progress(min(start + chunk_len, len(tokens)))
+            on_progress(min(start + chunk_len, len(tokens)), len(tokens))
     return Session(state, logits, session.counts, session.tokens_consumed + len(tokens))
 
 
@@ -180,18 +180,20 @@ def stream_generate(
     stop: Sequence[str] = (),
     session: Session | None = None,
     ban: Sequence[int] = (),
+    on_prefill: Callable[[int, int], None] | None = None,
 ) -> Iterator[GenerationChunk]:
     """Continue ``prompt`` (after ``session``, if given) and yield records as tokens are sampled.
 
     With nothing read yet and an empty prompt, generation starts from the end-of-text token,
     i.e. a fresh document. Tokens in ``ban`` are never sampled (chat bans end-of-text).
+    ``on_prefill(done, total)`` follows the reading of the prompt (see ``prefill``).
     """
     session = session or Session()
     prompt_tokens = tokenizer.encode(prompt)
     if not prompt_tokens and session.logits is None:
         prompt_tokens = [END_OF_TEXT]
     started = time.perf_counter()
-    session = prefill(model, prompt_tokens, session)
+    session = prefill(model, prompt_tokens, session, on_progress=on_prefill)
     prompt_seconds = time.perf_counter() - started
 
     device = session.logits.device  # sampling works where the logits are (sampling.py)

@@ -29,6 +29,13 @@ _RANDOM_SEED_BITS = 63
 # torch.Generator.manual_seed accepts any value that fits in an unsigned 64-bit integer.
 MAX_SEED = 2**64 - 1
 
+# Below this a temperature is greedy in all but name, and far below it (1e-38) dividing float32
+# logits by it overflows to inf and NaN: such values are refused rather than quietly broken.
+MIN_TEMPERATURE = 1e-6
+# Logits are of order 10, so a penalty of 1e6 already rules a token out; much larger ones
+# overflow float32 (1e39 is inf) and would turn every score into NaN.
+MAX_PENALTY = 1e6
+
 # The float32 running total of the sorted probabilities carries rounding error, so a nucleus
 # boundary that is reached exactly on paper (0.38 + 0.32 against top-p 0.7) can land a few ulps
 # below it. Treating "within this much of top-p" as reached keeps such boundaries where the user
@@ -65,6 +72,11 @@ class SamplingParams:
                 f"temperature must be a finite number >= 0, got {self.temperature!r}",
                 hint="use 0 for greedy decoding; 1 leaves the model's distribution unchanged",
             )
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidInputError(
+                f"temperature must be 0 or at least {MIN_TEMPERATURE:g}, got {self.temperature!r}",
+                hint="use 0 for greedy decoding",
+            )
         if not _is_number(self.top_p) or not (0 < self.top_p <= 1):
             raise InvalidInputError(
                 f"top-p must be in (0, 1], got {self.top_p!r}",
@@ -79,8 +91,12 @@ class SamplingParams:
             ("presence penalty", self.presence_penalty),
             ("frequency penalty", self.frequency_penalty),
         ):
-            if not _is_number(value) or not math.isfinite(value):
-                raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+            if not _is_number(value) or not abs(value) <= MAX_PENALTY:
+                raise InvalidInputError(
+                    f"{name} must be a number from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, "
+                    f"got {value!r}",
+                    hint=f"{MAX_PENALTY:g} already rules a repeated token out",
+                )
         if not _is_number(self.penalty_decay) or not (0 < self.penalty_decay <= 1):
             raise InvalidInputError(
                 f"penalty decay must be in (0, 1], got {self.penalty_decay!r}",

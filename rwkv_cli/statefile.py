@@ -246,6 +246,8 @@ def read_state_file(path: str | Path) -> StateFile:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    if path.is_dir():
+        raise StateFileError(f"{path} is a directory, not a state file")
     if not path.is_file():
         raise StateFileError(f"no such state file: {path}")
     try:

@@ -5,11 +5,26 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from rwkv_cli.errors import InvalidInputError
+from rwkv_cli.errors import InvalidInputError, WriteError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def interactive(console: Console) -> bool:
+    """Whether ``console`` is a person's terminal, where spinners, progress bars and the info
+    lines show. rich counts ``FORCE_COLOR`` (set in CI logs) as a terminal; it asks for colour
+    only, so then the stream itself must be a terminal too."""
+    if not console.is_terminal:
+        return False
+    if os.environ.get("FORCE_COLOR") is None and os.environ.get("TTY_COMPATIBLE") != "1":
+        return True
+    isatty = getattr(console.file, "isatty", None)
+    return bool(isatty is not None and isatty())
 
 
 def read_prompt(argument: str | None, stdin: BinaryIO | None) -> str:
@@ -66,12 +81,12 @@ def require_visible_output(what: str, hint: str) -> None:
     """
     if sys.stdin is None or sys.stdin.closed or not sys.stdin.isatty():
         return
-    if _has_live_reader(sys.stdout):
+    if has_live_reader(sys.stdout):
         return
     raise InvalidInputError(f"stdout is redirected to a file, so {what} would not show", hint)
 
 
-def _has_live_reader(stream: TextIO | None) -> bool:
+def has_live_reader(stream: TextIO | None) -> bool:
     """Whether text written to ``stream`` reaches someone now: a terminal, a pipe or a socket."""
     if stream is None or stream.closed:
         return False
@@ -101,7 +116,8 @@ class OutputClosedError(Exception):
 
 
 class StdoutWriter:
-    """Writes completion text, flushing each piece; turns a closed pipe into OutputClosedError."""
+    """Writes completion text, flushing each piece; turns a closed pipe into OutputClosedError
+    and any other failure (a full disk) into a WriteError."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -116,6 +132,12 @@ class StdoutWriter:
         except BrokenPipeError as error:
             _silence(self.stream)
             raise OutputClosedError from error
+        except OSError as error:
+            _silence(self.stream)
+            raise WriteError(
+                f"cannot write the output: {error.strerror or error}",
+                hint="what was written before stays; free some space, or write elsewhere",
+            ) from error
         self.ends_with_newline = text.endswith("\n")
 
 

@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from rwkv_cli.errors import RwkvCliError
 from rwkv_cli.fileio import format_size
 from rwkv_cli.generate import GenerationChunk
+from rwkv_cli.textio import interactive
 
 
 def stderr_console() -> Console:
@@ -32,9 +34,10 @@ def print_dim(console: Console, text: str) -> None:
 
 @contextlib.contextmanager
 def activity(console: Console | None, message: str) -> Iterator[None]:
-    """A spinner with ``message`` while the block runs, on a terminal only."""
-    if console is not None and console.is_terminal:
-        with console.status(message):
+    """A spinner with ``message`` (plain text, not markup) while the block runs, on a terminal
+    only."""
+    if console is not None and interactive(console):
+        with console.status(Text(_shown(message))):
             yield
     else:
         yield
@@ -44,21 +47,36 @@ PROGRESS_MIN_TOKENS = 1024  # below this, reading text is quick enough to need n
 
 
 @contextlib.contextmanager
-def prefill_progress(console: Console, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar for reading ``total`` tokens (terminal only); yields the update callback."""
-    if not console.is_terminal or total < PROGRESS_MIN_TOKENS:
-        yield lambda done: None
-        return
-    columns = (
-        TextColumn("Reading"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("prefill", total=total)
-        yield lambda done: progress.update(task, completed=done)
+def prefill_progress(console: Console) -> Iterator[Callable[[int, int], None]]:
+    """Yields ``update(done, total)`` for reading a prompt: from the first update, a progress bar
+    on a terminal for prompts of ``PROGRESS_MIN_TOKENS`` or more; it goes once all is read (before
+    any reply streams) or when the block ends."""
+    shown: list[Progress] = []
+
+    def update(done: int, total: int) -> None:
+        if not shown:
+            if done >= total or total < PROGRESS_MIN_TOKENS or not interactive(console):
+                return
+            columns = (
+                TextColumn("Reading"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("tokens"),
+                TimeRemainingColumn(),
+            )
+            shown.append(Progress(*columns, console=console, transient=True))
+            shown[0].add_task("prefill", total=total)
+            shown[0].start()
+        progress = shown[0]
+        progress.update(progress.task_ids[0], completed=done)
+        if done >= total:
+            progress.stop()
+
+    try:
+        yield update
+    finally:
+        if shown:
+            shown[0].stop()
 
 
 def print_state_info(details: dict) -> None:

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
 
+from rwkv_cli import entry
 from rwkv_cli.bench import benchmark
-from rwkv_cli.errors import InvalidInputError
+from rwkv_cli.errors import InvalidInputError, WriteError
 from rwkv_cli.generate import generate
 from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.textio import require_utf8
-from rwkv_cli.tokenizer import load_world_tokenizer
+from rwkv_cli.textio import StdoutWriter, require_utf8
+from rwkv_cli.tokenizer import WorldTokenizer, load_world_tokenizer
 from tests.cli_runner import assert_one_line_error, rwkv
 from tests.fixtures import write_pth
 
@@ -235,9 +240,10 @@ def test_each_command_summary_is_one_line() -> None:
         assert "\n" not in summary, command.callback.__name__
 
 
-def _start_long_generation(model: Path) -> subprocess.Popen:
+def _start_long_generation(model: Path, *options: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "rwkv_cli", "generate", "x", "-m", str(model)]
     return subprocess.Popen(
-        [sys.executable, "-m", "rwkv_cli", "generate", "x", "-m", str(model), "-n", "100000"],
+        [*command, "-n", "100000", *options],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -255,6 +261,46 @@ def test_ctrl_c_exits_130_and_keeps_the_printed_text(rwkv7_pth) -> None:
     assert "Interrupted" in stderr.decode()
 
 
+def test_ctrl_c_while_the_command_loads_is_no_traceback(monkeypatch, capsys) -> None:
+    loading = types.ModuleType("rwkv_cli.cli")
+
+    def interrupted(name: str):
+        raise KeyboardInterrupt  # pressed while torch was importing
+
+    loading.__getattr__ = interrupted
+    monkeypatch.setitem(sys.modules, "rwkv_cli.cli", loading)
+    with pytest.raises(SystemExit) as ended:
+        entry.main()
+    assert ended.value.code == 130 and capsys.readouterr().err == "Interrupted.\n"
+    process = subprocess.Popen(  # the same, for real, wherever the signal lands
+        [sys.executable, "-m", "rwkv_cli", "generate", "x", "-m", "demo"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert process.stderr.read().decode().endswith("Interrupted.\n")
+
+
+def test_a_full_disk_under_stdout_is_a_one_line_error(rwkv7_pth, monkeypatch) -> None:
+    class FullDisk(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteError, match="cannot write the output: No space left on device"):
+        StdoutWriter(FullDisk()).write("text")
+    closed = subprocess.run(  # started with stdout closed (>&-): nothing to write to, no error
+        [sys.executable, "-m", "rwkv_cli", "generate", "x", "-m", rwkv7_pth, "-n", "2"],
+        stdin=subprocess.DEVNULL,
+        stdout=None,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert closed.returncode == 0 and closed.stderr == b""
+
+
 def test_closed_pipe_ends_quietly(rwkv7_pth) -> None:
     process = _start_long_generation(rwkv7_pth)
     process.stdout.read(20)
@@ -262,6 +308,19 @@ def test_closed_pipe_ends_quietly(rwkv7_pth) -> None:
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == 0
     assert stderr == b""
+
+
+def test_a_state_not_saved_because_the_output_closed_says_so(rwkv7_pth, tmp_path) -> None:
+    saved = tmp_path / "s.rwkvstate"
+    process = _start_long_generation(rwkv7_pth, "--save-state", str(saved))
+    process.stdout.read(20)
+    process.stdout.close()  # like `| head -c 20`
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 0 and not saved.exists()
+    assert (
+        stderr
+        == f"Warning: the output was closed before the end: the state was not saved to {saved}\n"
+    )
 
 
 def test_bench_reports_speed_and_memory_per_dtype(rwkv7_pth) -> None:
@@ -284,11 +343,12 @@ def test_bench_reports_speed_and_memory_per_dtype(rwkv7_pth) -> None:
     assert unknown.returncode == 2 and b"'int4' is not one of" in unknown.stderr
 
 
-def test_every_bench_row_times_a_whole_load_tokenizer_included(rwkv7_pth) -> None:
-    loads = load_world_tokenizer.cache_info().misses
+def test_every_bench_row_times_a_whole_load_tokenizer_included(rwkv7_pth, monkeypatch) -> None:
+    loads, read = [], WorldTokenizer.from_file
+    monkeypatch.setattr(WorldTokenizer, "from_file", lambda path: loads.append(path) or read(path))
     for _ in range(2):  # the second row must not reuse the first row's tokenizer
         benchmark(str(rwkv7_pth), prompt_tokens=8, decode_tokens=1)
-    assert load_world_tokenizer.cache_info().misses == loads + 2
+    assert len(loads) == 2
 
 
 def test_tokenizer_override(rwkv7_pth) -> None:

@@ -234,6 +234,7 @@ def test_corrupt_and_missing_state_files(tmp_path, rwkv7_pth) -> None:
     assert_one_line_error(
         rwkv("generate", "x", "--state", tmp_path / "nope"), 1, "no such state file"
     )
+    assert_one_line_error(rwkv("load-state", tmp_path), 1, "is a directory, not a state file")
 
 
 @pytest.mark.parametrize(
@@ -254,6 +255,8 @@ def test_an_output_file_that_cannot_be_written_stops_before_any_work(
         result = rwkv(*command, target, "-m", rwkv7_pth, stdin=b"Hi\n")
         assert_one_line_error(result, 1, "cannot write", reason)
     assert list(tmp_path.iterdir()) == []
+    dash = rwkv(*command, "-", "-m", rwkv7_pth, stdin=b"Hi\n")  # not a file named "-"
+    assert_one_line_error(dash, 2, "state files are binary: name a file")
 
 
 def test_state_tuning_file_needs_its_model(state_tuning_pth, rwkv7_pth) -> None:

@@ -69,8 +69,10 @@ def test_whole_sequence_equals_token_by_token(model) -> None:
 def test_chunked_prefill_equals_one_forward(model) -> None:
     whole_logits, whole_state = model.forward(TOKENS)
     progress = []
-    session = prefill(model, TOKENS, chunk_len=4, on_progress=progress.append)
-    assert progress == [4, 8, 12, 13]
+    session = prefill(
+        model, TOKENS, chunk_len=4, on_progress=lambda done, total: progress.append((done, total))
+    )
+    assert progress == [(4, 13), (8, 13), (12, 13), (13, 13)]
     assert session.tokens_consumed == len(TOKENS)
     assert _relative_error(session.logits, whole_logits) < 1e-6
     _assert_states_close(session.state, whole_state, 1e-6)

@@ -404,6 +404,7 @@ def test_defaults_are_valid() -> None:
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": math.inf}, "temperature"),
         ({"temperature": math.nan}, "temperature"),
+        ({"temperature": 1e-38}, r"temperature must be 0 or at least 1e-06"),  # 1/T is inf
         ({"top_p": 0.0}, "top-p"),
         ({"top_p": 1.5}, r"top-p must be in \(0, 1\], got 1.5"),
         ({"top_p": math.nan}, "top-p"),
@@ -412,6 +413,7 @@ def test_defaults_are_valid() -> None:
         ({"presence_penalty": math.inf}, "presence penalty"),
         ({"presence_penalty": math.nan}, "presence penalty"),
         ({"frequency_penalty": -math.inf}, "frequency penalty"),
+        ({"frequency_penalty": 1e39}, "frequency penalty must be a number from -1e"),  # inf
         ({"penalty_decay": 0.0}, "penalty decay"),
         ({"penalty_decay": 1.01}, "penalty decay"),
         ({"penalty_decay": "0.9"}, "penalty decay"),
@@ -427,6 +429,8 @@ def test_validation_rejects_bad_values_naming_the_parameter(changes: dict, messa
     "changes",
     [
         {"temperature": 0},
+        {"temperature": 1e-6},
+        {"presence_penalty": 1e6, "frequency_penalty": -1e6},
         {"top_p": 1.0},
         {"top_k": 0},
         {"presence_penalty": -2.0, "frequency_penalty": -0.5},

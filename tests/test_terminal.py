@@ -83,16 +83,23 @@ def test_load_state_on_a_terminal_continues_each_typed_line(tmp_path, rwkv7_pth)
 
 
 def test_prefill_progress_bar_shows_on_a_terminal_only() -> None:
+    total = PROGRESS_MIN_TOKENS * 2
     terminal = Console(file=io.StringIO(), force_terminal=True, width=80)
-    with prefill_progress(terminal, PROGRESS_MIN_TOKENS * 2) as update:
-        update(PROGRESS_MIN_TOKENS)
-        terminal.file.flush()
-    assert "Reading" in terminal.file.getvalue()
+    with prefill_progress(terminal) as update:
+        update(PROGRESS_MIN_TOKENS, total)
+        assert "Reading" in terminal.file.getvalue()
+        update(total, total)  # all read: the bar stops before the reply streams
+        stopped = terminal.file.getvalue()
+        time.sleep(0.3)  # rich would redraw a live bar several times meanwhile
+        assert terminal.file.getvalue() == stopped
 
-    piped = Console(file=io.StringIO(), force_terminal=False)
-    with prefill_progress(piped, PROGRESS_MIN_TOKENS * 2) as update:
-        update(PROGRESS_MIN_TOKENS)
-    assert piped.file.getvalue() == ""
+    for console, read in [
+        (Console(file=io.StringIO(), force_terminal=False), total),  # not a terminal
+        (Console(file=io.StringIO(), force_terminal=True), PROGRESS_MIN_TOKENS - 1),  # short
+    ]:
+        with prefill_progress(console) as update:
+            update(read // 2, read)
+        assert console.file.getvalue() == ""
 
 
 def _on_a_terminal(
@@ -153,6 +160,19 @@ def test_chat_typed_on_a_terminal_streams_its_replies_into_a_pipe(rwkv7_pth) -> 
         os.close(leader)
     assert process.returncode == 0
     assert replies.strip()  # the reply went to the pipe (| tee would show it)
+
+
+def test_the_footer_starts_its_own_line_when_stdout_is_piped_to_tee(rwkv7_pth) -> None:
+    args = ["generate", "Hi", "-m", str(rwkv7_pth), "-n", "3", "--temperature", "0"]
+    process, leader = _on_a_terminal(args, subprocess.PIPE)  # as in `rwkv generate ... | tee`
+    try:
+        screen = _read_until(leader, b"stop: length")
+        completion, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        os.close(leader)
+    assert completion and not completion.endswith(b"\n")  # tee leaves the cursor after it
+    assert b"\r\n\r\nprompt: 1 tokens" in screen  # stderr ends the line tee left open
 
 
 _COLOUR = re.compile(rb"\x1b\[(?:\d+;)*(?:3[0-8]|9[0-7])(?:;\d+)*m")  # SGR with a foreground
