@@ -135,9 +135,9 @@ class Chat:
         if text.strip():
             turn = self.template.system_turn(text)
             rest.insert(0, Message("system", text, tuple(self.loaded.tokenizer.encode(turn))))
-        self.messages = rest
+        session = self._replay(rest)  # first: Ctrl-C while it runs changes nothing
+        self.messages, self.session = rest, session
         self._snapshots.clear()
-        self.session = self._replay(rest)
         self._remember()
 
     @property
@@ -198,15 +198,20 @@ class Chat:
         self.session = replace(session, counts=None)
         self._remember()
 
+    # Each change computes the new session before it touches the transcript, so a Ctrl-C while
+    # the model reads leaves the chat as it was.
+
     def _append(self, message: Message) -> None:
+        session = prefill(self.loaded.model, message.tokens, self.session)
         self.messages.append(message)
-        self.session = prefill(self.loaded.model, message.tokens, self.session)
+        self.session = session
         self._remember()
 
     def _truncate(self, count: int) -> None:
-        self.messages = self.messages[:count]
+        kept = self.messages[:count]
         snapshot = self._snapshots.get(count)
-        self.session = snapshot if snapshot is not None else self._replay(self.messages)
+        self.session = snapshot if snapshot is not None else self._replay(kept)
+        self.messages = kept
         self._snapshots = {n: s for n, s in self._snapshots.items() if n <= count}
         self._remember()
 

@@ -586,6 +586,8 @@ def chat(
         "script a chat with the messages on stdin (rwkv chat < messages.txt > replies.txt); "
         "keep one with --autosave or | tee",
     )
+    if autosave is not None:
+        _refuse_to_overwrite_a_chat(autosave, state)
     console = stderr_console()
     start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     saved = start.state_file
@@ -602,8 +604,14 @@ def chat(
     )
     conversation = base
     if saved is not None:
-        conversation = chat_from_saved(base, saved.chat, start.session, saved.sampling)
+        conversation = chat_from_saved(base, saved, start.session)
         conversation.params = _sampling_params(ctx, saved.sampling)
+        if _given(ctx, "max_tokens"):  # the command line wins over the saved chat's settings
+            conversation.max_reply_tokens = max_tokens
+        if _given(ctx, "think"):
+            conversation.think = think
+        if template is not None:
+            conversation.template = TEMPLATES[template]
     if system is not None:
         conversation.set_system(system)
     on_terminal = sys.stdin.isatty()
@@ -618,17 +626,38 @@ def chat(
         show_transcript_tail(console, conversation)
     lines = TerminalLines(input_history_file()) if on_terminal else ScriptLines(sys.stdin.buffer)
     stdout = Console(file=sys.stdout)
-    ChatRepl(
+    repl = ChatRepl(
         conversation,
         console,
         lines,
         StdoutWriter(sys.stdout),
         seed=seed_used,
         autosave=autosave,
+        force=force,
         hide_thinking=hide_thinking,
         dim_thinking=stdout.is_terminal and stdout.color_system is not None,
         show_stats=on_terminal or verbose,
-    ).run()
+    )
+    try:
+        repl.run()
+    except OutputClosedError:  # `| head`: the reader has all it wanted
+        raise typer.Exit() from None
+
+
+def _refuse_to_overwrite_a_chat(autosave: Path, resumed: Path | None) -> None:
+    """--autosave onto another saved chat would replace it after the first turn."""
+    if resumed is not None and autosave.resolve() == resumed.resolve():
+        return
+    try:
+        holds_a_chat = read_state_file(autosave).chat is not None
+    except RwkvCliError:  # not there, or not a state file: nothing to lose
+        return
+    if holds_a_chat:
+        raise InvalidInputError(
+            f"{autosave} holds a saved chat, which --autosave would replace",
+            hint=f"resume it with --state {autosave} --autosave {autosave}, or autosave to "
+            "another file",
+        )
 
 
 @app.command()
@@ -740,14 +769,18 @@ def _sampling_params(ctx: typer.Context, saved: SamplingParams | None) -> Sampli
     """Options given on the command line win; the rest come from the state file, if any."""
     values = {}
     for name in SAMPLING_OPTIONS:
-        source = ctx.get_parameter_source(name)
-        from_command_line = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-        use_saved = saved is not None and not from_command_line
+        use_saved = saved is not None and not _given(ctx, name)
         values[name] = getattr(saved, name) if use_saved else ctx.params[name]
     try:
         return SamplingParams(**values).validated()
     except InvalidInputError as error:  # out-of-range values are usage errors, like bad types
         raise typer.BadParameter(error.message, ctx=ctx) from error
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was given (on the command line or by its variable)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _generator(

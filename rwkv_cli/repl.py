@@ -7,6 +7,7 @@ prompts, the header, per-reply statistics and command output go to stderr.
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import sys
 import warnings
@@ -19,10 +20,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from rwkv_cli.chat import TEMPLATES, Chat, Message
-from rwkv_cli.errors import InvalidInputError, RwkvCliError
+from rwkv_cli.errors import InvalidInputError, RwkvCliError, StateFileError
 from rwkv_cli.generate import GenerationChunk, Session
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.statefile import TEXT_TAIL_CHARS, read_state_file, save_state_file
+from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
 from rwkv_cli.textio import OutputClosedError, StdoutWriter, decode_utf8
 from rwkv_cli.ui import print_dim, print_error
 
@@ -46,6 +47,10 @@ HELP = """Commands:
 A line with only \"\"\" starts and ends a multi-line message. Ctrl-C stops a reply."""
 
 
+class Block(str):
+    """A message typed between two \"\"\" lines: always a message, even if it starts with /."""
+
+
 class LineSource(Protocol):
     def read(self) -> str | None:
         """The next message or command; None when input ends."""
@@ -66,7 +71,7 @@ class ScriptLines:
         block = []
         while (line := self._line()) is not None and line.strip() != MULTILINE_FENCE:
             block.append(line)
-        return "\n".join(block)  # a block still open at the end of input is sent as it is
+        return Block("\n".join(block))  # a block still open at the end of input is sent as is
 
     def _line(self) -> str | None:
         data = self.stream.readline()
@@ -105,10 +110,12 @@ class TerminalLines:
         while True:
             try:
                 line = self.session.prompt("… ")
+            except KeyboardInterrupt:
+                return ""  # Ctrl-C drops the block, as it clears a line
             except EOFError:
                 return None
             if line.strip() == MULTILINE_FENCE:
-                return "\n".join(lines)
+                return Block("\n".join(lines))
             lines.append(line)
 
 
@@ -119,7 +126,8 @@ def _history(path: Path) -> History:
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.open("a").close()
+        # Readable by the user only: it keeps every message typed, pastes included.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     except OSError as error:
         warnings.warn(
             f"no input history: cannot write {path} ({error.strerror or error})", stacklevel=2
@@ -178,17 +186,23 @@ class ChatRepl:
     writer: StdoutWriter
     seed: int | None = None
     autosave: Path | None = None
+    force: bool = False  # /load takes states of other weights of the same shape (--force)
     hide_thinking: bool = False
     dim_thinking: bool = False
     show_stats: bool = True
 
     def run(self) -> None:
         while (line := self.lines.read()) is not None:
-            if line.strip().startswith("/"):
+            if line.strip().startswith("/") and not isinstance(line, Block):
                 if not self.command(line.strip()):
                     return
             elif line.strip():
-                self._stream(self.chat.send(line))
+                try:
+                    reply = self.chat.send(line)
+                except KeyboardInterrupt:  # while the model read the message: it was not sent
+                    self.console.print("[dim](stopped; the message was not sent)[/dim]")
+                    continue
+                self._stream(reply)
 
     # --- replies -------------------------------------------------------------------------------
 
@@ -229,6 +243,9 @@ class ChatRepl:
             return True
         try:
             return handler(argument.strip()) is not False
+        except KeyboardInterrupt:  # the chat is as it was before the command
+            self.console.print("[dim](stopped)[/dim]")
+            return True
         except (RwkvCliError, ValueError) as error:
             message = error.message if isinstance(error, RwkvCliError) else str(error)
             print_error(self.console, RwkvCliError(message, getattr(error, "hint", None)))
@@ -269,7 +286,7 @@ class ChatRepl:
         print_dim(self.console, f"Saved to {argument}.")
 
     def _load(self, argument: str) -> None:
-        self.chat = load_chat(self.chat, _one_path(argument))
+        self.chat = load_chat(self.chat, _one_path(argument), force=self.force)
         print_dim(self.console, f"Loaded {argument}.")
         show_transcript_tail(self.console, self.chat)
 
@@ -311,8 +328,14 @@ class ChatRepl:
             self.console.print(f"{key + ':':<14}{escape(value)}")
 
     def _autosave(self) -> None:
-        if self.autosave is not None:
+        """Save after every turn; a failure (a full disk) is shown and the chat goes on, so
+        /save can keep it elsewhere."""
+        if self.autosave is None:
+            return
+        try:
             save_chat(self.chat, self.autosave, self.seed)
+        except RwkvCliError as error:
+            print_error(self.console, error)
 
 
 def _one_path(argument: str) -> Path:
@@ -336,6 +359,7 @@ def save_chat(chat: Chat, path: Path, seed: int | None) -> None:
     """Write the conversation (state, transcript, settings, sampler position) to a state file."""
     loaded = chat.loaded
     tokens = [token for message in chat.messages for token in message.tokens]
+    fresh_start = chat.start.state is None and chat.start.logits is None
     save_state_file(
         path,
         model=loaded.model,
@@ -350,8 +374,10 @@ def save_chat(chat: Chat, path: Path, seed: int | None) -> None:
         chat={
             **chat.to_metadata(),
             "max_tokens": chat.max_reply_tokens,
-            "fresh_start": chat.start.state is None and chat.start.logits is None,
+            "fresh_start": fresh_start,
+            "start_tokens": chat.start.tokens_consumed,
         },
+        chat_start=None if fresh_start else chat.start,
     )
 
 
@@ -362,29 +388,36 @@ def load_chat(current: Chat, path: Path, force: bool = False) -> Chat:
     session = saved.session_for(loaded.model, loaded.tokenizer.name, force=force)
     generator = current.generator
     saved.restore_generator(generator)
-    return chat_from_saved(current, saved.chat, session, saved.sampling)
+    return chat_from_saved(current, saved, session)
 
 
-def chat_from_saved(base: Chat, chat: dict | None, session, sampling) -> Chat:
-    """A chat continuing ``session``; with the saved ``chat`` record, its transcript too."""
-    params = sampling or base.params
+def chat_from_saved(base: Chat, saved: StateFile, session: Session) -> Chat:
+    """A chat continuing ``session`` (the saved file's, checked against the model); with the
+    file's chat record, its transcript and settings too."""
+    params = saved.sampling or base.params
+    chat = saved.chat
     if chat is None:  # a plain saved state (e.g. a document): the conversation starts after it
         return replace(
             base, params=params, start=session, messages=[], session=session, _snapshots={}
         )
-    fresh = bool(chat.get("fresh_start"))
-    messages = Chat.messages_from_metadata(chat) if fresh else []
-    return replace(
-        base,
-        template=TEMPLATES.get(chat.get("template"), base.template),
-        think=bool(chat.get("think", base.think)),
-        max_reply_tokens=int(chat.get("max_tokens", base.max_reply_tokens)),
-        params=params,
-        start=Session() if fresh else session,
-        messages=messages,
-        session=session,
-        _snapshots={},
-    )
+    try:
+        start = (
+            Session() if chat.get("fresh_start") else saved.chat_start_session(base.loaded.model)
+        )
+        messages = Chat.messages_from_metadata(chat) if start is not None else []
+        return replace(
+            base,
+            template=TEMPLATES.get(chat.get("template"), base.template),
+            think=bool(chat.get("think", base.think)),
+            max_reply_tokens=int(chat.get("max_tokens", base.max_reply_tokens)),
+            params=params,
+            start=start or session,  # a file of an earlier version: the chat starts anew
+            messages=messages,
+            session=session,
+            _snapshots={},
+        )
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
+        raise StateFileError(f"state file {saved.path} is corrupt: bad chat ({error})") from error
 
 
 def show_transcript_tail(console: Console, chat: Chat, turns: int = 4) -> None:

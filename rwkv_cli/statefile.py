@@ -31,6 +31,9 @@ FORMAT_NAME = "rwkv-cli-state"
 FORMAT_VERSION = 1
 TEXT_TAIL_CHARS = 2000  # how much of the text read so far a state file keeps, for display only
 _LOGITS, _COUNTS, _RNG = "logits", "sampling.counts", "sampling.rng_state"
+# A chat that began after a saved state (a document, a state-tuning file) keeps that state too,
+# so its transcript can be read again from there (/undo, /system, /reset after a resume).
+_CHAT_START = "chat_start."
 _FORCE_HINT = "if the model is a fine-tune of the one that made the state, pass --force"
 
 
@@ -110,6 +113,7 @@ class StateFile:
     text_tail: str = ""
     chat: dict | None = None  # transcript and template, for chat sessions
     metadata: dict[str, str] = field(default_factory=dict)
+    chat_start: dict[str, torch.Tensor] = field(default_factory=dict)  # state before the chat
 
     def session_for(self, model: Model, tokenizer_name: str, force: bool = False) -> Session:
         """The saved session, after checking it fits ``model``; StateFileError if not."""
@@ -118,15 +122,24 @@ class StateFile:
             message, hint = problem
             made_with = f"it was made with {self.model_spec} ({self.identity.describe()})"
             raise StateFileError(message, hint=hint or f"{made_with}: use that model")
+        return self._session(model, self.state_tensors, self.logits, self.counts)
+
+    def chat_start_session(self, model: Model) -> Session | None:
+        """The session a saved chat began from, when that was not a fresh start (checked with
+        ``session_for`` first); None for files that do not hold it."""
+        if not self.chat_start:
+            return None
+        blocks = {name: t for name, t in self.chat_start.items() if name.startswith("blocks.")}
+        start_tokens = int((self.chat or {}).get("start_tokens", 0))
+        return self._session(model, blocks, self.chat_start.get(_LOGITS), None, start_tokens)
+
+    def _session(self, model, tensors, logits, counts, tokens: int | None = None) -> Session:
         try:
-            state = model.new_state().with_tensors(self.state_tensors)
+            state = model.new_state().with_tensors(tensors)
         except ValueError as error:
             raise StateFileError(f"state file {self.path} is corrupt: {error}") from error
-        logits, counts = (
-            None if tensor is None else tensor.to(model.device)
-            for tensor in (self.logits, self.counts)
-        )
-        return Session(state, logits, counts, self.tokens_consumed)
+        logits, counts = (None if t is None else t.to(model.device) for t in (logits, counts))
+        return Session(state, logits, counts, self.tokens_consumed if tokens is None else tokens)
 
     def restore_generator(self, generator: torch.Generator) -> bool:
         """Continue the saved sampler's random sequence; False when the file has none."""
@@ -181,10 +194,17 @@ def save_state_file(
     generator: torch.Generator | None = None,
     text_tail: str = "",
     chat: dict | None = None,
+    chat_start: Session | None = None,
 ) -> None:
-    """Write ``session`` and its provenance to ``path`` atomically (format version 1)."""
+    """Write ``session`` and its provenance to ``path`` atomically (format version 1). A chat
+    that began after a saved state gives that state as ``chat_start``."""
     state = session.state if session.state is not None else model.new_state()
     tensors = {name: _stored(tensor) for name, tensor in state.named_tensors().items()}
+    if chat_start is not None and chat_start.state is not None:
+        for name, tensor in chat_start.state.named_tensors().items():
+            tensors[_CHAT_START + name] = _stored(tensor)
+        if chat_start.logits is not None:
+            tensors[_CHAT_START + _LOGITS] = _stored(chat_start.logits)
     if session.logits is not None:
         tensors[_LOGITS] = _stored(session.logits)
     if session.counts is not None:
@@ -239,6 +259,11 @@ def read_state_file(path: str | Path) -> StateFile:
             f"this rwkv-cli reads version {FORMAT_VERSION}",
             hint="upgrade rwkv-cli to read newer state files",
         )
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise StateFileError(
+                f"state file {path} is corrupt: {name} holds NaN or infinite values"
+            )
     try:
         return _state_file_from(path, metadata, tensors)
     except (KeyError, ValueError, TypeError) as error:
@@ -293,6 +318,11 @@ def _state_file_from(path: Path, metadata: dict[str, str], tensors: dict) -> Sta
         text_tail=metadata.get("text_tail", ""),
         chat=json.loads(chat) if chat else None,
         metadata=metadata,
+        chat_start={
+            name.removeprefix(_CHAT_START): t
+            for name, t in tensors.items()
+            if name.startswith(_CHAT_START)
+        },
     )
 
 

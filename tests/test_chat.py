@@ -8,10 +8,12 @@ import itertools
 
 import pytest
 import torch
+from rich.console import Console
 
+from rwkv_cli import chat as chat_module
 from rwkv_cli.chat import TEMPLATES, Chat, normalize, template_for
 from rwkv_cli.generate import END_OF_TEXT, Session, prefill
-from rwkv_cli.repl import ReplyRenderer, load_chat, save_chat
+from rwkv_cli.repl import ChatRepl, ReplyRenderer, ScriptLines, load_chat, save_chat
 from rwkv_cli.runtime import LoadedModel, open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.state import State
@@ -147,6 +149,57 @@ def test_chat_after_a_plain_saved_state_starts_there(loaded, tmp_path) -> None:
     _say(chat, "Summarize")
     replayed = prefill(loaded.model, [t for m in chat.messages for t in m.tokens], prefix)
     assert torch.allclose(chat.session.logits, replayed.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_chat_after_a_document_resumes_with_its_transcript_and_its_start(
+    loaded, tmp_path
+) -> None:
+    prefix = prefill(loaded.model, loaded.tokenizer.encode("A document.\n\n"))
+    chat = _chat(loaded, seed=4, start=prefix)
+    _say(chat, "Summarize")
+    path = tmp_path / "chat.rwkvstate"
+    save_chat(chat, path, seed=4)
+    expected = _say(chat, "Shorter")
+
+    resumed = load_chat(_chat(loaded, seed=123), path)
+    assert [m.text for m in resumed.messages] == [m.text for m in chat.messages[:2]]
+    assert _say(resumed, "Shorter") == expected
+    resumed.reset()  # back to the document, not to nothing
+    assert resumed.messages == [] and resumed.session.tokens_consumed == prefix.tokens_consumed
+    assert torch.equal(resumed.session.logits, prefix.logits)
+    for name, tensor in prefix.state.named_tensors().items():
+        assert torch.equal(resumed.session.state.named_tensors()[name], tensor), name
+
+
+def test_a_failed_autosave_is_shown_and_the_chat_goes_on(loaded, tmp_path) -> None:
+    console = Console(file=io.StringIO())
+    out = io.StringIO()
+    repl = ChatRepl(
+        _chat(loaded),
+        console,
+        ScriptLines(io.BytesIO(b"Hi\nAgain\n")),
+        StdoutWriter(out),
+        autosave=tmp_path / "gone" / "chat.rwkvstate",  # its folder went after the start
+        show_stats=False,
+    )
+    repl.run()
+    assert len(repl.chat.messages) == 4  # both messages answered
+    assert console.file.getvalue().count("Error: cannot write") == 2
+
+
+def test_ctrl_c_while_a_message_is_read_leaves_the_chat_as_it_was(loaded, monkeypatch) -> None:
+    chat = _chat(loaded)
+    _say(chat, "Hi")
+    before = (list(chat.messages), chat.session)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat_module, "prefill", interrupted)
+    for change in (lambda: chat.send("A long paste"), lambda: chat.set_system("Be brief")):
+        with pytest.raises(KeyboardInterrupt):
+            change()
+        assert (chat.messages, chat.session) == before
 
 
 class _Scripted:

@@ -15,7 +15,7 @@ from rwkv_cli.chat import TEMPLATES, Chat
 from rwkv_cli.runtime import open_model
 from rwkv_cli.sampling import make_generator
 from rwkv_cli.statefile import read_state_file
-from tests.cli_runner import rwkv
+from tests.cli_runner import assert_one_line_error, rwkv
 
 
 def test_scripted_chat_prints_one_reply_per_line(rwkv7_pth) -> None:
@@ -76,6 +76,52 @@ def test_autosave_then_resume_with_state(rwkv7_pth, tmp_path) -> None:
     )
     after = read_state_file(tmp_path / "after-undo.rwkvstate")
     assert len(after.chat["messages"]) == 3
+
+
+def test_autosave_never_replaces_another_saved_chat(rwkv7_pth, tmp_path) -> None:
+    saved = tmp_path / "chat.rwkvstate"
+    chat = ("chat", "-m", rwkv7_pth, "--max-tokens", "4")
+    assert rwkv(*chat, "--autosave", saved, stdin=b"Hi\n").returncode == 0
+    before = saved.read_bytes()
+    again = rwkv(*chat, "--autosave", saved, stdin=b"Hello\n")  # --state forgotten
+    assert_one_line_error(again, 1, "holds a saved chat, which --autosave would replace")
+    assert saved.read_bytes() == before
+    resumed = rwkv("chat", "--state", saved, "--autosave", saved, stdin=b"Hello\n")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(read_state_file(saved).chat["messages"]) == 4
+
+
+def test_options_given_when_resuming_win_over_the_saved_ones(rwkv7_pth, tmp_path) -> None:
+    saved = tmp_path / "chat.rwkvstate"
+    assert rwkv("chat", "-m", rwkv7_pth, "--autosave", saved, stdin=b"Hi\n").returncode == 0
+    resumed = rwkv(
+        "chat", "--state", saved, "--max-tokens", "3", "--template", "pile", "-v", stdin=b"/info\n"
+    )
+    stderr = resumed.stderr.decode()
+    assert "max_tokens=3" in stderr and "template:     pile" in stderr
+    kept = rwkv("chat", "--state", saved, "-v", stdin=b"/info\n").stderr.decode()
+    assert "max_tokens=500" in kept and "template:     world" in kept
+
+
+def test_a_block_starting_with_a_slash_is_a_message(rwkv7_pth) -> None:
+    script = b'"""\n/bye is what they said\nlast line\n"""\nHello\n'
+    result = rwkv("chat", "-m", rwkv7_pth, "--max-tokens", "2", "-v", stdin=script)
+    assert result.returncode == 0 and result.stderr.decode().count("tok/s") == 2
+
+
+def test_a_scripted_chat_whose_reader_goes_away_ends_quietly(rwkv7_pth) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rwkv_cli", "chat", "-m", str(rwkv7_pth), "--max-tokens", "8"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdin.write(b"Hello\n" * 50)
+    process.stdin.close()
+    process.stdout.read(1)
+    process.stdout.close()  # like `| head -c 1`
+    assert process.wait(timeout=120) == 0
+    assert process.stderr.read() == b""
 
 
 def test_commands_report_problems_and_carry_on(rwkv7_pth) -> None:

@@ -43,6 +43,7 @@ def test_history_is_kept_in_memory_when_its_file_cannot_be_written(tmp_path) -> 
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
     assert isinstance(_history(tmp_path / "history"), FileHistory)
+    assert (tmp_path / "history").stat().st_mode & 0o777 == 0o600  # it holds all one typed
     (tmp_path / "a-file").touch()
     with pytest.warns(UserWarning, match="no input history: cannot write"):
         assert isinstance(_history(tmp_path / "a-file" / "history"), InMemoryHistory)

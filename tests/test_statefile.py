@@ -182,13 +182,18 @@ def saved_path(tmp_path, loaded) -> Path:
 
 
 def _rewrite(
-    path: Path, metadata: dict[str, str] | None = None, drop: tuple[str, ...] = ()
+    path: Path,
+    metadata: dict[str, str] | None = None,
+    drop: tuple[str, ...] = (),
+    poison: str | None = None,
 ) -> None:
     with safe_open(path, framework="pt") as file:
         old_metadata = file.metadata()
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
     for name in drop:
         del tensors[name]
+    if poison is not None:
+        tensors[poison].view(-1)[0] = float("nan")
     save_file(tensors, path, metadata={**old_metadata, **(metadata or {})})
 
 
@@ -254,6 +259,12 @@ def test_missing_tensor_is_corruption(saved_path, loaded) -> None:
 def test_logits_that_contradict_the_vocabulary_are_corruption(saved_path) -> None:
     _rewrite(saved_path, {"vocab_size": "50304"})
     with pytest.raises(StateFileError, match=r"corrupt: bad metadata \(logits has shape"):
+        read_state_file(saved_path)
+
+
+def test_a_nan_in_the_state_is_corruption(saved_path) -> None:
+    _rewrite(saved_path, poison="blocks.0.att.wkv")
+    with pytest.raises(StateFileError, match=r"corrupt: blocks\.0\.att\.wkv holds NaN"):
         read_state_file(saved_path)
 
 
