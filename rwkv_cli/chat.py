@@ -9,7 +9,7 @@ at hand; recent snapshots make ``/retry`` and ``/undo`` instant.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -105,10 +105,14 @@ class Chat:
 
     # --- turns ---------------------------------------------------------------------------------
 
-    def send(self, text: str) -> Iterator[GenerationChunk]:
-        """Add a user message and stream the reply; the reply joins the transcript at the end."""
+    def send(
+        self, text: str, on_prefill: Callable[[int, int], None] | None = None
+    ) -> Iterator[GenerationChunk]:
+        """Add a user message and stream the reply; the reply joins the transcript at the end.
+        The message is read before this returns; ``on_prefill(done, total)`` follows that."""
         turn = self.template.user_turn(text, self.think)
-        self._append(Message("user", text, tuple(self.loaded.tokenizer.encode(turn))))
+        message = Message("user", text, tuple(self.loaded.tokenizer.encode(turn)))
+        self._append(message, on_prefill)
         return self._reply()
 
     def retry(self) -> Iterator[GenerationChunk]:
@@ -201,8 +205,10 @@ class Chat:
     # Each change computes the new session before it touches the transcript, so a Ctrl-C while
     # the model reads leaves the chat as it was.
 
-    def _append(self, message: Message) -> None:
-        session = prefill(self.loaded.model, message.tokens, self.session)
+    def _append(
+        self, message: Message, on_prefill: Callable[[int, int], None] | None = None
+    ) -> None:
+        session = prefill(self.loaded.model, message.tokens, self.session, on_progress=on_prefill)
         self.messages.append(message)
         self.session = session
         self._remember()

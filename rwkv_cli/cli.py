@@ -614,6 +614,12 @@ def chat(
             conversation.template = TEMPLATES[template]
     if system is not None:
         conversation.set_system(system)
+    if conversation.think and not conversation.template.supports_thinking:
+        warnings.warn(
+            f"--think works with the g1 template only; the {conversation.template.name} "
+            "template has no thinking part",
+            stacklevel=1,
+        )
     on_terminal = sys.stdin.isatty()
     if on_terminal or verbose:
         weights = dtype_name(loaded.model.weight_dtype)
@@ -642,6 +648,8 @@ def chat(
         repl.run()
     except OutputClosedError:  # `| head`: the reader has all it wanted
         raise typer.Exit() from None
+    if repl.failed and not on_terminal:  # a script learns that a command went wrong
+        raise typer.Exit(EXIT_ERROR)
 
 
 def _refuse_to_overwrite_a_chat(autosave: Path, resumed: Path | None) -> None:

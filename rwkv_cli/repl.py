@@ -12,7 +12,7 @@ import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -25,7 +25,7 @@ from rwkv_cli.generate import GenerationChunk, Session
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
 from rwkv_cli.textio import OutputClosedError, StdoutWriter, decode_utf8
-from rwkv_cli.ui import print_dim, print_error
+from rwkv_cli.ui import prefill_progress, print_dim, print_error
 
 if TYPE_CHECKING:
     from prompt_toolkit.history import History
@@ -190,6 +190,7 @@ class ChatRepl:
     hide_thinking: bool = False
     dim_thinking: bool = False
     show_stats: bool = True
+    failed: bool = field(default=False, init=False)  # a command or an autosave failed
 
     def run(self) -> None:
         while (line := self.lines.read()) is not None:
@@ -198,7 +199,8 @@ class ChatRepl:
                     return
             elif line.strip():
                 try:
-                    reply = self.chat.send(line)
+                    with prefill_progress(self.console) as on_prefill:  # a long paste
+                        reply = self.chat.send(line, on_prefill)
                 except KeyboardInterrupt:  # while the model read the message: it was not sent
                     self.console.print("[dim](stopped; the message was not sent)[/dim]")
                     continue
@@ -240,6 +242,7 @@ class ChatRepl:
         handler = self._commands().get(name.lower())
         if handler is None:
             self.console.print(f"Unknown command {escape(name)}; /help lists the commands.")
+            self.failed = True
             return True
         try:
             return handler(argument.strip()) is not False
@@ -248,7 +251,7 @@ class ChatRepl:
             return True
         except (RwkvCliError, ValueError) as error:
             message = error.message if isinstance(error, RwkvCliError) else str(error)
-            print_error(self.console, RwkvCliError(message, getattr(error, "hint", None)))
+            self._report(RwkvCliError(message, getattr(error, "hint", None)))
             return True
 
     def _commands(self) -> dict[str, Callable[[str], object]]:
@@ -299,6 +302,9 @@ class ChatRepl:
             if value.lower() not in ("on", "off"):
                 raise InvalidInputError("think is on or off")
             self.chat.think = value.lower() == "on"
+            if self.chat.think and not self.chat.template.supports_thinking:
+                template = self.chat.template.name
+                print_dim(self.console, f"(the {template} template has no thinking part: g1 only)")
         elif name == "max_tokens":
             self.chat.max_reply_tokens = _number(int, name, value, minimum=1)
         elif name == "seed":
@@ -327,6 +333,10 @@ class ChatRepl:
         for key, value in rows.items():
             self.console.print(f"{key + ':':<14}{escape(value)}")
 
+    def _report(self, error: RwkvCliError) -> None:
+        print_error(self.console, error)
+        self.failed = True
+
     def _autosave(self) -> None:
         """Save after every turn; a failure (a full disk) is shown and the chat goes on, so
         /save can keep it elsewhere."""
@@ -335,7 +345,7 @@ class ChatRepl:
         try:
             save_chat(self.chat, self.autosave, self.seed)
         except RwkvCliError as error:
-            print_error(self.console, error)
+            self._report(error)
 
 
 def _one_path(argument: str) -> Path:

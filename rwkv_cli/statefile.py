@@ -279,6 +279,12 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
         with safe_open(path, framework="pt") as file:
             return file.metadata() or {}, {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as error:
+        if is_state_tuning_file(path):
+            raise StateFileError(
+                f"{path} is a PyTorch .pth file, not an rwkv-cli state file",
+                hint="a state-tuning .pth is used with --state and its model (-m); "
+                "a model checkpoint with -m",
+            ) from error
         raise StateFileError(
             f"state file {path} is truncated or corrupt",
             hint="state files are safetensors files written by rwkv-cli",

@@ -202,6 +202,13 @@ def test_ctrl_c_while_a_message_is_read_leaves_the_chat_as_it_was(loaded, monkey
         assert (chat.messages, chat.session) == before
 
 
+def test_reading_a_message_reports_its_progress(loaded) -> None:
+    chat, seen = _chat(loaded), []
+    chat.send("Hello there", lambda done, total: seen.append((done, total))).close()
+    total = len(chat.messages[-1].tokens)
+    assert seen and seen[-1] == (total, total)
+
+
 class _Scripted:
     """A fake model that emits a fixed token sequence, one token per forward call."""
 

@@ -103,6 +103,12 @@ def test_options_given_when_resuming_win_over_the_saved_ones(rwkv7_pth, tmp_path
     assert "max_tokens=500" in kept and "template:     world" in kept
 
 
+def test_think_without_a_thinking_template_is_a_warning(rwkv7_pth) -> None:
+    result = rwkv("chat", "-m", rwkv7_pth, "--think", "--max-tokens", "2", stdin=b"Hi\n")
+    assert result.returncode == 0
+    assert result.stderr.decode().startswith("Warning: --think works with the g1 template only")
+
+
 def test_a_block_starting_with_a_slash_is_a_message(rwkv7_pth) -> None:
     script = b'"""\n/bye is what they said\nlast line\n"""\nHello\n'
     result = rwkv("chat", "-m", rwkv7_pth, "--max-tokens", "2", "-v", stdin=script)
@@ -128,7 +134,7 @@ def test_commands_report_problems_and_carry_on(rwkv7_pth) -> None:
     script = b"/frobnicate\n/set temperature -1\n/set top_p 0.5\n/retry\n/undo\n/info\n"
     result = rwkv("chat", "-m", rwkv7_pth, "-v", stdin=script)
     stderr = result.stderr.decode()
-    assert result.returncode == 0
+    assert result.returncode == 1  # it carried on, but a script should know
     assert "Unknown command /frobnicate" in stderr
     assert "Error: temperature must be a finite number >= 0" in stderr
     assert "top_p = 0.5" in stderr and "top_p=0.5" in stderr

@@ -385,6 +385,8 @@ def test_state_tuning_file_with_wrong_shapes_is_refused(tmp_path, loaded) -> Non
 def test_a_model_file_is_not_a_state(rwkv7_pth, loaded) -> None:
     with pytest.raises(StateFileError, match="neither an rwkv-cli state file nor a state-tuning"):
         import_state_tuning(rwkv7_pth, loaded.model)
+    with pytest.raises(StateFileError, match=r"is a PyTorch \.pth file, not an rwkv-cli state"):
+        read_state_file(rwkv7_pth)  # load-state MODEL.pth --info
 
 
 def test_info_is_json_serialisable(saved_path) -> None:
