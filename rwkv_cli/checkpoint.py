@@ -8,11 +8,12 @@ tensor names (shared/DESIGN.md section 3).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,19 +64,32 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = Path(path)
     tensors = read_tensors(path)
-    if is_transformers_layout(tensors):
-        tensors = from_transformers_layout(tensors)
-        generation = detect_generation(tensors)
-        if generation != "4":
-            raise UnsupportedModelError(
-                f"{GENERATION_NAMES[generation]} in the Hugging Face transformers layout is not "
-                "supported (only RWKV-4 is)",
-                hint="use BlinkDL's original .pth release of the same model",
-            )
-    else:
-        generation = detect_generation(tensors)
+    with naming_the_file(path):
+        if is_transformers_layout(tensors):
+            tensors = from_transformers_layout(tensors)
+            generation = detect_generation(tensors)
+            if generation != "4":
+                raise UnsupportedModelError(
+                    f"{GENERATION_NAMES[generation]} in the Hugging Face transformers layout is "
+                    "not supported (only RWKV-4 is)",
+                    hint="use BlinkDL's original .pth release of the same model",
+                )
+        else:
+            generation = detect_generation(tensors)
     _require_finite(tensors, path)
     return Checkpoint(path=path, generation=generation, tensors=tensors)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: Path) -> Iterator[None]:
+    """Put ``path`` in front of an error about a checkpoint's contents raised in the block (a
+    model given by alias or folder does not say which file it is)."""
+    try:
+        yield
+    except (CheckpointError, UnsupportedModelError) as error:
+        if str(path) in error.message:
+            raise
+        raise type(error)(f"{path}: {error.message}", error.hint) from error
 
 
 def _require_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from rwkv_cli.checkpoint import load_checkpoint, weights_fingerprint
+from rwkv_cli.checkpoint import load_checkpoint, naming_the_file, weights_fingerprint
 from rwkv_cli.errors import RwkvCliError, WriteError
 from rwkv_cli.fileio import (
     atomic_write,
@@ -88,7 +88,8 @@ def _convert(
     """Read and prepare the checkpoint, write the converted file, and load the model from it."""
     checkpoint = load_checkpoint(path)
     generation = checkpoint.generation
-    prepared = model_class(generation).prepare(checkpoint.tensors, dtype)
+    with naming_the_file(path):
+        prepared = model_class(generation).prepare(checkpoint.tensors, dtype)
     fingerprint = weights_fingerprint(checkpoint.tensors)
     metadata = {
         "format": LAYOUT,

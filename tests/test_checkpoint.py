@@ -11,6 +11,7 @@ import torch
 from rwkv_cli.checkpoint import detect_generation, load_checkpoint, read_tensors
 from rwkv_cli.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from rwkv_cli.models import load_model, model_from_checkpoint
+from rwkv_cli.prepared import load_model_cached
 from tests.fixtures import rwkv7_tensors, write_pth, write_safetensors
 
 C, H = 8, 2
@@ -87,6 +88,19 @@ def test_missing_tensor_is_reported(tmp_path) -> None:
     del tensors["blocks.1.att.g2"]
     with pytest.raises(CheckpointError, match=r"missing blocks\.1\.att\.g2"):
         load_model(write_pth(tmp_path / "m.pth", tensors))
+
+
+def test_errors_about_the_contents_name_the_file(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RWKV_CLI_HOME", str(tmp_path / "home"))
+    tensors = rwkv7_tensors(n_layer=2, n_embd=64, vocab_size=32)
+    del tensors["blocks.1.att.g2"]
+    path = write_pth(tmp_path / "m.pth", tensors)
+    for load in (load_model, load_model_cached):  # read directly, or converted first
+        with pytest.raises(CheckpointError) as caught:
+            load(path)
+        assert caught.value.message.startswith(f"{path}: incomplete RWKV-7 checkpoint")
+    with pytest.raises(UnsupportedModelError, match=r"m2\.pth: not an RWKV model"):
+        load_checkpoint(write_pth(tmp_path / "m2.pth", {"x": torch.zeros(2)}))
 
 
 def test_wrong_shape_is_reported(tmp_path) -> None:

@@ -12,6 +12,7 @@ from rwkv_cli.checkpoint import (
     GENERATION_NAMES,
     Checkpoint,
     load_checkpoint,
+    naming_the_file,
     weights_fingerprint,
 )
 from rwkv_cli.errors import UnsupportedModelError
@@ -76,7 +77,8 @@ def model_class(generation: str) -> type:
 
 def model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Model:
     """Build the model for a checkpoint's generation, or explain why it cannot run."""
-    model = model_class(checkpoint.generation).from_tensors(checkpoint.tensors, dtype=dtype)
+    with naming_the_file(checkpoint.path):
+        model = model_class(checkpoint.generation).from_tensors(checkpoint.tensors, dtype=dtype)
     model.fingerprint = weights_fingerprint(checkpoint.tensors)
     return model
 
