@@ -103,6 +103,16 @@ class Chat:
             self.session = self._replay(self.messages)
         self._remember()
 
+    @property
+    def thinking_ignored(self) -> str | None:
+        """Why thinking is switched on to no effect (the template has no thinking part)."""
+        if self.think and not self.template.supports_thinking:
+            return (
+                f"thinking works with the g1 template only; the {self.template.name} template "
+                "has no thinking part"
+            )
+        return None
+
     # --- turns ---------------------------------------------------------------------------------
 
     def send(

@@ -76,8 +76,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 )
         else:
             generation = detect_generation(tensors)
-    _require_finite(tensors, path)
+    broken = first_non_finite(tensors)
+    if broken is not None:  # every output would be NaN: say so now, naming the tensor
+        raise CheckpointError(
+            f"{path} holds NaN or infinite values in {broken}",
+            hint="the weights themselves are broken (a training run that diverged?): use "
+            "another copy or release",
+        )
     return Checkpoint(path=path, generation=generation, tensors=tensors)
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 @contextlib.contextmanager
@@ -90,16 +104,6 @@ def naming_the_file(path: Path) -> Iterator[None]:
         if str(path) in error.message:
             raise
         raise type(error)(f"{path}: {error.message}", error.hint) from error
-
-
-def _require_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """One NaN or infinite weight turns every output into NaN: refuse the file now, naming the
-    tensor, rather than fail at the first token."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise DamagedFileError(
-                f"{path} is damaged: {name} holds NaN or infinite values", hint=_DAMAGED_HINT
-            )
 
 
 # Hugging Face transformers' RwkvForCausalLM (RWKV-4) names the same tensors differently, and

@@ -7,6 +7,7 @@ tracebacks instead.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -27,8 +28,7 @@ from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, temp
 from rwkv_cli.cpu import configure_cpu
 from rwkv_cli.device import DTYPES, DtypeName, dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.doctor import diagnose
-from rwkv_cli.entry import EXIT_INTERRUPTED
-from rwkv_cli.errors import InvalidInputError, RwkvCliError
+from rwkv_cli.errors import EXIT_INTERRUPTED, InvalidInputError, RwkvCliError
 from rwkv_cli.fileio import check_writable
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
@@ -43,7 +43,13 @@ from rwkv_cli.repl import (
 )
 from rwkv_cli.runtime import LoadedModel, Start, default_model, open_start
 from rwkv_cli.sampling import MAX_SEED, SamplingParams, make_generator
-from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
+from rwkv_cli.statefile import (
+    TEXT_TAIL_CHARS,
+    StateFile,
+    holds_a_saved_chat,
+    read_state_file,
+    save_state_file,
+)
 from rwkv_cli.textio import (
     OutputClosedError,
     StdoutWriter,
@@ -614,12 +620,8 @@ def chat(
             conversation.template = TEMPLATES[template]
     if system is not None:
         conversation.set_system(system)
-    if conversation.think and not conversation.template.supports_thinking:
-        warnings.warn(
-            f"--think works with the g1 template only; the {conversation.template.name} "
-            "template has no thinking part",
-            stacklevel=1,
-        )
+    if conversation.thinking_ignored:
+        warnings.warn(conversation.thinking_ignored, stacklevel=1)
     on_terminal = sys.stdin.isatty()
     if on_terminal or verbose:
         weights = dtype_name(loaded.model.weight_dtype)
@@ -641,31 +643,26 @@ def chat(
         autosave=autosave,
         force=force,
         hide_thinking=hide_thinking,
-        dim_thinking=stdout.is_terminal and stdout.color_system is not None,
+        dim_thinking=interactive(stdout) and stdout.color_system is not None,
         show_stats=on_terminal or verbose,
     )
-    try:
+    with contextlib.suppress(OutputClosedError):  # `| head`: the reader has all it wanted
         repl.run()
-    except OutputClosedError:  # `| head`: the reader has all it wanted
-        raise typer.Exit() from None
     if repl.failed and not on_terminal:  # a script learns that a command went wrong
         raise typer.Exit(EXIT_ERROR)
 
 
 def _refuse_to_overwrite_a_chat(autosave: Path, resumed: Path | None) -> None:
     """--autosave onto another saved chat would replace it after the first turn."""
-    if resumed is not None and autosave.resolve() == resumed.resolve():
+    if not holds_a_saved_chat(autosave):
         return
-    try:
-        holds_a_chat = read_state_file(autosave).chat is not None
-    except RwkvCliError:  # not there, or not a state file: nothing to lose
+    if resumed is not None and resumed.exists() and os.path.samefile(autosave, resumed):
         return
-    if holds_a_chat:
-        raise InvalidInputError(
-            f"{autosave} holds a saved chat, which --autosave would replace",
-            hint=f"resume it with --state {autosave} --autosave {autosave}, or autosave to "
-            "another file",
-        )
+    raise InvalidInputError(
+        f"{autosave} holds a saved chat, which --autosave would replace",
+        hint=f"resume it with --state {autosave} --autosave {autosave}, or autosave to "
+        "another file",
+    )
 
 
 @app.command()
@@ -846,7 +843,10 @@ class _Continuation:
 
     def _not_saved(self, reason: str) -> None:
         if self.save_path is not None:
-            warnings.warn(f"{reason}: the state was not saved to {self.save_path}", stacklevel=3)
+            warnings.warn(
+                f"{reason}: the state after this text was not saved to {self.save_path}",
+                stacklevel=3,
+            )
 
     def turn(self, console, text: str) -> None:
         """Generate after ``text``, streaming to stdout; then save the state if asked."""
@@ -908,7 +908,9 @@ def _usage_hint(error: typer.TyperException, root_options: set[str]) -> str:
     if isinstance(cause, RwkvCliError) and cause.hint:
         return cause.hint
     option = getattr(error, "option_name", None)
-    if option in root_options:
+    after_the_command = context is not None and context.parent is not None
+    unknown_here = type(error).__name__ == "NoSuchOption"  # typer carries its own click
+    if unknown_here and after_the_command and option in root_options:
         subcommand = command.removeprefix("rwkv ")
         return (
             f"{option} is an option of rwkv itself: put it first, 'rwkv {option} ... {subcommand}'"

@@ -3,7 +3,7 @@ Hub client); Ctrl-C in that second ends it as Ctrl-C does later on, without a tr
 
 import sys
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention for Ctrl-C
+from rwkv_cli.errors import EXIT_INTERRUPTED
 
 
 def main() -> None:

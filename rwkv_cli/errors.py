@@ -6,6 +6,8 @@ do. The CLI's single error boundary prints them as ``Error: ...`` / ``Hint: ...`
 
 from __future__ import annotations
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention for Ctrl-C
+
 
 class RwkvCliError(Exception):
     """Base class: a failure the user can understand and act on."""
@@ -25,8 +27,8 @@ class CheckpointError(RwkvCliError):
 
 
 class DamagedFileError(CheckpointError):
-    """A checkpoint file that is truncated or corrupt, or holds NaN weights: the same file,
-    fetched or copied again, would work. For a Hub file the hint names ``rwkv download --force``."""
+    """A checkpoint file that is truncated or corrupt: the same file, fetched or copied again,
+    would work. For a Hub file the hint names ``rwkv download --force``."""
 
 
 class UnsupportedModelError(RwkvCliError):

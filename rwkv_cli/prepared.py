@@ -42,6 +42,7 @@ from rwkv_cli.paths import converted_dir
 LAYOUT = "rwkv-cli-prepared"
 LAYOUT_VERSION = 3  # bump when prepare() changes what it stores (3: (out, in) again, int8 scales)
 _HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
+_LAYOUT_SUFFIX = re.compile(r"-v(\d+)\.safetensors$")
 _INDEX = "hashes.json"
 _HASH_BLOCK = 16 * 1024 * 1024
 EMBEDDING = "emb.weight"
@@ -96,7 +97,7 @@ def _convert(
         "format_version": str(LAYOUT_VERSION),
         "generation": generation,
         "fingerprint": fingerprint,
-        "source": str(path),
+        "source": str(path.resolve()),
     }
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -115,15 +116,18 @@ def _convert(
 
 def _remove_superseded(cached: Path, source: str) -> None:
     """Delete the converted files nothing will load again: those of ``source``'s earlier
-    contents (a checkpoint rewritten in place, as a training run does), and those in another
-    layout version. Each is as large as a model."""
+    contents (a checkpoint rewritten in place, as a training run does), and those in an older
+    layout (a newer one may belong to a newer rwkv-cli sharing the folder). Each is as large as
+    a model; one that cannot be deleted (in use on Windows, a read-only cache) stays."""
     content_hash = cached.name.split("-", 1)[0]
     for other in cached.parent.glob("*.safetensors"):
         if other.name.startswith(content_hash + "-"):
             continue  # the same contents in another dtype
-        stale_layout = not other.name.endswith(f"-v{LAYOUT_VERSION}.safetensors")
-        if stale_layout or _converted_from(other) == source:
-            other.unlink(missing_ok=True)
+        layout = _LAYOUT_SUFFIX.search(other.name)
+        older_layout = layout is not None and int(layout.group(1)) < LAYOUT_VERSION
+        if older_layout or _converted_from(other) == source:
+            with contextlib.suppress(OSError):
+                other.unlink()
 
 
 def _converted_from(converted: Path) -> str | None:

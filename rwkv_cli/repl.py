@@ -225,7 +225,8 @@ class ChatRepl:
                 renderer.feed("", final=True)
         except KeyboardInterrupt:
             self.console.print("[dim](stopped)[/dim]")
-        except OutputClosedError:
+        except OutputClosedError:  # the chat keeps what was written; so does the autosave
+            self._autosave()
             raise
         self.writer.write("\n")
         if self.show_stats and last is not None and last.finish_reason is not None:
@@ -302,9 +303,8 @@ class ChatRepl:
             if value.lower() not in ("on", "off"):
                 raise InvalidInputError("think is on or off")
             self.chat.think = value.lower() == "on"
-            if self.chat.think and not self.chat.template.supports_thinking:
-                template = self.chat.template.name
-                print_dim(self.console, f"(the {template} template has no thinking part: g1 only)")
+            if self.chat.thinking_ignored:
+                print_dim(self.console, self.chat.thinking_ignored)
         elif name == "max_tokens":
             self.chat.max_reply_tokens = _number(int, name, value, minimum=1)
         elif name == "seed":

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from rwkv_cli import __version__
-from rwkv_cli.checkpoint import GENERATION_NAMES, read_tensors
+from rwkv_cli.checkpoint import GENERATION_NAMES, first_non_finite, read_tensors
 from rwkv_cli.errors import RwkvCliError, StateFileError
 from rwkv_cli.fileio import atomic_write_bytes
 from rwkv_cli.generate import Session
@@ -259,11 +259,9 @@ def read_state_file(path: str | Path) -> StateFile:
             f"this rwkv-cli reads version {FORMAT_VERSION}",
             hint="upgrade rwkv-cli to read newer state files",
         )
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise StateFileError(
-                f"state file {path} is corrupt: {name} holds NaN or infinite values"
-            )
+    broken = first_non_finite(tensors)
+    if broken is not None:
+        raise StateFileError(f"state file {path} is corrupt: {broken} holds NaN or infinite values")
     try:
         return _state_file_from(path, metadata, tensors)
     except (KeyError, ValueError, TypeError) as error:
@@ -301,7 +299,7 @@ def _state_file_from(path: Path, metadata: dict[str, str], tensors: dict) -> Sta
         tokenizer=metadata["tokenizer"],
         fingerprint=metadata["fingerprint"],
     )
-    for name in (_LOGITS, _COUNTS):
+    for name in (_LOGITS, _COUNTS, _CHAT_START + _LOGITS):
         tensor = tensors.get(name)
         if tensor is not None and tuple(tensor.shape) != (identity.vocab_size,):
             raise ValueError(f"{name} has shape {list(tensor.shape)}")
@@ -330,6 +328,16 @@ def _state_file_from(path: Path, metadata: dict[str, str], tensors: dict) -> Sta
             if name.startswith(_CHAT_START)
         },
     )
+
+
+def holds_a_saved_chat(path: str | Path) -> bool:
+    """Whether ``path`` is a state file with a chat in it (its header alone is read)."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return metadata.get("format") == FORMAT_NAME and "chat" in metadata
 
 
 def is_state_tuning_file(path: str | Path) -> bool:
@@ -372,9 +380,10 @@ def import_state_tuning(path: str | Path, model: Model) -> Session:
                 f"{list(tensor.shape)}, model needs {list(named[target].shape)}",
                 hint="a state-tuning file only works with the model it was trained on",
             )
-        if not torch.isfinite(tensor).all():
-            raise StateFileError(f"state-tuning file {path} holds non-finite values in {name}")
         named[target] = tensor.float()
+    broken = first_non_finite(states)
+    if broken is not None:
+        raise StateFileError(f"state-tuning file {path} holds non-finite values in {broken}")
     missing = len(template.layers) - len(states)
     if missing:
         raise StateFileError(f"state-tuning file {path} lacks {missing} of the model's layers")

@@ -37,7 +37,7 @@ def activity(console: Console | None, message: str) -> Iterator[None]:
     """A spinner with ``message`` (plain text, not markup) while the block runs, on a terminal
     only."""
     if console is not None and interactive(console):
-        with console.status(Text(_shown(message))):
+        with console.status(Text(_displayable(message))):  # no markup, no :emoji: codes
             yield
     else:
         yield
@@ -159,6 +159,11 @@ def print_error(console: Console, error: RwkvCliError) -> None:
 
 
 def _shown(text: str) -> str:
-    """``text`` as markup-free display text; a byte of a non-UTF-8 file name (which Python
-    carries as a lone surrogate) shows as U+FFFD rather than as an escape."""
-    return escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    """``text`` as markup that shows it as written (see ``_displayable``)."""
+    return escape(_displayable(text))
+
+
+def _displayable(text: str) -> str:
+    """A byte of a non-UTF-8 file name (which Python carries as a lone surrogate) as U+FFFD
+    rather than as an escape."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -229,6 +229,9 @@ def test_an_option_of_rwkv_itself_after_the_command_says_where_it_goes() -> None
     result = rwkv("bench", "--threads", "2")
     assert_one_line_error(result, 2, "No such option: --threads")
     assert "put it first, 'rwkv --threads ... bench'" in result.stderr.decode()
+    missing = rwkv("--threads")  # in its place, but without a value: the usual hint
+    assert_one_line_error(missing, 2, "--threads")
+    assert "Hint: see 'rwkv --help'" in missing.stderr.decode()
 
 
 def test_each_command_summary_is_one_line() -> None:
@@ -284,7 +287,7 @@ def test_ctrl_c_while_the_command_loads_is_no_traceback(monkeypatch, capsys) -> 
     assert process.stderr.read().decode().endswith("Interrupted.\n")
 
 
-def test_a_full_disk_under_stdout_is_a_one_line_error(rwkv7_pth, monkeypatch) -> None:
+def test_a_full_disk_under_stdout_is_a_write_error_and_closed_stdout_none(rwkv7_pth) -> None:
     class FullDisk(io.StringIO):
         def write(self, text: str) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -317,10 +320,8 @@ def test_a_state_not_saved_because_the_output_closed_says_so(rwkv7_pth, tmp_path
     process.stdout.close()  # like `| head -c 20`
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=60) == 0 and not saved.exists()
-    assert (
-        stderr
-        == f"Warning: the output was closed before the end: the state was not saved to {saved}\n"
-    )
+    warning = "Warning: the output was closed before the end: the state after this text was not"
+    assert stderr == f"{warning} saved to {saved}\n"
 
 
 def test_bench_reports_speed_and_memory_per_dtype(rwkv7_pth) -> None:

@@ -93,20 +93,22 @@ def test_autosave_never_replaces_another_saved_chat(rwkv7_pth, tmp_path) -> None
 
 def test_options_given_when_resuming_win_over_the_saved_ones(rwkv7_pth, tmp_path) -> None:
     saved = tmp_path / "chat.rwkvstate"
-    assert rwkv("chat", "-m", rwkv7_pth, "--autosave", saved, stdin=b"Hi\n").returncode == 0
+    options = ("--max-tokens", "7", "--template", "pile")  # not the defaults (500, world)
+    first = rwkv("chat", "-m", rwkv7_pth, *options, "--autosave", saved, stdin=b"Hi\n")
+    assert first.returncode == 0, first.stderr
+    kept = rwkv("chat", "--state", saved, "-v", stdin=b"/info\n").stderr.decode()
+    assert "max_tokens=7" in kept and "template:     pile" in kept
     resumed = rwkv(
-        "chat", "--state", saved, "--max-tokens", "3", "--template", "pile", "-v", stdin=b"/info\n"
+        "chat", "--state", saved, "--max-tokens", "3", "--template", "world", "-v", stdin=b"/info\n"
     )
     stderr = resumed.stderr.decode()
-    assert "max_tokens=3" in stderr and "template:     pile" in stderr
-    kept = rwkv("chat", "--state", saved, "-v", stdin=b"/info\n").stderr.decode()
-    assert "max_tokens=500" in kept and "template:     world" in kept
+    assert "max_tokens=3" in stderr and "template:     world" in stderr
 
 
 def test_think_without_a_thinking_template_is_a_warning(rwkv7_pth) -> None:
     result = rwkv("chat", "-m", rwkv7_pth, "--think", "--max-tokens", "2", stdin=b"Hi\n")
     assert result.returncode == 0
-    assert result.stderr.decode().startswith("Warning: --think works with the g1 template only")
+    assert result.stderr.decode().startswith("Warning: thinking works with the g1 template only")
 
 
 def test_a_block_starting_with_a_slash_is_a_message(rwkv7_pth) -> None:

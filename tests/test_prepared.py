@@ -69,11 +69,14 @@ def test_a_changed_source_file_is_converted_again_replacing_its_copies(home, tmp
 
 
 def test_copies_in_an_older_layout_are_deleted_by_the_next_conversion(home, rwkv7_pth):
-    older = converted_dir() / f"{'0' * 64}-float32-v{prepared.LAYOUT_VERSION - 1}.safetensors"
+    version = prepared.LAYOUT_VERSION
+    older = converted_dir() / f"{'0' * 64}-float32-v{version - 1}.safetensors"
+    newer = converted_dir() / f"{'1' * 64}-float32-v{version + 1}.safetensors"  # a newer install's
     older.parent.mkdir(parents=True)
-    save_file({"x": torch.zeros(1)}, older)
+    for path in (older, newer):
+        save_file({"x": torch.zeros(1)}, path)
     load_model_cached(rwkv7_pth)
-    assert not older.exists()
+    assert not older.exists() and newer.exists()
 
 
 def test_the_hash_is_computed_once_per_file_version(home, rwkv7_pth, monkeypatch):

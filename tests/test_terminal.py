@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 from rwkv_cli.tokenizer import load_world_tokenizer
-from rwkv_cli.ui import PROGRESS_MIN_TOKENS, prefill_progress
+from rwkv_cli.ui import PROGRESS_MIN_TOKENS, activity, prefill_progress
 from tests.cli_runner import rwkv
 
 
@@ -80,6 +80,14 @@ def test_load_state_on_a_terminal_continues_each_typed_line(tmp_path, rwkv7_pth)
     block = len(load_world_tokenizer().encode("Two\nlines"))
     # 3 read + " And" (1) + 5 generated + the block + 5 generated: saved after each turn
     assert saved["tokens_consumed"] == 3 + 1 + 5 + block + 5
+
+
+def test_the_spinner_shows_a_file_name_as_written() -> None:
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=80, emoji=False)  # as ours
+    with activity(terminal, "Loading [/] [bold]x:100:.pth"):
+        time.sleep(0.3)  # a few frames
+    shown = terminal.file.getvalue()
+    assert "Loading [/] [bold]x:100:.pth" in shown and "\\[" not in shown
 
 
 def test_prefill_progress_bar_shows_on_a_terminal_only() -> None:
