@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -99,8 +100,12 @@ def print_models(aliases: list, cached: list) -> None:
     for alias in aliases:
         print(f"  {alias.name:<{width}}  {alias.repo_id}")
     print("\nDownloaded:" if cached else "\nDownloaded: none yet (rwkv download MODEL)")
+    versions = Counter((model.repo_id, model.filename) for model in cached)
     for model in cached:
-        print(f"  {model.repo_id}:{model.filename}  {format_size(model.size)}  {model.path}")
+        name = f"{model.repo_id}:{model.filename}"
+        if versions[model.repo_id, model.filename] > 1:  # kept for several commits
+            name += f" --revision {model.revision[:12]}"
+        print(f"  {name}  {format_size(model.size)}  {model.path}")
 
 
 def print_bench(results: list) -> None:

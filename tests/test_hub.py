@@ -33,8 +33,9 @@ from rwkv_cli.errors import (
     RepoNotFoundError,
     WriteError,
 )
-from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
+from rwkv_cli.hub import DEFAULT_MODEL, CachedModel, cached_models, list_aliases, resolve_model
 from rwkv_cli.models import load_model
+from rwkv_cli.ui import print_models
 from tests.conftest import LocalHub
 from tests.fixtures import rwkv7_tensors, write_pth
 
@@ -569,6 +570,19 @@ def test_cached_models_lists_downloaded_checkpoints(
         (G1, G1_15, PAYLOAD_BYTES),
     ]
     assert {m.path for m in listed} == paths
+
+
+def test_a_file_kept_for_two_commits_is_listed_with_each_revision(tmp_path, capsys) -> None:
+    kept = [
+        CachedModel(G1, G1_NEW, 10, tmp_path / "a" / G1_NEW, "a" * 40),
+        CachedModel(G1, G1_NEW, 20, tmp_path / "b" / G1_NEW, "b" * 40),
+        CachedModel(G1, G1_15, 30, tmp_path / "b" / G1_15, "b" * 40),
+    ]
+    print_models(list_aliases(), kept)
+    listed = capsys.readouterr().out.split("Downloaded:")[1]
+    assert f"{G1}:{G1_NEW} --revision {'a' * 12}  10 B" in listed
+    assert f"{G1}:{G1_NEW} --revision {'b' * 12}  20 B" in listed
+    assert f"{G1}:{G1_15}  30 B" in listed  # one version: no revision needed
 
 
 def test_huggingface_hub_itself_works_with_the_local_hub_and_shares_the_cache(
