@@ -40,7 +40,7 @@ from rwkv_cli.errors import (
     HubUnreachableError,
     WriteError,
 )
-from rwkv_cli.fileio import check_free_space, format_size
+from rwkv_cli.fileio import check_free_space, format_size, held_elsewhere
 from rwkv_cli.textio import interactive
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ def download_to_cache(
             lock = Path(constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{remote.etag}.lock"
             blob.parent.mkdir(parents=True, exist_ok=True)
             lock.parent.mkdir(parents=True, exist_ok=True)
+            if held_elsewhere(lock):  # huggingface_hub's lock: its downloads count too
+                notice(console, f"Waiting for another download of {remote.label} to finish")
             with WeakFileLock(lock):
                 if again or not blob.exists():
                     _download(remote, blob, progress, console)

@@ -72,6 +72,22 @@ def exclusive(lock_file: Path) -> Iterator[bool]:
             yield True
 
 
+def held_elsewhere(lock_file: Path) -> bool:
+    """Whether another process holds ``lock_file``'s flock right now (to say why we wait);
+    False where there are no flocks."""
+    if fcntl is None or not lock_file.is_file():
+        return False
+    try:
+        with open(lock_file, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def remove_leftovers(path: Path) -> None:
     """Delete temporary files that writes of ``path`` by ``atomic_write`` left when their process
     was killed. Only safe while holding the lock every writer of ``path`` takes."""

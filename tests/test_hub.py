@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import http.server
 import io
 import random
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -471,6 +473,32 @@ def test_an_endpoint_that_is_not_a_hub_falls_back_to_a_cached_copy(
             resolve("rwkv7-g1-0.4b")
         plain.shutdown()
     assert "using the cached" in console.file.getvalue()
+
+
+def test_a_download_under_way_elsewhere_is_waited_for_with_a_notice(g1: LocalHub) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    etag = hashlib.sha256(G1_FILES[G1_NEW]).hexdigest()  # names huggingface_hub's lock
+    lock = Path(hf_constants.HF_HUB_CACHE) / ".locks" / "models--BlinkDL--rwkv7-g1" / f"{etag}.lock"
+    lock.parent.mkdir(parents=True)
+    console, resolved = quiet(), []
+
+    def download() -> None:
+        resolved.append(resolve(f"{G1}:{G1_NEW}", console=console))
+
+    with lock.open("a") as other_download:
+        fcntl.flock(other_download, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=download)
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while "Waiting for another download" not in console.file.getvalue():
+            assert time.monotonic() < deadline and waiting.is_alive()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert waiting.is_alive()  # it waits for the other download's lock
+    waiting.join(timeout=60)
+    assert resolved and resolved[0].path.read_bytes() == G1_FILES[G1_NEW]
+    notices = console.file.getvalue().splitlines()
+    assert notices[0] == f"Waiting for another download of {G1}:{G1_NEW} to finish"
 
 
 def test_disk_full_leaves_nothing_half_written(
