@@ -127,18 +127,23 @@ def test_an_interrupted_reply_keeps_exactly_what_was_shown(loaded) -> None:
     _assert_state_is_the_transcript(chat)
 
 
+def _saved_and_resumed(chat: Chat, tmp_path, seed: int) -> Chat:
+    """``chat`` saved (with ``seed``) and loaded into a fresh chat seeded otherwise; the
+    transcript must come back whole."""
+    path = tmp_path / "chat.rwkvstate"
+    save_chat(chat, path, seed=seed)
+    resumed = load_chat(_chat(chat.loaded, seed=123), path)
+    assert [m.text for m in resumed.messages] == [m.text for m in chat.messages]
+    return resumed
+
+
 def test_save_then_load_gives_the_same_next_reply(loaded, tmp_path) -> None:
     chat = _chat(loaded, seed=9)
     chat.params = SamplingParams(temperature=1.0, top_p=0.9)
     _say(chat, "Remember me")
-    path = tmp_path / "chat.rwkvstate"
-    save_chat(chat, path, seed=9)
-    expected = _say(chat, "And now?")
-
-    resumed = load_chat(_chat(loaded, seed=123), path)
-    assert [m.text for m in resumed.messages] == [m.text for m in chat.messages[:2]]
+    resumed = _saved_and_resumed(chat, tmp_path, seed=9)
     assert resumed.params == chat.params
-    assert _say(resumed, "And now?") == expected
+    assert _say(resumed, "And now?") == _say(chat, "And now?")
     resumed.undo()  # the loaded transcript can be undone: it is replayed from a fresh state
     _assert_state_is_the_transcript(resumed)
 
@@ -157,13 +162,8 @@ def test_a_chat_after_a_document_resumes_with_its_transcript_and_its_start(
     prefix = prefill(loaded.model, loaded.tokenizer.encode("A document.\n\n"))
     chat = _chat(loaded, seed=4, start=prefix)
     _say(chat, "Summarize")
-    path = tmp_path / "chat.rwkvstate"
-    save_chat(chat, path, seed=4)
-    expected = _say(chat, "Shorter")
-
-    resumed = load_chat(_chat(loaded, seed=123), path)
-    assert [m.text for m in resumed.messages] == [m.text for m in chat.messages[:2]]
-    assert _say(resumed, "Shorter") == expected
+    resumed = _saved_and_resumed(chat, tmp_path, seed=4)
+    assert _say(resumed, "Shorter") == _say(chat, "Shorter")
     resumed.reset()  # back to the document, not to nothing
     assert resumed.messages == [] and resumed.session.tokens_consumed == prefix.tokens_consumed
     assert torch.equal(resumed.session.logits, prefix.logits)
