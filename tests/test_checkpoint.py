@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_cli.checkpoint import detect_generation, load_checkpoint, read_tensors
+from rwkv_cli.checkpoint import (
+    detect_generation,
+    load_checkpoint,
+    read_tensors,
+    weights_fingerprint,
+)
 from rwkv_cli.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from rwkv_cli.models import load_model, model_from_checkpoint
 from rwkv_cli.prepared import load_model_cached
@@ -200,3 +205,14 @@ def test_non_dict_pickle_is_refused(tmp_path) -> None:
     torch.save([torch.zeros(2)], path)
     with pytest.raises(CheckpointError, match="not a flat dict of named tensors"):
         read_tensors(path)
+
+
+def test_weights_fingerprint_is_stable_across_versions() -> None:
+    """State files record this value: a change of algorithm would orphan every saved state.
+    (The expected value was computed by the first implementation, which went through numpy.)"""
+    tensors = {
+        "emb.weight": torch.arange(600, dtype=torch.float32).reshape(20, 30).bfloat16(),
+        "blocks.0.ln1.weight": torch.linspace(-1, 1, 7),
+        "empty": torch.zeros(0),
+    }
+    assert weights_fingerprint(tensors) == "2ae3613e3deb1d4a"
