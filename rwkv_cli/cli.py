@@ -25,7 +25,7 @@ from rich.console import Console
 from rwkv_cli import __version__
 from rwkv_cli.bench import benchmark
 from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
-from rwkv_cli.cpu import configure_cpu
+from rwkv_cli.cpu import MAX_THREADS, configure_cpu
 from rwkv_cli.device import DTYPES, DtypeName, dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.doctor import diagnose
 from rwkv_cli.errors import EXIT_INTERRUPTED, InvalidInputError, RwkvCliError
@@ -303,6 +303,7 @@ def _root(
             "--threads",
             envvar="RWKV_CLI_THREADS",
             min=1,
+            max=MAX_THREADS,
             help="CPU threads for the model (default: the physical cores).",
             show_default=False,
         ),
@@ -716,7 +717,7 @@ def doctor(
     Builds the compiled kernels and compares them with the torch path (not with --no-build).
     Exits 1 with a hint if something is broken.
     """
-    with activity(stderr_console(), "Checking (the first kernel build takes a minute or more)"):
+    with activity(stderr_console(), "Checking (a first CUDA kernel build takes a minute)"):
         report = diagnose(build_kernels=not no_build)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
     problem = report.problem()

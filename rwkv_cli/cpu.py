@@ -33,9 +33,16 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
+# More threads than this only slow a model down; far more (thousands) exhaust the thread
+# stacks OpenMP reserves and crash the process.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
 def configure_cpu(threads: int | None) -> int:
-    """Set torch's thread count (default: the physical cores), flush subnormals to zero and
-    return freed memory to the system; returns the thread count in use."""
+    """Set torch's thread count (default: the physical cores, at most MAX_THREADS), flush
+    subnormals to zero and return freed memory to the system; returns the thread count in use."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be from 1 to {MAX_THREADS}, not {threads}")
     torch.set_flush_denormal(True)  # before the thread pool starts: its threads inherit it
     torch.set_num_threads(threads if threads else physical_cores())
     _return_large_frees()

@@ -78,7 +78,8 @@ class Report:
 
 def diagnose(build_kernels: bool = True) -> Report:
     """Look at this machine. With ``build_kernels`` the compiled kernels are built (the first
-    time a minute or more for the CUDA ones) and each is compared with the torch path."""
+    time a few seconds for the CPU ones, a minute or more for CUDA) and each is compared with
+    the torch path."""
     gpus = visible_gpus()
     checks = [
         Check("rwkv-cli", __version__),

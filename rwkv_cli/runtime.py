@@ -84,10 +84,15 @@ def open_model(
         model = _load(resolved, weights, target)
     # Now rather than in the middle of the first reply; a build (first use) gets a spinner.
     building = console if kernels_to_build(target) else None
-    with activity(building, "Building the compiled kernels (first use only; up to a minute)"):
+    how_long = _BUILD_TIME.get(target.type, "first use only")
+    with activity(building, f"Building the compiled kernels ({how_long})"):
         prepare_kernels(target)
     chosen = choose_tokenizer(resolved, model.vocab_size, tokenizer, saved_tokenizer)
     return LoadedModel(model, chosen, spec, resolved.resolved)
+
+
+# How long a first build takes, measured (README "Fast CPU path" and "GPUs").
+_BUILD_TIME = {"cpu": "first use only; a few seconds", "cuda": "first use only; about a minute"}
 
 
 def choose_tokenizer(

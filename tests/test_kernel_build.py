@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections import namedtuple
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,6 +63,20 @@ def broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Extension:
     return Extension(f"rwkv_cli_broken_{tmp_path.name}", ("broken.cpp",), source_dir=tmp_path)
 
 
+def _compiles_an_empty_library(record: Callable[[Path], object]):
+    """Stands in for ``build._compile``: calls ``record(folder)``, then makes a valid library
+    with nothing in it (in a moment, unlike a real build)."""
+
+    def compile_(extension: Extension, folder: Path) -> None:
+        record(folder)
+        source = folder / "empty.cpp"
+        source.write_text("\n")
+        library = folder / f"{extension.name}.so"
+        subprocess.run(["c++", "-shared", "-fPIC", source, "-o", library], check=True)
+
+    return compile_
+
+
 def test_auto_warns_once_and_falls_back(broken, kernel_choice) -> None:
     kernel_choice("auto")
     with pytest.warns(UserWarning, match="could not build the rwkv_cli_broken.*torch path"):
@@ -93,7 +110,7 @@ def test_a_failed_build_is_not_tried_again_until_asked(broken, monkeypatch) -> N
         build.load_extension(broken)
     build._build_once.cache_clear()  # as in a later process
     compiles = []
-    monkeypatch.setattr(build, "_compile", lambda *args: compiles.append(args))
+    monkeypatch.setattr(build, "_compile", _compiles_an_empty_library(compiles.append))
     with pytest.raises(KernelBuildError, match="an earlier build; `rwkv doctor` tries again"):
         build.load_extension(broken)
     assert compiles == []
@@ -112,7 +129,9 @@ def test_a_lock_left_by_a_killed_build_is_cleared(broken, monkeypatch) -> None:
     monkeypatch.setattr(
         build,
         "_compile",
-        lambda *_: lock_at_compile.append((folder / build.TORCH_BUILD_LOCK).exists()),
+        _compiles_an_empty_library(
+            lambda _: lock_at_compile.append((folder / build.TORCH_BUILD_LOCK).exists())
+        ),
     )
     build.load_extension(broken)
     build._build_once.cache_clear()
@@ -168,9 +187,10 @@ def test_a_build_that_failed_on_a_nearly_full_disk_is_tried_again(broken, monkey
 def test_an_extension_is_loaded_once_per_process(broken, monkeypatch) -> None:
     """A second copy (another RWKV_CLI_HOME's build) would register its operators twice, which
     makes torch abort the process."""
-    monkeypatch.setattr(build, "_loaded", {broken.name})  # as if loaded from another folder
+    loaded = object()  # as if loaded from another folder
+    monkeypatch.setattr(build, "_loaded", {broken.name: loaded})
     monkeypatch.setattr(build, "_compile", lambda *_: pytest.fail("built a second copy"))
-    build.load_extension(broken, retry=True)
+    assert build.load_extension(broken, retry=True) is loaded
     build._build_once.cache_clear()
 
 
@@ -232,3 +252,23 @@ def test_only_a_build_still_to_do_is_announced(tmp_path, monkeypatch, kernel_cho
     assert kernels_to_build(cpu) == [cpu_ops.EXTENSION]
     kernel_choice("torch")
     assert kernels_to_build(cpu) == []
+
+
+def test_sigterm_during_a_build_ends_the_compiler_too(rwkv7_pth, tmp_path: Path) -> None:
+    """A compiler left running would hold the build lock and the CPU after the command ended."""
+    started = tmp_path / "compiler.pid"
+    compiler = tmp_path / "slow-c++"
+    compiler.write_text(f"#!/bin/sh\necho $$ > {started}\nsleep 600\n")
+    compiler.chmod(0o755)
+    env = {**os.environ, "RWKV_CLI_HOME": str(tmp_path / "home"), "CXX": str(compiler)}
+    command = [sys.executable, "-m", "rwkv_cli", "generate", "Hi", "-m", str(rwkv7_pth)]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not started.exists() or not started.read_text().strip():
+        assert process.poll() is None and time.monotonic() < deadline, "the build never started"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    compiler_pid = int(started.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(compiler_pid, 0)

@@ -36,9 +36,8 @@ AGREEMENT = {"fp32": 1.0, "bf16": 0.99, "fp16": 0.99, "int8": 0.97}
 
 
 @pytest.fixture(scope="module")
-def ops():
-    build.load_extension(cpu_ops.EXTENSION)
-    return torch.ops.rwkv_cli
+def ops() -> cpu_ops.CpuKernels:
+    return cpu_ops.CpuKernels(build.load_extension(cpu_ops.EXTENSION))
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -67,12 +66,30 @@ def test_gemv_equals_torch_for_int8_weights(ops, shape) -> None:
 
 def test_gemv_rejects_bad_arguments(ops) -> None:
     x = torch.randn(1, 8)
-    with pytest.raises(RuntimeError, match="need a scale"):
+    with pytest.raises(ValueError, match="need a scale"):
         ops.gemv(x, torch.zeros(4, 8, dtype=torch.int8), None)
-    with pytest.raises(RuntimeError, match="with in = 8"):
+    with pytest.raises(ValueError, match="with in = 8"):
         ops.gemv(x, torch.zeros(4, 9), None)
-    with pytest.raises(RuntimeError, match="float32, bfloat16, float16 or int8"):
+    with pytest.raises(ValueError, match="float32, bfloat16, float16 or int8"):
         ops.gemv(x, torch.zeros(4, 8, dtype=torch.float64), None)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.gemv(x, torch.zeros(8, 4).t(), None)
+    with pytest.raises(ValueError, match="scale must be float32 with 4 elements"):
+        ops.gemv(x, torch.zeros(4, 8, dtype=torch.int8), torch.ones(3))
+
+
+def test_the_cpu_kernels_refuse_what_they_cannot_read(ops) -> None:
+    """Checked before any pointer reaches C: a wrong size would read or write out of bounds."""
+    state, r, w, k, v, u = wkv_inputs("5", tokens=2, heads=2, head_size=8)
+    with pytest.raises(ValueError, match="u must be float32 with 16 elements"):
+        ops.wkv5(state, r, w, k, v, u[:1])
+    with pytest.raises(ValueError, match="state must be float32"):
+        ops.wkv5(state.double(), r, w, k, v, u)
+    aa, bb, pp, w4, u4, k4, v4 = wkv_inputs("4", tokens=2, heads=1, head_size=8)
+    with pytest.raises(ValueError, match="k and v must be"):
+        ops.wkv4(aa, bb, pp, w4, u4, k4, v4[:1])
+    with pytest.raises(ValueError, match="pp must be float32 with 8 elements"):
+        ops.wkv4(aa, bb, pp[:4], w4, u4, k4, v4)
 
 
 def test_int8_quantization_error_is_at_most_half_a_step() -> None:
@@ -180,7 +197,7 @@ def test_int8_model_stores_quantized_projections_and_float32_vectors() -> None:
 @pytest.mark.parametrize("tokens", [1, 7, 64, 150])
 def test_compiled_wkv_recurrences_equal_the_sequential_references(ops, tokens) -> None:
     """RWKV-4 and 5/6 on the CPU, including decays of exactly 0 and 1 for RWKV-5/6."""
-    for generation, compiled in (("4", cpu_ops.wkv4), ("5", cpu_ops.wkv5)):
+    for generation, compiled in (("4", ops.wkv4), ("5", ops.wkv5)):
         inputs = wkv_inputs(generation, tokens, heads=3, head_size=64, seed=tokens)
         if generation == "5":
             state, r, w, k, v, u = inputs

@@ -1,15 +1,10 @@
 // Matrix-vector products for one-token decoding on the CPU, with weights in float32, bfloat16,
-// float16 or int8 (one float32 scale per output row). Weights are stored (out, in): every output is the
-// dot product of one contiguous weight row with the input, so each thread streams its own rows
-// from memory exactly once and the input vector stays in L1. Decoding reads every weight once
-// per token, so its speed is memory bandwidth divided by bytes per weight: this is what makes
-// 16-bit and 8-bit weights pay on CPUs where torch has no fast path for them.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <cstdint>
-#include <cstring>
+// float16 or int8 (one float32 scale per output row). Weights are stored (out, in): every output
+// is the dot product of one contiguous weight row with the input, so each thread streams its own
+// rows from memory exactly once and the input vector stays in L1. Decoding reads every weight
+// once per token, so its speed is memory bandwidth divided by bytes per weight: this is what
+// makes 16-bit and 8-bit weights pay on CPUs where torch has no fast path for them.
+#include "cpu_kernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -18,17 +13,28 @@
 
 namespace {
 
-constexpr int64_t kRowsPerTask = 16;  // output rows a thread takes at a time
+using rwkv_cli::bf16_to_float;
+using rwkv_cli::f16_to_float;
 
-// Widen 8 weights to float32 lanes.
+constexpr int64_t kMinRowsToSplit = 64;  // fewer output rows run on one thread
+
+// The weight formats, each a distinct type so the templates below pick the right widening.
+struct BF16 { uint16_t bits; };
+struct F16 { uint16_t bits; };
+
+inline float to_float(float w) { return w; }
+inline float to_float(BF16 w) { return bf16_to_float(w.bits); }
+inline float to_float(F16 w) { return f16_to_float(w.bits); }
+inline float to_float(int8_t w) { return static_cast<float>(w); }
+
 #ifdef RWKV_CLI_AVX2
+// Widen 8 weights to float32 lanes.
 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
-inline __m256 load8(const at::BFloat16* w) {
-  // bfloat16 is the high half of a float32: widen to 32 bits and shift into place.
+inline __m256 load8(const BF16* w) {
   __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
-inline __m256 load8(const at::Half* w) {
+inline __m256 load8(const F16* w) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));  // F16C
 }
 inline __m256 load8(const int8_t* w) {
@@ -42,11 +48,6 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 #endif
-
-inline float to_float(float w) { return w; }
-inline float to_float(at::BFloat16 w) { return static_cast<float>(w); }
-inline float to_float(at::Half w) { return static_cast<float>(w); }
-inline float to_float(int8_t w) { return static_cast<float>(w); }
 
 // Dot products of four consecutive weight rows with x.
 template <typename W>
@@ -85,60 +86,39 @@ float dot1(const W* row, int64_t n, const float* x) {
   return sum;
 }
 
+// y (tokens, n_out) = x (tokens, n_in) @ weight (n_out, n_in)ᵀ, times scale (n_out,) if given.
 template <typename W>
-void gemv_rows(const W* weight, int64_t n_in, const float* x, const float* scale, float* y,
-               int64_t begin, int64_t end) {
-  int64_t o = begin;
-  for (; o + 4 <= end; o += 4) dot4(weight + o * n_in, n_in, x, y + o);
-  for (; o < end; ++o) y[o] = dot1(weight + o * n_in, n_in, x);
-  if (scale != nullptr) {
-    for (int64_t j = begin; j < end; ++j) y[j] *= scale[j];
-  }
-}
-
-// y (T, out) = x (T, in) @ weight (out, in)ᵀ, times scale (out,) when given.
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "gemv: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "gemv: x must be float32 (T, in)");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
-              "gemv: weight must be (out, in) with in = ", x.size(1));
-  TORCH_CHECK(weight.is_contiguous(), "gemv: weight must be contiguous");
-  const bool quantized = weight.scalar_type() == at::kChar;
-  TORCH_CHECK(!quantized || scale.has_value(), "gemv: int8 weights need a scale");
-  const float* scale_ptr = nullptr;
-  at::Tensor scale_c;
-  if (scale.has_value()) {
-    scale_c = scale->contiguous();
-    TORCH_CHECK(scale_c.scalar_type() == at::kFloat && scale_c.numel() == weight.size(0),
-                "gemv: scale must be float32 (out,)");
-    scale_ptr = scale_c.data_ptr<float>();
-  }
-  const at::Tensor xc = x.contiguous();
-  const int64_t tokens = xc.size(0), n_in = xc.size(1), n_out = weight.size(0);
-  at::Tensor y = at::empty({tokens, n_out}, xc.options());
+void gemv(const float* x, const void* weight_data, const float* scale, float* y, int64_t tokens,
+          int64_t n_in, int64_t n_out) {
+  const W* weight = static_cast<const W*>(weight_data);
+  const int64_t blocks = n_out / 4;  // four rows at a time; the rest below
   for (int64_t t = 0; t < tokens; ++t) {
-    const float* xt = xc.data_ptr<float>() + t * n_in;
-    float* yt = y.data_ptr<float>() + t * n_out;
-    auto run = [&](auto* w) {
-      at::parallel_for(0, n_out / 4, kRowsPerTask / 4, [&](int64_t begin, int64_t end) {
-        gemv_rows(w, n_in, xt, scale_ptr, yt, begin * 4, end * 4);
-      });
-      gemv_rows(w, n_in, xt, scale_ptr, yt, n_out / 4 * 4, n_out);
-    };
-    switch (weight.scalar_type()) {
-      case at::kFloat: run(weight.data_ptr<float>()); break;
-      case at::kBFloat16: run(weight.data_ptr<at::BFloat16>()); break;
-      case at::kHalf: run(weight.data_ptr<at::Half>()); break;
-      case at::kChar: run(weight.data_ptr<int8_t>()); break;
-      default: TORCH_CHECK(false, "gemv: weights must be float32, bfloat16, float16 or int8");
+    const float* xt = x + t * n_in;
+    float* yt = y + t * n_out;
+#pragma omp parallel for schedule(static) if (n_out >= kMinRowsToSplit)
+    for (int64_t block = 0; block < blocks; ++block) {
+      float* out = yt + block * 4;
+      dot4(weight + block * 4 * n_in, n_in, xt, out);
+      if (scale != nullptr) {
+        for (int64_t j = 0; j < 4; ++j) out[j] *= scale[block * 4 + j];
+      }
+    }
+    for (int64_t o = blocks * 4; o < n_out; ++o) {
+      yt[o] = dot1(weight + o * n_in, n_in, xt) * (scale != nullptr ? scale[o] : 1.0f);
     }
   }
-  return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rwkv_cli, m) {
-  m.def("gemv(Tensor x, Tensor weight, Tensor? scale=None) -> Tensor");
-  m.impl("gemv", c10::DispatchKey::CPU, gemv);
-}
+// One exported function per weight format: rwkv_gemv_f32, _bf16, _f16 and _i8.
+#define RWKV_CLI_GEMV(suffix, W)                                                              \
+  RWKV_CLI_EXPORT void rwkv_gemv_##suffix(const float* x, const void* w, const float* scale,  \
+                                          float* y, int64_t tokens, int64_t n_in,             \
+                                          int64_t n_out) {                                    \
+    gemv<W>(x, w, scale, y, tokens, n_in, n_out);                                             \
+  }
+RWKV_CLI_GEMV(f32, float)
+RWKV_CLI_GEMV(bf16, BF16)
+RWKV_CLI_GEMV(f16, F16)
+RWKV_CLI_GEMV(i8, int8_t)

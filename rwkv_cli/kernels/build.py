@@ -1,12 +1,18 @@
 """Compiled kernels: C++ and CUDA sources in ``rwkv_cli/csrc``, built on first use and cached.
 
-Nothing compiles at import time. ``load_extension`` builds an extension with
-``torch.utils.cpp_extension`` the first time a process needs it (about 10 s for the CPU kernels)
-and reuses the build afterwards. Each build lives in its own folder under
-``$RWKV_CLI_HOME/kernels``, named after what the binary depends on: the torch version, and the
-CPU's instruction sets (CPU kernels are compiled for the machine they run on) or the CUDA version
-and GPU architecture. The extensions register their operators with ``TORCH_LIBRARY`` under the
-``rwkv_cli`` namespace, so callers reach them as ``torch.ops.rwkv_cli.<op>``.
+Nothing compiles at import time. ``load_extension`` builds an extension the first time a process
+needs it and reuses the build afterwards. Two kinds:
+
+- CPU kernels are plain C++ behind a C interface, compiled by the system's C++ compiler into a
+  shared library that ``ctypes`` loads (``kernels/cpu_ops.py`` wraps it). Without torch's
+  headers the build takes about two seconds, so a first command on a new machine is quick.
+- CUDA kernels are a torch extension built with ``torch.utils.cpp_extension``; they register
+  their operators with ``TORCH_LIBRARY`` under the ``rwkv_cli`` namespace, so callers reach them
+  as ``torch.ops.rwkv_cli.<op>``.
+
+Each build lives in its own folder under ``$RWKV_CLI_HOME/kernels``, named after what the binary
+depends on: the CPU's instruction sets (CPU kernels are compiled for the machine they run on), or
+the torch version, CUDA version and GPU architectures.
 
 Every compiled operator has a plain-torch twin with the same meaning. ``compiled_ops`` is how model
 code asks for one: with the default choice "auto" a build failure is reported once, as a warning
@@ -16,17 +22,20 @@ with its reason, and the caller runs its torch path; with "compiled" the failure
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -53,15 +62,22 @@ class KernelSelfTestError(RwkvCliError):
 
 @dataclass(frozen=True)
 class Extension:
-    """A compiled extension: its name and its source files under ``source_dir`` (``csrc``)."""
+    """A compiled extension: its name, the source files compiled and the headers they include
+    (both under ``source_dir``, ``csrc``). A CUDA extension is a torch extension; any other is a
+    plain shared library with a C interface."""
 
     name: str
     sources: tuple[str, ...]
     cuda: bool = False
     source_dir: Path = SOURCE_DIR
+    headers: tuple[str, ...] = ()
 
     def source_paths(self) -> list[str]:
         return [str(self.source_dir / source) for source in self.sources]
+
+    def input_paths(self) -> list[str]:
+        """Every file the build reads: the sources, then the headers."""
+        return [*self.source_paths(), *(str(self.source_dir / name) for name in self.headers)]
 
 
 def kernels_dir() -> Path:
@@ -70,22 +86,19 @@ def kernels_dir() -> Path:
 
 
 def build_dir(extension: Extension) -> Path:
-    """This extension's build folder for the running torch and hardware."""
+    """This extension's build folder for the running hardware (and torch, for CUDA)."""
+    if not extension.cuda:  # a plain library: torch's version does not matter
+        return kernels_dir() / f"{extension.name}-cpu-{_cpu_flags_digest()}"
     torch_version = re.sub(r"[^0-9A-Za-z.]", "_", torch.__version__)
-    return kernels_dir() / f"{extension.name}-torch{torch_version}-{_hardware_tag(extension)}"
-
-
-def _hardware_tag(extension: Extension) -> str:
-    if extension.cuda:
-        # torch compiles for $TORCH_CUDA_ARCH_LIST, else for the architectures of all visible GPUs
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "-".join(
-            sorted(
-                "{}{}".format(*torch.cuda.get_device_capability(index))
-                for index in range(torch.cuda.device_count())
-            )
+    # torch compiles for $TORCH_CUDA_ARCH_LIST, else for the architectures of all visible GPUs
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "-".join(
+        sorted(
+            "{}{}".format(*torch.cuda.get_device_capability(index))
+            for index in range(torch.cuda.device_count())
         )
-        return f"cu{torch.version.cuda}-sm{re.sub(r'[^0-9A-Za-z.+-]', '_', archs)}"
-    return f"cpu-{_cpu_flags_digest()}"
+    )
+    hardware = f"cu{torch.version.cuda}-sm{re.sub(r'[^0-9A-Za-z.+-]', '_', archs)}"
+    return kernels_dir() / f"{extension.name}-torch{torch_version}-{hardware}"
 
 
 @functools.cache
@@ -100,6 +113,8 @@ def _cpu_flags_digest() -> str:
 
 
 CPU_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+# A CPU extension is one shared library; only its C interface (RWKV_CLI_EXPORT) is visible.
+LIBRARY_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]  # .ci/compile-kernels uses these too
 # The host code of a CUDA extension (its torch binding) is not tuned to this CPU: its build
 # folder is keyed by the GPUs only.
@@ -117,8 +132,9 @@ def is_built(extension: Extension) -> bool:
     )
 
 
-def load_extension(extension: Extension, retry: bool = False) -> None:
-    """Build (or reuse) ``extension`` and load its operators into ``torch.ops.rwkv_cli``.
+def load_extension(extension: Extension, retry: bool = False) -> Any:
+    """Build (or reuse) ``extension``, load it and return it: a CUDA extension's operators in
+    ``torch.ops.rwkv_cli``, a CPU library as a ``ctypes.CDLL``.
 
     Raises KernelBuildError with a one-line reason; the whole compiler output is kept in the
     build folder's ``build-error.log``. Each extension is tried once per process, and a build
@@ -129,6 +145,7 @@ def load_extension(extension: Extension, retry: bool = False) -> None:
     error = _build_once(extension, retry)
     if error is not None:
         raise error
+    return _loaded[extension.name]
 
 
 @functools.cache
@@ -172,20 +189,27 @@ def _build(extension: Extension, retry: bool) -> None:
                 ) from error
             failed.write_text(f"{digest}\n{error.message}")
             raise
-        _loaded.add(extension.name)  # cpp_extension.load loaded it
         failed.unlink(missing_ok=True)
         stamp.write_text(digest)
+        if extension.cuda:
+            _loaded[extension.name] = getattr(torch.ops, OPS_NAMESPACE)  # cpp_extension loaded it
+        elif not _load_built(extension, folder):
+            raise KernelBuildError(f"the {extension.name} kernels were built but do not load")
 
 
 def _load_built(extension: Extension, folder: Path) -> bool:
     """Load a build made before from these very sources, without asking ninja (half a second)."""
     if not is_built(extension):
         return False
+    library = folder / f"{extension.name}.so"
     try:
-        torch.ops.load_library(str(folder / f"{extension.name}.so"))
+        if extension.cuda:
+            torch.ops.load_library(str(library))
+            _loaded[extension.name] = getattr(torch.ops, OPS_NAMESPACE)
+        else:
+            _loaded[extension.name] = ctypes.CDLL(str(library))
     except OSError:
         return False  # unloadable (a half-written file?): build again
-    _loaded.add(extension.name)
     return True
 
 
@@ -214,30 +238,26 @@ def _build_lock(folder: Path) -> Iterator[None]:
 def _sources_digest(extension: Extension) -> str:
     """What a build depends on besides the folder's name: the sources, the flags and the
     compiler asked for."""
-    toolchain = (CPU_FLAGS, CUDA_FLAGS, CUDA_HOST_FLAGS, os.environ.get("CXX"), shutil.which("c++"))
+    toolchain = (
+        CPU_FLAGS,
+        LIBRARY_FLAGS,
+        CUDA_FLAGS,
+        CUDA_HOST_FLAGS,
+        os.environ.get("CXX"),
+        shutil.which("c++"),
+    )
     digest = hashlib.sha256(repr(toolchain).encode())
-    for path in extension.source_paths():
+    for path in extension.input_paths():
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 
 def _compile(extension: Extension, folder: Path) -> None:
-    from torch.utils import cpp_extension  # imports setuptools: only when building
-
-    _put_ninja_on_path()
     try:
-        with _quiet(cpp_extension.logger):  # its compiler warnings would break one-line errors
-            cpp_extension.load(
-                name=extension.name,
-                sources=extension.source_paths(),
-                extra_cflags=CUDA_HOST_FLAGS if extension.cuda else CPU_FLAGS,
-                extra_cuda_cflags=CUDA_FLAGS,
-                extra_ldflags=[] if extension.cuda else ["-fopenmp"],
-                build_directory=str(folder),
-                is_python_module=False,
-                with_cuda=extension.cuda,
-                verbose=False,
-            )
+        if extension.cuda:
+            _compile_torch_extension(extension, folder)
+        else:
+            _compile_library(extension, folder)
     except Exception as error:  # compiler, linker, loader and environment failures alike
         log = folder / "build-error.log"
         log.write_text(str(error))
@@ -245,6 +265,65 @@ def _compile(extension: Extension, folder: Path) -> None:
             f"could not build the {extension.name} kernels: {_first_error_line(str(error))}",
             hint=f"compiler output: {log}; `rwkv doctor` checks the toolchain",
         ) from error
+
+
+def _compile_torch_extension(extension: Extension, folder: Path) -> None:
+    from torch.utils import cpp_extension  # imports setuptools: only when building
+
+    _put_ninja_on_path()
+    with _quiet(cpp_extension.logger):  # its compiler warnings would break one-line errors
+        cpp_extension.load(
+            name=extension.name,
+            sources=extension.source_paths(),
+            extra_cflags=CUDA_HOST_FLAGS,
+            extra_cuda_cflags=CUDA_FLAGS,
+            build_directory=str(folder),
+            is_python_module=False,
+            with_cuda=True,
+            verbose=False,
+        )
+
+
+class CompilerError(Exception):
+    """The compiler exited with an error; the message is its output."""
+
+
+def _compile_library(extension: Extension, folder: Path) -> None:
+    """One compiler run from the sources to ``<name>.so``, written under another name first so
+    that a build killed halfway never leaves a library that looks finished."""
+    compiler = os.environ.get("CXX") or "c++"
+    partial = folder / f"{extension.name}.so.partial"
+    command = [compiler, *CPU_FLAGS, *LIBRARY_FLAGS, *extension.source_paths(), "-o", str(partial)]
+    try:
+        returncode, output = _run_in_own_group(command)
+    except FileNotFoundError:
+        raise CompilerError(f"{compiler}: not found") from None
+    if returncode != 0:
+        raise CompilerError(output or f"{compiler} exited with status {returncode}")
+    partial.replace(folder / f"{extension.name}.so")
+
+
+def _run_in_own_group(command: list[str]) -> tuple[int, str]:
+    """Run ``command`` in a process group of its own; returns its exit status and output. If this
+    process is interrupted meanwhile (Ctrl-C, SIGTERM), the whole group (the compiler driver and
+    the compilers and assembler it started) is killed before the interruption goes on."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return process.returncode, output
 
 
 @contextlib.contextmanager
@@ -288,7 +367,7 @@ def _first_error_line(output: str) -> str:
 _DIAGNOSTIC = re.compile(r"error:|: not found$|No such file or directory")
 
 
-_loaded: set[str] = set()  # extensions whose operators this process has registered
+_loaded: dict[str, Any] = {}  # name -> what load_extension loaded (torch.ops namespace or CDLL)
 _reported: set[str] = set()
 _choice: KernelChoice = "auto"
 
@@ -306,8 +385,9 @@ def kernel_choice() -> KernelChoice:
     return _choice
 
 
-def compiled_ops(extension: Extension):
-    """``torch.ops.rwkv_cli`` with ``extension`` loaded, or None to use the torch path.
+def compiled_ops(extension: Extension) -> Any:
+    """``extension`` loaded (``torch.ops.rwkv_cli`` for CUDA, the ``ctypes.CDLL`` of a CPU
+    library), or None to use the torch path.
 
     Follows ``set_kernel_choice``: "torch" never builds; "auto" builds, and on failure warns
     once per extension and returns None; "compiled" raises the KernelBuildError instead.
@@ -316,7 +396,7 @@ def compiled_ops(extension: Extension):
     if choice == "torch":
         return None
     try:
-        load_extension(extension)
+        return load_extension(extension)
     except KernelBuildError as error:
         if choice == "compiled":
             raise
@@ -324,4 +404,3 @@ def compiled_ops(extension: Extension):
             _reported.add(extension.name)
             warnings.warn(f"{error.message}; using the slower torch path", stacklevel=2)
         return None
-    return getattr(torch.ops, OPS_NAMESPACE)

@@ -4,20 +4,218 @@
   close to the memory bandwidth (twin: ``torch.nn.functional.linear``; see kernels/linear.py);
 - ``rwkv7_time_mix_one``: RWKV-7's time mixing between the projections for one token, in one
   pass (twin: ``models.rwkv7.mix_projections``);
-- ``wkv4_cpu``: the RWKV-4 recurrence (twin: ``kernels.wkv4.wkv4_torch``);
-- ``wkv5_cpu``: the RWKV-5/6 recurrence (twins: ``kernels.wkv5.wkv5_sequential`` and
+- ``wkv4``: the RWKV-4 recurrence (twin: ``kernels.wkv4.wkv4_torch``);
+- ``wkv5``: the RWKV-5/6 recurrence (twins: ``kernels.wkv5.wkv5_sequential`` and
   ``wkv5_chunked``).
+
+The kernels are a plain shared library with a C interface (kernels/build.py builds it), called
+through ctypes. ``CpuKernels`` is the only way in: it checks each argument's type, shape and
+layout, allocates the outputs as tensors and passes data pointers, so a wrong argument is a
+ValueError here, never a wild pointer in C.
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from rwkv_cli.kernels.build import Extension, KernelSelfTestError, compiled_ops, load_extension
 
-EXTENSION = Extension("rwkv_cpu", ("cpu_gemv.cpp", "cpu_rwkv7.cpp", "cpu_wkv4.cpp", "cpu_wkv5.cpp"))
+EXTENSION = Extension(
+    "rwkv_cpu",
+    ("cpu_gemv.cpp", "cpu_rwkv7.cpp", "cpu_wkv4.cpp", "cpu_wkv5.cpp"),
+    headers=("cpu_kernels.h",),
+)
 TOLERANCE = 1e-5  # both sides compute in float32 from the same inputs; only the order differs
+
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+_GEMV_SYMBOLS = {
+    torch.float32: "rwkv_gemv_f32",
+    torch.bfloat16: "rwkv_gemv_bf16",
+    torch.float16: "rwkv_gemv_f16",
+    torch.int8: "rwkv_gemv_i8",
+}
+_SIGNATURES = {
+    **{symbol: [_POINTER] * 4 + [_SIZE] * 3 for symbol in _GEMV_SYMBOLS.values()},
+    "rwkv_wkv4": [_POINTER] * 11 + [_SIZE] * 2,
+    "rwkv_wkv5": [_POINTER] * 7 + [_SIZE] * 3,
+    "rwkv_rwkv7_time_mix_one": [_POINTER] * 19 + [_SIZE] * 2 + [ctypes.c_float],
+}
+
+
+class CpuKernels:
+    """The compiled CPU kernels of one loaded library, with tensor arguments."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._library = library
+        for symbol, argtypes in _SIGNATURES.items():
+            function = getattr(library, symbol)
+            function.argtypes, function.restype = argtypes, None
+
+    def gemv(
+        self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """y (T, out) = x (T, in) @ weight (out, in)ᵀ, times ``scale`` (out,) per row when given
+        (required for int8 weights). x is float32; y is float32."""
+        if x.dim() != 2 or x.dtype != torch.float32:
+            raise ValueError("gemv: x must be float32 (T, in)")
+        if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+            raise ValueError(f"gemv: weight must be (out, in) with in = {x.shape[1]}")
+        symbol = _GEMV_SYMBOLS.get(weight.dtype)
+        if symbol is None:
+            raise ValueError("gemv: weights must be float32, bfloat16, float16 or int8")
+        if weight.dtype == torch.int8 and scale is None:
+            raise ValueError("gemv: int8 weights need a scale")
+        _require_cpu(weight, "weight", contiguous=True)
+        if scale is not None:
+            scale = scale.contiguous()
+            _require_float32(scale, weight.shape[0], "scale")
+        x = x.contiguous()
+        _require_cpu(x, "x")
+        tokens, n_in, n_out = x.shape[0], x.shape[1], weight.shape[0]
+        y = x.new_empty(tokens, n_out)
+        getattr(self._library, symbol)(
+            x.data_ptr(), weight.data_ptr(), _pointer(scale), y.data_ptr(), tokens, n_in, n_out
+        )
+        return y
+
+    def wkv4(
+        self,
+        aa: torch.Tensor,
+        bb: torch.Tensor,
+        pp: torch.Tensor,
+        w: torch.Tensor,
+        u: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RWKV-4's WKV; arguments and results as ``kernels.wkv4.wkv4_torch``."""
+        k, v = (x.float().contiguous() for x in (k, v))
+        if k.dim() != 2 or v.shape != k.shape:
+            raise ValueError("wkv4: k and v must be (T, C)")
+        tokens, channels = k.shape
+        for tensor, name in ((aa, "aa"), (bb, "bb"), (pp, "pp"), (w, "w"), (u, "u")):
+            _require_float32(tensor, channels, name)
+        y, state = torch.empty_like(k), [torch.empty_like(aa) for _ in range(3)]
+        self._library.rwkv_wkv4(
+            *(x.data_ptr() for x in (aa, bb, pp, w, u, k, v, y, *state)), tokens, channels
+        )
+        return y, *state
+
+    def wkv5(
+        self,
+        state: torch.Tensor,
+        r: torch.Tensor,
+        w: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        u: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RWKV-5/6's WKV; arguments and results as ``kernels.wkv5.wkv5``."""
+        r, w, k, v, u = (x.float().contiguous() for x in (r, w, k, v, u))
+        if state.dim() != 3 or state.shape[1] != state.shape[2]:
+            raise ValueError("wkv5: state must be (H, N, N)")
+        heads, n = state.shape[:2]
+        if r.dim() != 3 or r.shape[1:] != (heads, n):
+            raise ValueError("wkv5: r must be (T, H, N) matching the state")
+        if any(x.shape != r.shape for x in (w, k, v)):
+            raise ValueError("wkv5: r, w, k and v must have one shape")
+        _require_float32(state, heads * n * n, "state")
+        _require_float32(u, heads * n, "u")
+        y, next_state = torch.empty_like(r), state.clone()
+        self._library.rwkv_wkv5(
+            *(x.data_ptr() for x in (next_state, r, w, k, v, u, y)), r.shape[0], heads, n
+        )
+        return y, next_state
+
+    def rwkv7_time_mix_one(
+        self,
+        state: torch.Tensor,
+        vectors: dict[str, torch.Tensor],
+        value_mix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token's RWKV-7 time mixing: returns the output projection's input (C,) and the new
+        (H, N, N) state.
+
+        ``vectors`` holds the (C,) float32 tensors r, k, v, decay_lora, iclr_lora, gate, w0, a0,
+        k_k, k_a, r_k, ln_weight and ln_bias; ``value_mix`` is (value_gate_lora, v_first, v0),
+        or None in layer 0, whose values are not mixed with the first layer's.
+        """
+        if state.dim() != 3 or state.shape[1] != state.shape[2]:
+            raise ValueError("rwkv7_time_mix_one: state must be (H, N, N)")
+        heads, n = state.shape[:2]
+        channels = heads * n
+        _require_float32(state, channels * n, "state")
+        named = {name: vectors[name] for name in _TIME_MIX_VECTORS}
+        if value_mix is not None:
+            named.update(zip(_VALUE_MIX_VECTORS, value_mix, strict=True))
+        for name, tensor in named.items():
+            _require_float32(tensor, channels, name)
+        out, new_state = state.new_empty(channels), torch.empty_like(state)
+        self._library.rwkv_rwkv7_time_mix_one(
+            state.data_ptr(),
+            *(_pointer(named.get(name)) for name in _TIME_MIX_ORDER),
+            out.data_ptr(),
+            new_state.data_ptr(),
+            heads,
+            n,
+            eps,
+        )
+        return out, new_state
+
+
+_TIME_MIX_VECTORS = (
+    "r", "k", "v", "decay_lora", "iclr_lora", "gate", "w0", "a0", "k_k", "k_a", "r_k",
+    "ln_weight", "ln_bias",
+)  # fmt: skip
+_VALUE_MIX_VECTORS = ("value_gate_lora", "v_first", "v0")
+# The C function's pointer arguments after the state, in its order.
+_TIME_MIX_ORDER = (
+    "r", "k", "v", "decay_lora", "iclr_lora", "value_gate_lora", "v_first", "gate", "w0", "a0",
+    "v0", "k_k", "k_a", "r_k", "ln_weight", "ln_bias",
+)  # fmt: skip
+
+
+def _require_cpu(tensor: torch.Tensor, name: str, contiguous: bool = False) -> None:
+    if tensor.device.type != "cpu" or (contiguous and not tensor.is_contiguous()):
+        raise ValueError(f"{name} must be a {'contiguous ' if contiguous else ''}CPU tensor")
+
+
+def _require_float32(tensor: torch.Tensor, numel: int, name: str) -> None:
+    """A contiguous float32 CPU tensor of ``numel`` elements, as the kernels read it."""
+    if tensor.dtype != torch.float32 or tensor.numel() != numel:
+        raise ValueError(f"{name} must be float32 with {numel} elements")
+    _require_cpu(tensor, name, contiguous=True)
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def kernels() -> CpuKernels | None:
+    """The compiled CPU kernels, following the kernel choice (``build.compiled_ops``), or None
+    for the torch path."""
+    library = compiled_ops(EXTENSION)
+    return None if library is None else _wrap(library)
+
+
+@functools.cache
+def _wrap(library: ctypes.CDLL) -> CpuKernels:
+    return CpuKernels(library)
+
+
+def usable(*tensors: torch.Tensor) -> CpuKernels | None:
+    """The compiled kernels, if they can take these float32 CPU tensors (and no gradient is asked
+    for: the kernels are forward-only); else None."""
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in tensors):
+        return None
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return None
+    return kernels()
 
 
 def self_test() -> str:
@@ -26,50 +224,13 @@ def self_test() -> str:
     KernelSelfTestError when a result differs (``rwkv doctor`` calls this)."""
     from rwkv_cli.kernels.selftest import compare_with_torch  # it imports the dispatchers
 
-    load_extension(EXTENSION, retry=True)
-    wkv_error = compare_with_torch({"4": wkv4, "5": wkv5}, device="cpu")
-    worst = max([*_gemv_errors(), _time_mix_error(), wkv_error])
+    ops = _wrap(load_extension(EXTENSION, retry=True))
+    wkv_error = compare_with_torch({"4": ops.wkv4, "5": ops.wkv5}, device="cpu")
+    worst = max([*_gemv_errors(ops), _time_mix_error(ops), wkv_error])
     return (
         "matrix-vector products (fp32, bf16, fp16, int8), RWKV-7 one-token time mixing and the "
         f"RWKV-4 and 5/6 recurrences match the torch path (largest relative error {worst:.0e})"
     )
-
-
-def wkv4(
-    aa: torch.Tensor,
-    bb: torch.Tensor,
-    pp: torch.Tensor,
-    w: torch.Tensor,
-    u: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-) -> tuple[torch.Tensor, ...]:
-    """RWKV-4's WKV compiled; arguments and results as ``kernels.wkv4.wkv4_torch``."""
-    k, v = (x.float().contiguous() for x in (k, v))
-    return tuple(torch.ops.rwkv_cli.wkv4_cpu(aa, bb, pp, w, u, k, v))
-
-
-def wkv5(
-    state: torch.Tensor,
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-) -> tuple[torch.Tensor, ...]:
-    """RWKV-5/6's WKV compiled; arguments and results as ``kernels.wkv5.wkv5``."""
-    r, w, k, v, u = (x.float().contiguous() for x in (r, w, k, v, u))
-    return tuple(torch.ops.rwkv_cli.wkv5_cpu(state, r, w, k, v, u))
-
-
-def usable(*tensors: torch.Tensor):
-    """The compiled ops, if they can take these float32 CPU tensors (and no gradient is asked
-    for: the kernels are forward-only); else None."""
-    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in tensors):
-        return None
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return None
-    return compiled_ops(EXTENSION)
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor, name: str) -> float:
@@ -79,10 +240,9 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor, name: str) -> 
     return error
 
 
-def _gemv_errors() -> list[float]:
+def _gemv_errors(ops: CpuKernels) -> list[float]:
     from rwkv_cli.kernels.linear import quantize_int8  # linear.py imports this module
 
-    ops = torch.ops.rwkv_cli
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(203, 77, generator=generator)  # odd sizes: the tails are checked too
     x = torch.randn(1, 77, generator=generator)
@@ -98,7 +258,7 @@ def _gemv_errors() -> list[float]:
     return errors
 
 
-def _time_mix_error() -> float:
+def _time_mix_error(ops: CpuKernels) -> float:
     from rwkv_cli.models.rwkv7 import (  # the model module imports this one
         MixInputs,
         TimeMixWeights,
@@ -123,7 +283,7 @@ def _time_mix_error() -> float:
         value_gate=vector(),
     )
     expected = mix_projections(att, state, inputs)
-    actual = mix_projections_compiled(torch.ops.rwkv_cli, att, state, inputs)
+    actual = mix_projections_compiled(ops, att, state, inputs)
     return max(
         _relative_error(actual[0], expected[0], "RWKV-7 time mixing output"),
         _relative_error(actual[1], expected[1], "RWKV-7 time mixing state"),

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_cli.kernels import cpu_ops
-from rwkv_cli.kernels.build import compiled_ops
 
 INT8_MAX = 127
 GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
@@ -58,7 +57,7 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedMatrix:
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """``x @ weightᵀ`` for x (T, in) or (in,), in x's dtype."""
     if _use_gemv(x, weight):
-        ops = compiled_ops(cpu_ops.EXTENSION)
+        ops = cpu_ops.kernels()
         if ops is not None:
             values, scale = _parts(weight)
             rows = x.reshape(-1, x.shape[-1]).float()

@@ -87,8 +87,8 @@ def wkv5(
     """
     if cuda.usable(state, r, w, k, v, u, head_size=r.shape[-1]):
         return cuda.wkv5(state, r, w, k, v, u)
-    if cpu_ops.usable(state) is not None:
-        return cpu_ops.wkv5(state, r, w, k, v, u)
+    if (ops := cpu_ops.usable(state)) is not None:
+        return ops.wkv5(state, r, w, k, v, u)
     if r.shape[0] == 1:
         return wkv5_sequential(state, r, w, k, v, u)
     return wkv5_chunked(state, r, w, k, v, u)

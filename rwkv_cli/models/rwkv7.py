@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
 from rwkv_cli.kernels import cpu_ops
-from rwkv_cli.kernels.build import compiled_ops
 from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv7 import wkv7
 from rwkv_cli.models.common import (
@@ -144,13 +143,14 @@ class MixInputs:
     v_first: torch.Tensor
 
 
-def _fused_ops(x: torch.Tensor):
-    """The compiled ops when one float32 token on the CPU can take the fused step, else None."""
+def _fused_ops(x: torch.Tensor) -> cpu_ops.CpuKernels | None:
+    """The compiled kernels when one float32 token on the CPU can take the fused step, else
+    None."""
     if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     if torch.is_grad_enabled():
         return None
-    return compiled_ops(cpu_ops.EXTENSION)
+    return cpu_ops.kernels()
 
 
 class RWKV7(RecurrentModel):
@@ -257,18 +257,26 @@ def mix_projections(
 
 
 def mix_projections_compiled(
-    ops, att: TimeMixWeights, wkv_state: torch.Tensor, inputs: MixInputs
+    ops: cpu_ops.CpuKernels, att: TimeMixWeights, wkv_state: torch.Tensor, inputs: MixInputs
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``mix_projections`` for one float32 token on the CPU, as one compiled operation."""
-    nothing = inputs.r.new_empty(0)  # layer 0 mixes no first-layer values into its own
-    value_gate, v0, v_first = (
-        (nothing, nothing, nothing)
-        if inputs.value_gate is None
-        else (inputs.value_gate, att.v0, inputs.v_first)
+    vectors = {
+        "r": inputs.r,
+        "k": inputs.k,
+        "v": inputs.v,
+        "decay_lora": inputs.decay,
+        "iclr_lora": inputs.iclr,
+        "gate": inputs.g,
+        "w0": att.w0,
+        "a0": att.a0,
+        "k_k": att.k_k,
+        "k_a": att.k_a,
+        "r_k": att.r_k.reshape(-1),
+        "ln_weight": att.ln_x_weight,
+        "ln_bias": att.ln_x_bias,
+    }
+    value_mix = (  # layer 0 mixes no first-layer values into its own
+        None if inputs.value_gate is None else (inputs.value_gate, inputs.v_first, att.v0)
     )
-    mixed, wkv = ops.rwkv7_time_mix_one(
-        *(wkv_state, inputs.r, inputs.k, inputs.v, inputs.decay, inputs.iclr),
-        *(value_gate, v_first, inputs.g, att.w0, att.a0, v0, att.k_k, att.k_a),
-        *(att.r_k.reshape(-1), att.ln_x_weight, att.ln_x_bias, GROUP_NORM_EPS),
-    )
+    mixed, wkv = ops.rwkv7_time_mix_one(wkv_state, vectors, value_mix, GROUP_NORM_EPS)
     return mixed.unsqueeze(0), wkv
