@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from rwkv_cli import fileio
-from rwkv_cli.kernels import build, cpu_ops, kernels_to_build
+from rwkv_cli.kernels import build, cpu_ops, cuda, kernels_to_build
 from rwkv_cli.kernels.build import (
     Extension,
     KernelBuildError,
@@ -93,6 +93,25 @@ def test_compiled_makes_the_failure_an_error(broken, kernel_choice) -> None:
     log = build.build_dir(broken) / "build-error.log"
     assert str(log) in caught.value.hint
     assert "broken.cpp" in log.read_text()
+
+
+def test_missing_sources_are_a_build_failure_not_a_crash(tmp_path, kernel_choice) -> None:
+    """An incomplete installation (sources left out of the package) falls back with a warning."""
+    missing = Extension(f"rwkv_cli_missing_{tmp_path.name}", ("gone.cpp",), source_dir=tmp_path)
+    assert not build.is_built(missing)
+    with pytest.warns(UserWarning, match="a kernel source is missing: .*gone.cpp"):
+        assert compiled_ops(missing) is None
+
+
+def test_the_package_ships_every_kernel_source() -> None:
+    """What `pip install .` puts in the wheel: a CPU and a CUDA source, and a header."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = package_data["package-data"]["rwkv_cli"]
+    for extension in (cpu_ops.EXTENSION, cuda.EXTENSION):
+        for path in extension.input_paths():
+            relative = Path(path).relative_to(REPO / "rwkv_cli")
+            assert any(relative.match(pattern) for pattern in shipped), relative
 
 
 def test_torch_never_builds(broken, kernel_choice, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -125,11 +125,12 @@ def is_built(extension: Extension) -> bool:
     """Whether ``extension`` was built from its current sources (loading it will be quick)."""
     folder = build_dir(extension)
     stamp = folder / "sources.sha256"
-    return (
-        (folder / f"{extension.name}.so").is_file()
-        and stamp.is_file()
-        and stamp.read_text() == _sources_digest(extension)
-    )
+    if not (folder / f"{extension.name}.so").is_file() or not stamp.is_file():
+        return False
+    try:
+        return stamp.read_text() == _sources_digest(extension)
+    except KernelBuildError:  # no sources to build from: building is what reports it
+        return False
 
 
 def load_extension(extension: Extension, retry: bool = False) -> Any:
@@ -237,7 +238,7 @@ def _build_lock(folder: Path) -> Iterator[None]:
 
 def _sources_digest(extension: Extension) -> str:
     """What a build depends on besides the folder's name: the sources, the flags and the
-    compiler asked for."""
+    compiler asked for. Raises KernelBuildError if a source cannot be read (a broken install)."""
     toolchain = (
         CPU_FLAGS,
         LIBRARY_FLAGS,
@@ -248,7 +249,13 @@ def _sources_digest(extension: Extension) -> str:
     )
     digest = hashlib.sha256(repr(toolchain).encode())
     for path in extension.input_paths():
-        digest.update(Path(path).read_bytes())
+        try:
+            digest.update(Path(path).read_bytes())
+        except OSError as error:
+            raise KernelBuildError(
+                f"a kernel source is missing: {path}",
+                hint="the installation is incomplete: reinstall rwkv-cli",
+            ) from error
     return digest.hexdigest()
 
 

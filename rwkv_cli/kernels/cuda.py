@@ -30,6 +30,7 @@ EXTENSION = Extension(
     "rwkv_cli_cuda",
     ("cuda_wkv.cpp", "cuda_wkv4.cu", "cuda_wkv5.cu", "cuda_wkv7.cu"),
     cuda=True,
+    headers=("cuda_wkv.h", "cuda_wkv_kernels.cuh"),
 )
 HEAD_SIZES = (16, 32, 64, 128)  # compiled in (csrc/cuda_wkv.h); every release uses 64
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
