@@ -17,53 +17,10 @@ import torch
 from rwkv_cli.generate import END_OF_TEXT, GenerationChunk, Session, prefill, stream_generate
 from rwkv_cli.runtime import LoadedModel
 from rwkv_cli.sampling import SamplingParams
+from rwkv_cli.settings import CHAT_SAMPLING, MAX_REPLY_TOKENS
+from rwkv_cli.templates import TEMPLATES, Template
 
-CHAT_SAMPLING = SamplingParams(  # BlinkDL's chat demo for World/G1 models (API_DEMO_CHAT.py)
-    temperature=1.0, top_p=0.3, presence_penalty=0.5, frequency_penalty=0.5, penalty_decay=0.996
-)
-MAX_REPLY_TOKENS = 500
 SNAPSHOTS_KEPT = 8  # sessions remembered for /retry and /undo; older ones are replayed
-_BLANK_LINES = re.compile(r"\n{2,}")  # a blank line ends a turn, so user text may not hold one
-
-
-@dataclass(frozen=True)
-class Template:
-    """How turns are written. A reply ends at a blank line or where the next user turn starts."""
-
-    name: str
-    user: str
-    assistant: str
-    system: str = "System"
-    supports_thinking: bool = False
-
-    def system_turn(self, text: str) -> str:
-        return f"{self.system}: {normalize(text)}\n\n"
-
-    def user_turn(self, text: str, think: bool = False) -> str:
-        """The user's message and the start of the reply (with G1's thinking switch)."""
-        opening = f"{self.user}: {normalize(text)}\n\n{self.assistant}:"
-        if not self.supports_thinking:
-            return opening
-        return opening + (" <think" if think else " <think>\n</think")  # G1 templates
-
-    def reply_end(self) -> str:
-        return "\n\n"
-
-    @property
-    def stops(self) -> tuple[str, ...]:
-        return ("\n\n", f"\n{self.user}:")
-
-
-TEMPLATES = {
-    "world": Template("world", "User", "Assistant"),
-    "g1": Template("g1", "User", "Assistant", supports_thinking=True),
-    "pile": Template("pile", "User", "Bot"),
-}
-
-
-def normalize(text: str) -> str:
-    """User text as the official templates expect: CRLF unified, blank lines collapsed, trimmed."""
-    return _BLANK_LINES.sub("\n", text.replace("\r\n", "\n")).strip()
 
 
 def template_for(loaded: LoadedModel) -> Template:

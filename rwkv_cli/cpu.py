@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from rwkv_cli.settings import MAX_THREADS
+
 
 def physical_cores() -> int:
     """Physical cores (hyper-threads share one core's arithmetic units, so they do not help)."""
@@ -31,11 +33,6 @@ def physical_cores() -> int:
         elif key.strip() == "core id":
             cores.add((physical, value.strip()))
     return len(cores) or os.cpu_count() or 1
-
-
-# More threads than this only slow a model down; far more (thousands) exhaust the thread
-# stacks OpenMP reserves and crash the process.
-MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 def configure_cpu(threads: int | None) -> int:

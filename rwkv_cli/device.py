@@ -4,20 +4,15 @@ this machine before anything is loaded."""
 from __future__ import annotations
 
 import functools
-from typing import Literal, get_args
 
 import torch
 
 from rwkv_cli.errors import InvalidInputError
+from rwkv_cli.settings import DTYPE_NAMES, DtypeName
 
 DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "auto")
-DtypeName = Literal["fp32", "fp16", "bf16", "int8"]  # --dtype's choices
-DTYPES = dict(
-    zip(
-        get_args(DtypeName),
-        (torch.float32, torch.float16, torch.bfloat16, torch.int8),
-        strict=True,
-    )
+DTYPES: dict[DtypeName, torch.dtype] = dict(
+    zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16, torch.int8), strict=True)
 )
 _DOCTOR_HINT = "`rwkv doctor` shows the GPUs and the torch build"
 _CPU = torch.device("cpu")

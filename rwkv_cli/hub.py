@@ -65,12 +65,10 @@ from rwkv_cli.errors import (
     RepoNotFoundError,
     RwkvCliError,
 )
+from rwkv_cli.settings import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-DEFAULT_MODEL = "rwkv7-g1-0.1b"
-"""The model ``chat`` and ``generate`` use without ``-m``: the smallest RWKV-7 G1 (about 380 MB)."""
 
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
 TRANSFORMERS_WEIGHTS = "pytorch_model.bin"  # transformers' RWKV-4 weights, in a folder

@@ -10,31 +10,17 @@ on what is left, then one draw. Repetition penalties are applied to the logits b
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from rwkv_cli.errors import InvalidInputError, ModelOutputError
+from rwkv_cli.settings import MAX_SEED, SamplingParams  # where the parameters live (no torch)
 
 # Fresh seeds are drawn from 63 bits so they stay positive in any signed 64-bit field (JSON
 # readers, other languages) while leaving far more seeds than anyone will ever try.
 _RANDOM_SEED_BITS = 63
-
-# torch.Generator.manual_seed accepts any value that fits in an unsigned 64-bit integer.
-MAX_SEED = 2**64 - 1
-
-# Below this a temperature is greedy in all but name, and far below it (1e-38) dividing float32
-# logits by it overflows to inf and NaN: such values are refused rather than quietly broken.
-MIN_TEMPERATURE = 1e-6
-# Logits are of order 10, so a penalty of 1e6 already rules a token out; much larger ones
-# overflow float32 (1e39 is inf) and would turn every score into NaN.
-MAX_PENALTY = 1e6
 
 # The float32 running total of the sorted probabilities carries rounding error, so a nucleus
 # boundary that is reached exactly on paper (0.38 + 0.32 against top-p 0.7) can land a few ulps
@@ -49,91 +35,11 @@ _FIRST_CANDIDATES = 64
 _CANDIDATE_GROWTH = 8
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to turn logits into a token.
-
-    ``temperature`` 0 means greedy (argmax); ``top_p`` 1 and ``top_k`` 0 disable those filters.
-    The penalties subtract ``presence_penalty`` from every token seen so far and
-    ``frequency_penalty`` times its decayed count; counts decay by ``penalty_decay`` per token.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 0.85
-    top_k: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_decay: float = 0.996
-
-    def validated(self) -> SamplingParams:
-        """Return ``self`` if every value is usable, else raise :class:`InvalidInputError`."""
-        if not _is_number(self.temperature) or not (0 <= self.temperature < math.inf):
-            raise InvalidInputError(
-                f"temperature must be a finite number >= 0, got {self.temperature!r}",
-                hint="use 0 for greedy decoding; 1 leaves the model's distribution unchanged",
-            )
-        if 0 < self.temperature < MIN_TEMPERATURE:
-            raise InvalidInputError(
-                f"temperature must be 0 or at least {MIN_TEMPERATURE:g}, got {self.temperature!r}",
-                hint="use 0 for greedy decoding",
-            )
-        if not _is_number(self.top_p) or not (0 < self.top_p <= 1):
-            raise InvalidInputError(
-                f"top-p must be in (0, 1], got {self.top_p!r}",
-                hint="use 1 to turn nucleus sampling off",
-            )
-        if not _is_integer(self.top_k) or self.top_k < 0:
-            raise InvalidInputError(
-                f"top-k must be an integer >= 0, got {self.top_k!r}",
-                hint="use 0 to turn top-k filtering off",
-            )
-        for name, value in (
-            ("presence penalty", self.presence_penalty),
-            ("frequency penalty", self.frequency_penalty),
-        ):
-            if not _is_number(value) or not abs(value) <= MAX_PENALTY:
-                raise InvalidInputError(
-                    f"{name} must be a number from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, "
-                    f"got {value!r}",
-                    hint=f"{MAX_PENALTY:g} already rules a repeated token out",
-                )
-        if not _is_number(self.penalty_decay) or not (0 < self.penalty_decay <= 1):
-            raise InvalidInputError(
-                f"penalty decay must be in (0, 1], got {self.penalty_decay!r}",
-                hint="use 1 to count every earlier token fully, however long ago it appeared",
-            )
-        return self
-
-    def to_dict(self) -> dict[str, float | int]:
-        """A plain, JSON-serializable dict of the parameters."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
-        """Rebuild validated parameters from :meth:`to_dict` output.
-
-        Missing keys take their defaults (so older files stay readable); unknown keys are an error.
-        """
-        names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InvalidInputError(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        return cls(**data).validated()
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
     """Return a CPU generator seeded with ``seed`` (or a fresh random seed) and the seed used."""
     if seed is None:
         seed = secrets.randbits(_RANDOM_SEED_BITS)
-    elif not _is_integer(seed) or not (0 <= seed <= MAX_SEED):
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise InvalidInputError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)

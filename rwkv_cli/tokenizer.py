@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import tokenizers
 
 from rwkv_cli.errors import TokenizerError, UnsupportedModelError
+from rwkv_cli.settings import TOKENIZER_CHOICES
 
 VOCAB_NAME = "rwkv_vocab_v20230424"
 VOCAB_FILE = f"{VOCAB_NAME}.txt"
@@ -374,7 +375,6 @@ TOKENIZER_ALIASES = {
     "gpt-neox": NEOX_NAME,
     NEOX_NAME.lower(): NEOX_NAME,
 }
-TOKENIZER_CHOICES = ("world", "20b")  # the short names to offer users
 
 
 def tokenizer_for_vocab(vocab_size: int) -> Tokenizer:

@@ -35,21 +35,19 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from rwkv_cli.errors import RwkvCliError
 from rwkv_cli.fileio import exclusive
 from rwkv_cli.paths import home_dir
+from rwkv_cli.settings import KERNEL_CHOICES, KernelChoice
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 OPS_NAMESPACE = "rwkv_cli"
 _NEARLY_FULL_BYTES = 256 << 20  # a failed build with less free is not remembered as failing
 TORCH_BUILD_LOCK = "lock"  # the file torch.utils.cpp_extension creates while it builds a folder
-
-KernelChoice = Literal["auto", "torch", "compiled"]
-KERNEL_CHOICES: tuple[KernelChoice, ...] = ("auto", "torch", "compiled")
 
 
 class KernelBuildError(RwkvCliError):
