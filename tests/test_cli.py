@@ -24,7 +24,7 @@ from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.textio import StdoutWriter, require_utf8
 from rwkv_cli.tokenizer import WorldTokenizer, load_world_tokenizer
-from tests.cli_runner import assert_one_line_error, rwkv
+from tests.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv
 from tests.fixtures import write_pth
 
 GREEDY = ["--temperature", "0"]
@@ -257,7 +257,7 @@ def test_ctrl_c_exits_130_and_keeps_the_printed_text(rwkv7_pth) -> None:
     process = _start_long_generation(rwkv7_pth)
     first = process.stdout.read(20)  # generation is under way
     process.send_signal(signal.SIGINT)
-    rest, stderr = process.communicate(timeout=60)
+    rest, stderr = process.communicate(timeout=SLOW_MACHINE_TIMEOUT_S)
     assert process.returncode == 130
     assert len(first + rest) >= 20
     assert "Traceback" not in stderr.decode()
@@ -283,7 +283,7 @@ def test_ctrl_c_while_the_command_loads_is_no_traceback(monkeypatch, capsys) -> 
     )
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 130
+    assert process.wait(timeout=SLOW_MACHINE_TIMEOUT_S) == 130
     assert process.stderr.read().decode().endswith("Interrupted.\n")
 
 
@@ -309,7 +309,7 @@ def test_closed_pipe_ends_quietly(rwkv7_pth) -> None:
     process.stdout.read(20)
     process.stdout.close()  # like `| head -c 20`
     stderr = process.stderr.read()
-    assert process.wait(timeout=60) == 0
+    assert process.wait(timeout=SLOW_MACHINE_TIMEOUT_S) == 0
     assert stderr == b""
 
 
@@ -319,7 +319,7 @@ def test_a_state_not_saved_because_the_output_closed_says_so(rwkv7_pth, tmp_path
     process.stdout.read(20)
     process.stdout.close()  # like `| head -c 20`
     stderr = process.stderr.read().decode()
-    assert process.wait(timeout=60) == 0 and not saved.exists()
+    assert process.wait(timeout=SLOW_MACHINE_TIMEOUT_S) == 0 and not saved.exists()
     warning = "Warning: the output was closed before the end: the state after this text was not"
     assert stderr == f"{warning} saved to {saved}\n"
 

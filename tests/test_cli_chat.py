@@ -15,7 +15,7 @@ from rwkv_cli.chat import TEMPLATES, Chat
 from rwkv_cli.runtime import open_model
 from rwkv_cli.sampling import make_generator
 from rwkv_cli.statefile import read_state_file
-from tests.cli_runner import assert_one_line_error, rwkv
+from tests.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv
 
 
 def test_scripted_chat_prints_one_reply_per_line(rwkv7_pth) -> None:
@@ -128,7 +128,7 @@ def test_a_scripted_chat_whose_reader_goes_away_ends_quietly(rwkv7_pth) -> None:
     process.stdin.close()
     process.stdout.read(1)
     process.stdout.close()  # like `| head -c 1`
-    assert process.wait(timeout=120) == 0
+    assert process.wait(timeout=SLOW_MACHINE_TIMEOUT_S) == 0
     assert process.stderr.read() == b""
 
 
@@ -178,7 +178,7 @@ class Tmux:
             text=True,
         ).stdout
 
-    def wait_for_prompt(self, timeout: float = 120) -> None:
+    def wait_for_prompt(self, timeout: float = SLOW_MACHINE_TIMEOUT_S) -> None:
         """Until the last line on screen is the chat's empty "> " prompt."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -188,7 +188,7 @@ class Tmux:
             time.sleep(0.2)
         raise AssertionError(f"no prompt:\n{self.screen()}")
 
-    def wait_for(self, text: str, timeout: float = 120) -> str:
+    def wait_for(self, text: str, timeout: float = SLOW_MACHINE_TIMEOUT_S) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             screen = self.screen()

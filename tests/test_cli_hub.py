@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rwkv_cli.statefile import read_state_file
-from tests.cli_runner import assert_one_line_error, rwkv
+from tests.cli_runner import assert_one_line_error, rwkv, rwkv_ok
 from tests.fixtures import rwkv7_tensors, write_pth
 
 G1 = "BlinkDL/rwkv7-g1"
@@ -123,7 +123,7 @@ def test_models_lists_aliases_and_downloads(g1) -> None:
     assert before.returncode == 0
     text = before.stdout.decode()
     assert "rwkv7-g1-0.1b" in text and "rwkv4-pile-169m" in text and "none yet" in text
-    rwkv("download", "rwkv7-g1-0.1b", env=hub.env())
+    rwkv_ok("download", "rwkv7-g1-0.1b", env=hub.env())
     after = rwkv("models", env=hub.env()).stdout.decode()
     assert f"{G1}:{NEW}" in after and "MB" in after
 

@@ -14,7 +14,7 @@ from rwkv_cli.generate import prefill, stream_generate
 from rwkv_cli.runtime import open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import read_state_file
-from tests.cli_runner import assert_one_line_error, rwkv
+from tests.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv, rwkv_ok
 
 GREEDY = ["--temperature", "0"]
 
@@ -101,7 +101,7 @@ def test_generate_with_a_state_and_no_prompt_continues_directly(
     tmp_path, rwkv7_pth, loaded
 ) -> None:
     state = tmp_path / "s.rwkvstate"
-    rwkv("save-state", "Prefix text", "-m", rwkv7_pth, "-o", state)
+    rwkv_ok("save-state", "Prefix text", "-m", rwkv7_pth, "-o", state)
     result = rwkv("generate", "--state", state, "-n", "8", *GREEDY)
     session = prefill(loaded.model, loaded.tokenizer.encode("Prefix text"))
     chunks = stream_generate(
@@ -140,7 +140,7 @@ def test_save_state_reads_text_from_each_source(tmp_path, rwkv7_pth, loaded, sou
 
 def test_save_state_can_extend_a_saved_state(tmp_path, rwkv7_pth, loaded) -> None:
     base, extended = tmp_path / "base.rwkvstate", tmp_path / "more.rwkvstate"
-    rwkv("save-state", "First part.", "-m", rwkv7_pth, "-o", base)
+    rwkv_ok("save-state", "First part.", "-m", rwkv7_pth, "-o", base)
     result = rwkv("save-state", " Second part.", "--state", base, "-o", extended)
     assert result.returncode == 0, result.stderr
     expected = prefill(
@@ -155,7 +155,7 @@ def test_save_state_can_extend_a_saved_state(tmp_path, rwkv7_pth, loaded) -> Non
 
 def test_load_state_continues_piped_text_like_generate(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "s.rwkvstate"
-    rwkv("save-state", "Story:", "-m", rwkv7_pth, "-o", state)
+    rwkv_ok("save-state", "Story:", "-m", rwkv7_pth, "-o", state)
     via_load = rwkv("load-state", state, "-n", "8", *GREEDY, stdin=b" once")
     via_generate = rwkv("generate", " once", "--state", state, "-n", "8", *GREEDY)
     assert via_load.returncode == 0, via_load.stderr
@@ -165,7 +165,7 @@ def test_load_state_continues_piped_text_like_generate(tmp_path, rwkv7_pth) -> N
 
 def test_load_state_info_and_json(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "s.rwkvstate"
-    rwkv("generate", "Hi", "-m", rwkv7_pth, "-n", "3", "--seed", "4", "--save-state", state)
+    rwkv_ok("generate", "Hi", "-m", rwkv7_pth, "-n", "3", "--seed", "4", "--save-state", state)
     info = rwkv("load-state", state, "--info")
     as_json = rwkv("load-state", state, "--json")
     assert info.returncode == as_json.returncode == 0
@@ -180,7 +180,7 @@ def test_load_state_info_and_json(tmp_path, rwkv7_pth) -> None:
 
 def test_text_the_output_encoding_lacks_is_replaced_not_a_crash(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "s.rwkvstate"
-    rwkv("save-state", "café", "-m", rwkv7_pth, "-o", state)
+    rwkv_ok("save-state", "café", "-m", rwkv7_pth, "-o", state)
     result = rwkv("load-state", state, "--info", env={"PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0, result.stderr
     assert b"'caf?'" in result.stdout
@@ -188,7 +188,7 @@ def test_text_the_output_encoding_lacks_is_replaced_not_a_crash(tmp_path, rwkv7_
 
 def test_state_for_another_model_is_one_line_error(tmp_path, rwkv7_pth, rwkv7_deeper_pth) -> None:
     state = tmp_path / "s.rwkvstate"
-    rwkv("save-state", "x", "-m", rwkv7_pth, "-o", state)
+    rwkv_ok("save-state", "x", "-m", rwkv7_pth, "-o", state)
     result = rwkv("generate", "y", "--state", state, "-m", rwkv7_deeper_pth)
     assert_one_line_error(result, 1, "state was made by RWKV-7 L2 D128; model is RWKV-7 L3 D128")
     assert f"Hint: it was made with {rwkv7_pth} (RWKV-7 L2 D128)" in result.stderr.decode()
@@ -196,7 +196,7 @@ def test_state_for_another_model_is_one_line_error(tmp_path, rwkv7_pth, rwkv7_de
 
 def test_a_state_whose_tokenizer_the_model_lacks_says_what_differs(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "demo.rwkvstate"
-    rwkv("save-state", "And God", "-m", "demo", "-o", state)  # the demo's own BPE tokenizer
+    rwkv_ok("save-state", "And God", "-m", "demo", "-o", state)  # the demo's own BPE tokenizer
     result = rwkv("generate", "y", "--state", state, "-m", rwkv7_pth)
     assert_one_line_error(result, 1, "state was made by RWKV-7 L6 D192; model is RWKV-7 L2 D128")
 
@@ -205,7 +205,7 @@ def test_a_state_whose_model_is_gone_says_so_and_resumes_with_m(tmp_path, rwkv7_
     moved = tmp_path / "moved.pth"
     shutil.copyfile(rwkv7_pth, moved)
     state = tmp_path / "s.rwkvstate"
-    rwkv("save-state", "x", "-m", moved, "-o", state)
+    rwkv_ok("save-state", "x", "-m", moved, "-o", state)
     moved.unlink()  # as if the state came from another machine
     result = rwkv("load-state", state, "-n", "2", stdin=b" y")
     assert_one_line_error(result, 1, f"{state} was made with a model that is not here", "moved.pth")
@@ -216,7 +216,7 @@ def test_a_state_whose_model_is_gone_says_so_and_resumes_with_m(tmp_path, rwkv7_
 
 def test_fine_tune_state_needs_force(tmp_path, rwkv7_pth, rwkv7_other_weights_pth) -> None:
     state = tmp_path / "s.rwkvstate"
-    rwkv("save-state", "x", "-m", rwkv7_pth, "-o", state)
+    rwkv_ok("save-state", "x", "-m", rwkv7_pth, "-o", state)
     refused = rwkv("generate", "y", "--state", state, "-m", rwkv7_other_weights_pth)
     assert_one_line_error(refused, 1, "other weights of the same shape")
     assert "--force" in refused.stderr.decode().splitlines()[1]
@@ -272,7 +272,7 @@ def test_state_tuning_file_needs_its_model(state_tuning_pth, rwkv7_pth) -> None:
 )
 def test_ctrl_c_or_kill_keeps_the_previous_state_file(tmp_path, rwkv7_pth, stop, code) -> None:
     state = tmp_path / "s.rwkvstate"
-    rwkv("save-state", "Safe.", "-m", rwkv7_pth, "-o", state)
+    rwkv_ok("save-state", "Safe.", "-m", rwkv7_pth, "-o", state)
     before = state.read_bytes()
     process = subprocess.Popen(
         [
@@ -294,7 +294,7 @@ def test_ctrl_c_or_kill_keeps_the_previous_state_file(tmp_path, rwkv7_pth, stop,
     )
     process.stdout.read(20)
     process.send_signal(stop)
-    process.communicate(timeout=60)
+    process.communicate(timeout=SLOW_MACHINE_TIMEOUT_S)
     assert process.returncode == code
     assert state.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.rwkvstate"]

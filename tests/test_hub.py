@@ -38,6 +38,7 @@ from rwkv_cli.errors import (
 from rwkv_cli.hub import DEFAULT_MODEL, CachedModel, cached_models, list_aliases, resolve_model
 from rwkv_cli.models import load_model
 from rwkv_cli.ui import print_models
+from tests.cli_runner import SLOW_MACHINE_TIMEOUT_S
 from tests.conftest import LocalHub
 from tests.fixtures import rwkv7_tensors, write_pth
 
@@ -649,7 +650,7 @@ def test_environment_variables_are_honoured_in_a_fresh_process(local_hub: LocalH
             env=local_hub.env(**env),
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=SLOW_MACHINE_TIMEOUT_S,
             check=False,
         )
 

@@ -17,10 +17,10 @@ from rich.console import Console
 
 from rwkv_cli.tokenizer import load_world_tokenizer
 from rwkv_cli.ui import PROGRESS_MIN_TOKENS, activity, prefill_progress
-from tests.cli_runner import rwkv
+from tests.cli_runner import SLOW_MACHINE_TIMEOUT_S, rwkv_ok
 
 
-def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
+def _read_until(fd: int, marker: bytes, timeout: float = SLOW_MACHINE_TIMEOUT_S) -> bytes:
     """Read from a pty until ``marker`` appears; fail after ``timeout`` seconds."""
     data, deadline = b"", time.monotonic() + timeout
     while marker not in data:
@@ -42,7 +42,7 @@ def _read_until_prompt(fd: int, after: bytes) -> None:
 
 def test_load_state_on_a_terminal_continues_each_typed_line(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "s.rwkvstate"
-    rwkv("save-state", "Remember this.", "-m", rwkv7_pth, "-o", state)
+    rwkv_ok("save-state", "Remember this.", "-m", rwkv7_pth, "-o", state)
     leader, follower = pty.openpty()
     process = subprocess.Popen(
         [
@@ -72,11 +72,11 @@ def test_load_state_on_a_terminal_continues_each_typed_line(tmp_path, rwkv7_pth)
         os.write(leader, b'"""\nTwo\nlines\n"""\n')  # one turn of several lines
         _read_until_prompt(leader, after=b"generated: 5 tokens")  # Ctrl-D before it is lost
         os.write(leader, b"\x04")  # Ctrl-D
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=SLOW_MACHINE_TIMEOUT_S) == 0
     finally:
         process.kill()
         os.close(leader)
-    saved = json.loads(rwkv("load-state", state, "--json").stdout)
+    saved = json.loads(rwkv_ok("load-state", state, "--json").stdout)
     block = len(load_world_tokenizer().encode("Two\nlines"))
     # 3 read + " And" (1) + 5 generated + the block + 5 generated: saved after each turn
     assert saved["tokens_consumed"] == 3 + 1 + 5 + block + 5
@@ -131,7 +131,7 @@ def _failing_on_a_terminal(args: list[str], stdout, env: dict[str, str] | None =
     process, leader = _on_a_terminal(args, stdout, env)
     try:
         screen = _read_until(leader, b"Hint:")
-        assert process.wait(timeout=60) == 1
+        assert process.wait(timeout=SLOW_MACHINE_TIMEOUT_S) == 1
     finally:
         process.kill()
         os.close(leader)
@@ -162,7 +162,7 @@ def test_chat_typed_on_a_terminal_streams_its_replies_into_a_pipe(rwkv7_pth) -> 
         os.write(leader, b"Hello\n")
         _read_until_prompt(leader, after=b"4 tokens")  # Ctrl-D before the prompt is lost
         os.write(leader, b"\x04")  # Ctrl-D
-        replies, _ = process.communicate(timeout=60)
+        replies, _ = process.communicate(timeout=SLOW_MACHINE_TIMEOUT_S)
     finally:
         process.kill()
         os.close(leader)
@@ -175,7 +175,7 @@ def test_the_footer_starts_its_own_line_when_stdout_is_piped_to_tee(rwkv7_pth) -
     process, leader = _on_a_terminal(args, subprocess.PIPE)  # as in `rwkv generate ... | tee`
     try:
         screen = _read_until(leader, b"stop: length")
-        completion, _ = process.communicate(timeout=60)
+        completion, _ = process.communicate(timeout=SLOW_MACHINE_TIMEOUT_S)
     finally:
         process.kill()
         os.close(leader)
