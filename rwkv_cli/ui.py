@@ -11,6 +11,7 @@ import contextlib
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,8 +20,10 @@ from rich.text import Text
 
 from rwkv_cli.errors import RwkvCliError
 from rwkv_cli.fileio import format_size
-from rwkv_cli.generate import GenerationChunk
 from rwkv_cli.textio import interactive
+
+if TYPE_CHECKING:  # the error boundary shows errors with this module: it must not need torch
+    from rwkv_cli.generate import GenerationChunk
 
 
 def stderr_console() -> Console:
