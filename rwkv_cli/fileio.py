@@ -28,29 +28,37 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write(path: str | Path, write_to: Callable[[Path], object]) -> None:
     """Replace ``path`` with what ``write_to(temp_path)`` writes: a file in a temporary folder
     of its own beside ``path`` (a writer that makes temporary files itself, as safetensors does,
-    makes them there too), fsync, rename.
+    makes them there too), fsync, rename. A symbolic link is written through: its target is
+    replaced, beside which the temporary folder is made, and the link stays.
 
     On any failure the temporary folder is removed, the previous file (if any) is left as it
     was, and a :class:`WriteError` says why. A killed process leaves the folder behind for
     ``remove_leftovers``.
     """
     path = Path(path)
-    directory = path.parent  # Path("name").parent is Path(".")
+    target = write_target(path)
+    directory = target.parent  # Path("name").parent is Path(".")
     try:
-        folder = Path(tempfile.mkdtemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp"))
+        folder = Path(tempfile.mkdtemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp"))
     except OSError as error:
         raise _write_error(path, error) from error
-    temp = folder / path.name
+    temp = folder / target.name
     try:
         write_to(temp)
-        os.chmod(temp, _mode_for(path))
+        os.chmod(temp, _mode_for(target))
         _fsync_file(temp)
-        os.replace(temp, path)
+        os.replace(temp, target)
     except OSError as error:
         raise _write_error(path, error) from error
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     _fsync_directory(directory)
+
+
+def write_target(path: Path) -> Path:
+    """The file a write of ``path`` replaces: ``path`` itself, or the file a symbolic link
+    points to (a link that points nowhere yet names the file to create)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 @contextlib.contextmanager
@@ -104,7 +112,7 @@ def check_writable(path: str | Path) -> None:
     names a directory, or its directory is missing or read-only. Commands check their output
     files before a long run rather than fail at its end."""
     path = Path(path)
-    directory = path.parent
+    directory = write_target(path).parent
     if path.is_dir():
         reason = "it is a directory"
     elif directory.exists() and not directory.is_dir():

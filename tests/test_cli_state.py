@@ -153,6 +153,25 @@ def test_save_state_can_extend_a_saved_state(tmp_path, rwkv7_pth, loaded) -> Non
     assert (saved.logits == expected.logits).all()
 
 
+def test_states_saved_onto_a_symbolic_link_replace_the_file_it_points_to(tmp_path, rwkv7_pth):
+    (tmp_path / "states").mkdir()
+    target = tmp_path / "states" / "s.rwkvstate"
+    link = tmp_path / "latest.rwkvstate"
+    link.symlink_to(target)
+    saved = rwkv("save-state", "Hello", "-m", rwkv7_pth, "-o", link)
+    assert saved.returncode == 0, saved.stderr
+    assert link.is_symlink() and read_state_file(target).text_tail == "Hello"
+    more = rwkv("generate", " there", "--state", link, "--save-state", link, "-n", "2", *GREEDY)
+    assert more.returncode == 0, more.stderr
+    assert link.is_symlink()
+    assert read_state_file(target).text_tail == "Hello there" + more.stdout.decode()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "latest.rwkvstate",
+        "s.rwkvstate",
+        "states",
+    ]
+
+
 def test_load_state_continues_piped_text_like_generate(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "s.rwkvstate"
     rwkv("save-state", "Story:", "-m", rwkv7_pth, "-o", state)
