@@ -156,8 +156,9 @@ def _fsync_directory(directory: Path) -> None:
 
 def _write_error(path: Path, error: OSError) -> WriteError:
     if error.errno == errno.ENOSPC:
+        kept = "; the previous file is unchanged" if path.exists() else ""
         return WriteError(
-            f"disk full while writing {path}; the previous file is unchanged",
+            f"disk full while writing {path}{kept}",
             hint="free some space and run the command again",
         )
     reason = error.strerror or str(error)

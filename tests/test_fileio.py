@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
+import pytest
+
+from rwkv_cli.errors import WriteError
 from rwkv_cli.fileio import atomic_write_bytes
 
 
@@ -28,3 +32,21 @@ def test_a_link_to_a_file_not_yet_there_creates_it(tmp_path):
     link.symlink_to(tmp_path / "new.bin")
     atomic_write_bytes(link, b"first")
     assert link.is_symlink() and (tmp_path / "new.bin").read_bytes() == b"first"
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_full_disk_mentions_the_previous_file_only_if_there_was_one(
+    tmp_path, monkeypatch, existed
+):
+    path = tmp_path / "s.rwkvstate"
+    if existed:
+        path.write_bytes(b"previous")
+
+    def no_space(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(WriteError, match="disk full while writing") as caught:
+        atomic_write_bytes(path, b"new")
+    assert ("the previous file is unchanged" in caught.value.message) == existed
+    assert os.listdir(tmp_path) == (["s.rwkvstate"] if existed else [])
