@@ -19,6 +19,9 @@ except ImportError:  # Windows
 
 from rwkv_cli.errors import DiskFullError, WriteError
 
+_TEMPORARY = ".tmp"  # the suffix of atomic_write's temporary folders
+_CLAIM_ATTEMPTS = 3  # a new temporary folder is lost to another write's cleanup only in a race
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (see ``atomic_write``)."""
@@ -31,34 +34,66 @@ def atomic_write(path: str | Path, write_to: Callable[[Path], object]) -> None:
     makes them there too), fsync, rename. A symbolic link is written through: its target is
     replaced, beside which the temporary folder is made, and the link stays.
 
-    On any failure the temporary folder is removed, the previous file (if any) is left as it
-    was, and a :class:`WriteError` says why. A killed process leaves the folder behind for
-    ``remove_leftovers``.
+    Each write first removes what earlier writes of the same file left when their process was
+    killed (``remove_leftovers``). On any failure the temporary folder is removed, the previous
+    file (if any) is left as it was, and a :class:`WriteError` says why.
     """
     path = Path(path)
     target = write_target(path)
-    directory = target.parent  # Path("name").parent is Path(".")
     try:
-        folder = Path(tempfile.mkdtemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp"))
+        with _temporary_folder(target) as folder:
+            remove_leftovers(target)
+            temp = folder / target.name
+            write_to(temp)
+            os.chmod(temp, _mode_for(target))
+            _fsync_file(temp)
+            os.replace(temp, target)
     except OSError as error:
         raise _write_error(path, error) from error
-    temp = folder / target.name
-    try:
-        write_to(temp)
-        os.chmod(temp, _mode_for(target))
-        _fsync_file(temp)
-        os.replace(temp, target)
-    except OSError as error:
-        raise _write_error(path, error) from error
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    _fsync_directory(directory)
+    _fsync_directory(target.parent)
 
 
 def write_target(path: Path) -> Path:
     """The file a write of ``path`` replaces: ``path`` itself, or the file a symbolic link
     points to (a link that points nowhere yet names the file to create)."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+@contextlib.contextmanager
+def _temporary_folder(beside: Path) -> Iterator[Path]:
+    """A new folder beside ``beside``, flocked until the block ends and it is removed, so
+    that one nobody holds is known to be left by a killed process."""
+    for _ in range(_CLAIM_ATTEMPTS):
+        prefix = f".{beside.name}."
+        folder = Path(tempfile.mkdtemp(dir=beside.parent, prefix=prefix, suffix=_TEMPORARY))
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            if not _claim(descriptor, folder):
+                continue
+            try:
+                yield folder
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            return
+        finally:
+            os.close(descriptor)
+    raise OSError(errno.EAGAIN, "other writes of the file kept removing its temporary folder")
+
+
+def _claim(descriptor: int, folder: Path) -> bool:
+    """Lock a new temporary folder; False when another write's ``remove_leftovers`` took it in
+    the moment between its making and its locking (and removed it or is removing it)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # no flocks here: no other write can take it either
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(folder))
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -97,14 +132,24 @@ def held_elsewhere(lock_file: Path) -> bool:
 
 
 def remove_leftovers(path: Path) -> None:
-    """Delete temporary files that writes of ``path`` by ``atomic_write`` left when their process
-    was killed. Only safe while holding the lock every writer of ``path`` takes."""
-    for temporary in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        if temporary.is_dir() and not temporary.is_symlink():
-            shutil.rmtree(temporary, ignore_errors=True)
-        else:
+    """Delete the temporary folders that writes of ``path`` by ``atomic_write`` left when their
+    process was killed: those whose flock nobody holds. Those of live writes stay, and so does
+    everything where there are no flocks."""
+    for folder in path.parent.glob(f".{glob_escape(path.name)}.*{_TEMPORARY}"):
+        if folder.is_dir() and not folder.is_symlink():
             with contextlib.suppress(OSError):
-                temporary.unlink()  # a temporary file, as earlier versions wrote
+                _remove_if_abandoned(folder)
+
+
+def _remove_if_abandoned(folder: Path) -> None:
+    if fcntl is None:
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live write
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(descriptor)
 
 
 def check_writable(path: str | Path) -> None:

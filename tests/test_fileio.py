@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from rwkv_cli.errors import WriteError
-from rwkv_cli.fileio import atomic_write_bytes
+from rwkv_cli.fileio import atomic_write, atomic_write_bytes
+
+# A write that a signal kills halfway: it prints when its temporary file is half written.
+_KILLED_WRITE = """
+import sys, time
+from rwkv_cli.fileio import atomic_write
+
+def write(temp):
+    temp.write_bytes(b"half a file")
+    print("writing", flush=True)
+    time.sleep(60)
+
+atomic_write(sys.argv[1], write)
+"""
 
 
 def _hidden(folder) -> list[str]:
@@ -50,3 +67,40 @@ def test_a_full_disk_mentions_the_previous_file_only_if_there_was_one(
         atomic_write_bytes(path, b"new")
     assert ("the previous file is unchanged" in caught.value.message) == existed
     assert os.listdir(tmp_path) == (["s.rwkvstate"] if existed else [])
+
+
+def test_a_later_write_removes_what_a_killed_write_left(tmp_path):
+    path = tmp_path / "s.rwkvstate"
+    path.write_bytes(b"previous")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITE, str(path)], stdout=subprocess.PIPE
+    )
+    assert writer.stdout.readline() == b"writing\n"
+    writer.kill()  # kill -9: nothing of the writer's own runs
+    writer.wait()
+    (leftover,) = [entry for entry in tmp_path.iterdir() if entry.name.endswith(".tmp")]
+    assert (leftover / path.name).read_bytes() == b"half a file"
+    assert path.read_bytes() == b"previous"
+    atomic_write_bytes(path, b"next")
+    assert path.read_bytes() == b"next"
+    assert _hidden(tmp_path) == []
+
+
+def test_a_write_in_progress_keeps_its_temporary_folder_from_another_write(tmp_path):
+    path = tmp_path / "s.rwkvstate"
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow(temp):
+        temp.write_bytes(b"slow")
+        inside.set()
+        release.wait(30)
+
+    with ThreadPoolExecutor(1) as pool:
+        slow_write = pool.submit(atomic_write, path, slow)
+        assert inside.wait(30)
+        atomic_write_bytes(path, b"quick")  # must not remove the slow write's folder
+        release.set()
+        slow_write.result()
+    assert path.read_bytes() == b"slow"
+    assert _hidden(tmp_path) == []
