@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from glob import escape as glob_escape
 from pathlib import Path
+from typing import IO
 
 try:
     import fcntl
@@ -90,10 +91,7 @@ def _claim(descriptor: int, folder: Path) -> bool:
             return False
         except OSError:
             return True  # no flocks here: no other write can take it either
-    try:
-        return os.path.samestat(os.fstat(descriptor), os.stat(folder))
-    except OSError:
-        return False
+    return _still_named(folder, descriptor)
 
 
 @contextlib.contextmanager
@@ -102,17 +100,41 @@ def exclusive(lock_file: Path) -> Iterator[bool]:
     process at a time, the others wait. It is an ``flock``, which the system drops when its
     process dies, so a killed process never leaves it held. Yields whether the lock is held:
     False where there are no such locks (Windows, some network file systems), and the block
-    runs unguarded. OSError if the file (or its folder) cannot be created."""
+    runs unguarded. OSError if the file (or its folder) cannot be created.
+
+    The file is deleted as the lock is released (a cache keeps no empty file per lock); a
+    process that was waiting on the deleted file finds it gone and locks the new one."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
-        try:
-            if fcntl is None:
-                raise OSError(errno.ENOLCK, "no flock here")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:
-            yield False
-        else:
-            yield True
+    while True:
+        with open(lock_file, "a") as handle:
+            held = _lock(handle)
+            if held and not _still_named(lock_file, handle.fileno()):
+                continue  # released and deleted while we waited
+            try:
+                yield held
+            finally:
+                with contextlib.suppress(OSError):
+                    lock_file.unlink()  # while held: a waiter finds its file gone, starts over
+            return
+
+
+def _lock(handle: IO) -> bool:
+    """Wait for ``handle``'s flock; False where there are no flocks."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
+
+
+def _still_named(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` still names the file (or folder) open as ``descriptor``."""
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
+    except OSError:
+        return False
 
 
 def held_elsewhere(lock_file: Path) -> bool:

@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from rwkv_cli import fileio
 from rwkv_cli.errors import WriteError
-from rwkv_cli.fileio import atomic_write, atomic_write_bytes
+from rwkv_cli.fileio import atomic_write, atomic_write_bytes, exclusive
 
 # A write that a signal kills halfway: it prints when its temporary file is half written.
 _KILLED_WRITE = """
@@ -104,3 +106,36 @@ def test_a_write_in_progress_keeps_its_temporary_folder_from_another_write(tmp_p
         slow_write.result()
     assert path.read_bytes() == b"slow"
     assert _hidden(tmp_path) == []
+
+
+def test_a_released_lock_leaves_no_file_behind(tmp_path):
+    lock = tmp_path / "cache" / ".model.lock"
+    with exclusive(lock) as held:
+        assert held and lock.is_file()
+    assert not lock.exists()
+
+
+def test_locks_exclude_each_other_while_their_files_come_and_go(tmp_path):
+    lock = tmp_path / ".shared.lock"
+    inside, most = [], []
+
+    def critical(_: int) -> None:
+        with exclusive(lock) as held:
+            assert held
+            inside.append(1)
+            most.append(len(inside))
+            time.sleep(0.01)
+            inside.pop()
+
+    with ThreadPoolExecutor(6) as pool:  # flock excludes threads too: each opens its own file
+        list(pool.map(critical, range(60)))
+    assert max(most) == 1
+    assert not lock.exists()
+
+
+def test_without_flocks_a_lock_runs_unguarded_and_still_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "fcntl", None)
+    lock = tmp_path / ".model.lock"
+    with exclusive(lock) as held:
+        assert held is False
+    assert not lock.exists()
