@@ -15,6 +15,7 @@ from rwkv_cli.runtime import open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import read_state_file
 from tests.cli_runner import assert_one_line_error, rwkv
+from tests.fixtures import flip_tensor_bytes
 
 GREEDY = ["--temperature", "0"]
 
@@ -254,6 +255,16 @@ def test_corrupt_and_missing_state_files(tmp_path, rwkv7_pth) -> None:
         rwkv("generate", "x", "--state", tmp_path / "nope"), 1, "no such state file"
     )
     assert_one_line_error(rwkv("load-state", tmp_path), 1, "is a directory, not a state file")
+
+
+def test_a_state_file_with_flipped_bytes_is_refused_as_corrupt(tmp_path, rwkv7_pth) -> None:
+    state = tmp_path / "s.rwkvstate"
+    rwkv("save-state", "A long document, read once.", "-m", rwkv7_pth, "-o", state)
+    flip_tensor_bytes(state)
+    message = "its tensor data does not match its checksum"
+    assert_one_line_error(rwkv("load-state", state, "--info"), 1, "is corrupt", message)
+    resumed = rwkv("generate", " more", "--state", state, "-n", "2")
+    assert_one_line_error(resumed, 1, f"state file {state} is corrupt", message)
 
 
 @pytest.mark.parametrize(
