@@ -46,9 +46,9 @@ from rwkv_cli.sampling import MAX_SEED, SamplingParams, make_generator
 from rwkv_cli.statefile import (
     TEXT_TAIL_CHARS,
     StateFile,
-    holds_a_saved_chat,
     read_state_file,
     save_state_file,
+    state_file_kind,
 )
 from rwkv_cli.textio import (
     OutputClosedError,
@@ -593,7 +593,7 @@ def chat(
         "keep one with --autosave or | tee",
     )
     if autosave is not None:
-        _refuse_to_overwrite_a_chat(autosave, state)
+        _refuse_to_overwrite_a_state(autosave, state)
     console = stderr_console()
     start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     saved = start.state_file
@@ -652,16 +652,21 @@ def chat(
         raise typer.Exit(EXIT_ERROR)
 
 
-def _refuse_to_overwrite_a_chat(autosave: Path, resumed: Path | None) -> None:
-    """--autosave onto another saved chat would replace it after the first turn."""
-    if not holds_a_saved_chat(autosave):
+def _refuse_to_overwrite_a_state(autosave: Path, resumed: Path | None) -> None:
+    """--autosave onto another state file (a saved chat, a document read once) would replace it
+    after the first turn; only the file resumed may be replaced."""
+    kind = state_file_kind(autosave)
+    if kind is None:
         return
     if resumed is not None and resumed.exists() and os.path.samefile(autosave, resumed):
         return
+    if kind == "chat":
+        held, hint = "a saved chat", f"resume it with --state {autosave} --autosave {autosave}"
+    else:
+        held, hint = "a saved state (not a chat)", f"chat after it with --state {autosave}"
     raise InvalidInputError(
-        f"{autosave} holds a saved chat, which --autosave would replace",
-        hint=f"resume it with --state {autosave} --autosave {autosave}, or autosave to "
-        "another file",
+        f"{autosave} holds {held}, which --autosave would replace",
+        hint=f"{hint}, or autosave to another file",
     )
 
 

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -368,14 +369,17 @@ def _state_file_from(path: Path, metadata: dict[str, str], tensors: dict) -> Sta
     )
 
 
-def holds_a_saved_chat(path: str | Path) -> bool:
-    """Whether ``path`` is a state file with a chat in it (its header alone is read)."""
+def state_file_kind(path: str | Path) -> Literal["chat", "state"] | None:
+    """What ``path`` holds, from its header alone: "chat" for a saved chat, "state" for another
+    state file (a document read once, say), None for anything else."""
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
     except (SafetensorError, OSError, ValueError):
-        return False
-    return metadata.get("format") == FORMAT_NAME and "chat" in metadata
+        return None
+    if metadata.get("format") != FORMAT_NAME:
+        return None
+    return "chat" if "chat" in metadata else "state"
 
 
 def is_state_tuning_file(path: str | Path) -> bool:
