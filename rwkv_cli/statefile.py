@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,13 @@ from safetensors.torch import load as safetensors_tensors
 from safetensors.torch import save as safetensors_bytes
 
 from rwkv_cli import __version__
-from rwkv_cli.checkpoint import GENERATION_NAMES, first_non_finite, read_tensors
+from rwkv_cli.checkpoint import (
+    GENERATION_NAMES,
+    first_non_finite,
+    is_model_checkpoint,
+    is_state_tuning,
+    read_tensors,
+)
 from rwkv_cli.errors import RwkvCliError, StateFileError
 from rwkv_cli.fileio import atomic_write_bytes
 from rwkv_cli.generate import Session
@@ -265,6 +272,8 @@ def read_state_file(path: str | Path) -> StateFile:
     """Read and structurally check a state file; StateFileError says what is wrong."""
     path = Path(path)
     metadata, tensors, data = _read_safetensors(path)
+    if metadata.get("format") != FORMAT_NAME:
+        raise _not_a_state_file(path, tensors)
     _check_format(path, metadata, data)
     broken = first_non_finite(tensors)
     if broken is not None:
@@ -277,11 +286,6 @@ def read_state_file(path: str | Path) -> StateFile:
 
 def _check_format(path: Path, metadata: dict[str, str], data: bytes) -> None:
     """A state file of a version this rwkv-cli reads, whose tensor data is as it was written."""
-    if metadata.get("format") != FORMAT_NAME:
-        raise StateFileError(
-            f"{path} is not an rwkv-cli state file",
-            hint="state files are made by `rwkv save-state` or `--save-state`",
-        )
     version = metadata.get("format_version", "")
     if version not in (_UNCHECKED_VERSION, str(FORMAT_VERSION)):
         raise StateFileError(
@@ -309,16 +313,37 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
         header, data = _sections(contents)
         return header.get("__metadata__") or {}, tensors, data
     except (SafetensorError, OSError, ValueError) as error:
-        if is_state_tuning_file(path):
-            raise StateFileError(
-                f"{path} is a PyTorch .pth file, not an rwkv-cli state file",
-                hint="a state-tuning .pth is used with --state and its model (-m); "
-                "a model checkpoint with -m",
-            ) from error
+        if is_pytorch_file(path):
+            raise _not_a_state_file(path, _pth_tensors(path)) from error
         raise StateFileError(
             f"state file {path} is truncated or corrupt",
             hint="state files are safetensors files written by rwkv-cli",
         ) from error
+
+
+def _not_a_state_file(path: Path, names: Collection[str]) -> StateFileError:
+    """The error for a file given as a state file that is none: what it is, and where it goes."""
+    if is_model_checkpoint(names):
+        return StateFileError(
+            f"{path} is a model checkpoint, not a state file", hint=f"pass it with -m {path}"
+        )
+    if is_state_tuning(names):
+        return StateFileError(
+            f"{path} is a BlinkDL state-tuning file, not an rwkv-cli state file",
+            hint="it loads as an initial state with --state FILE and its model, -m MODEL",
+        )
+    return StateFileError(
+        f"{path} is not an rwkv-cli state file",
+        hint="state files are made by `rwkv save-state` or `--save-state`",
+    )
+
+
+def _pth_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .pth given as a state (read memory-mapped, never executed)."""
+    try:
+        return read_tensors(path)
+    except RwkvCliError as error:
+        raise StateFileError(error.message, error.hint) from error
 
 
 def _sections(contents: bytes) -> tuple[dict, bytes]:
@@ -382,13 +407,24 @@ def state_file_kind(path: str | Path) -> Literal["chat", "state"] | None:
     return "chat" if "chat" in metadata else "state"
 
 
-def is_state_tuning_file(path: str | Path) -> bool:
-    """Whether ``path`` looks like a BlinkDL state-tuning checkpoint (a .pth zip archive)."""
+def is_pytorch_file(path: str | Path) -> bool:
+    """Whether ``path`` is a PyTorch .pth (a zip archive): as a state, a BlinkDL state-tuning
+    file, or a model checkpoint given in the wrong place."""
     try:
         with Path(path).open("rb") as file:
             return file.read(4) == b"PK\x03\x04"
     except OSError:
         return False
+
+
+def read_state_tuning(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``time_state`` tensors of a BlinkDL state-tuning file; for any other file a
+    StateFileError saying what it is (a model checkpoint given as a state says so)."""
+    path = Path(path)
+    tensors = _pth_tensors(path)
+    if not is_state_tuning(tensors):
+        raise _not_a_state_file(path, tensors)
+    return tensors
 
 
 def import_state_tuning(path: str | Path, model: Model) -> Session:
@@ -398,18 +434,9 @@ def import_state_tuning(path: str | Path, model: Model) -> Session:
     session has no logits yet. RWKV-7 stores ``time_state`` as [head, value, key], our layout.
     """
     path = Path(path)
-    try:
-        tensors = read_tensors(path)
-    except RwkvCliError as error:
-        raise StateFileError(error.message, error.hint) from error
+    states = read_state_tuning(path)
     template = model.new_state()
     named = template.named_tensors()
-    states = {name: t for name, t in tensors.items() if name.endswith(".att.time_state")}
-    if not states or len(states) != len(tensors):
-        raise StateFileError(
-            f"{path} is neither an rwkv-cli state file nor a state-tuning file",
-            hint="state-tuning files hold only blocks.N.att.time_state tensors",
-        )
     for name, tensor in states.items():
         target = name.replace(".att.time_state", ".att.wkv")
         if target not in named:

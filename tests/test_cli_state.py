@@ -297,6 +297,22 @@ def test_state_tuning_file_needs_its_model(state_tuning_pth, rwkv7_pth) -> None:
     assert tuned.returncode == 0 and tuned.stdout != plain.stdout
 
 
+def test_a_model_given_as_a_state_says_to_pass_it_with_m(rwkv7_pth, rwkv7_safetensors) -> None:
+    for model in (rwkv7_pth, rwkv7_safetensors):
+        for command in (("load-state", model), ("generate", "Hi", "--state", model)):
+            result = rwkv(*command, stdin=b"more")
+            assert_one_line_error(result, 1, f"{model} is a model checkpoint, not a state file")
+            assert f"Hint: pass it with -m {model}" in result.stderr.decode()
+
+
+def test_a_state_given_as_a_model_says_to_pass_it_with_state(tmp_path, rwkv7_pth) -> None:
+    state = tmp_path / "s.rwkvstate"
+    rwkv("save-state", "x", "-m", rwkv7_pth, "-o", state)
+    result = rwkv("generate", "Hi", "-m", state)
+    assert_one_line_error(result, 1, f"{state}: this is an rwkv-cli state file, not a model")
+    assert "Hint: pass it with --state FILE or to rwkv load-state FILE" in result.stderr.decode()
+
+
 @pytest.mark.parametrize(
     ("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
 )

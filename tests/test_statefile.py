@@ -25,7 +25,7 @@ from rwkv_cli.statefile import (
     read_state_file,
     save_state_file,
 )
-from tests.fixtures import flip_tensor_bytes
+from tests.fixtures import flip_tensor_bytes, write_pth, write_safetensors
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, presence_penalty=0.3, frequency_penalty=0.2)
@@ -278,9 +278,10 @@ def test_a_version_1_file_without_a_checksum_still_loads(saved_path, loaded) -> 
     _assert_sessions_identical(saved.session_for(loaded.model, loaded.tokenizer.name), expected)
 
 
-def test_safetensors_that_is_not_a_state_file(rwkv7_safetensors) -> None:
+def test_safetensors_that_is_not_a_state_file(tmp_path) -> None:
+    path = write_safetensors(tmp_path / "other.safetensors", {"weights": torch.zeros(3)})
     with pytest.raises(StateFileError, match="is not an rwkv-cli state file"):
-        read_state_file(rwkv7_safetensors)
+        read_state_file(path)
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.99])
@@ -423,11 +424,26 @@ def test_state_tuning_file_with_wrong_shapes_is_refused(tmp_path, loaded) -> Non
         import_state_tuning(path, loaded.model)
 
 
-def test_a_model_file_is_not_a_state(rwkv7_pth, loaded) -> None:
-    with pytest.raises(StateFileError, match="neither an rwkv-cli state file nor a state-tuning"):
+def test_a_model_file_is_not_a_state(rwkv7_pth, rwkv7_safetensors, loaded) -> None:
+    with pytest.raises(StateFileError, match="is a model checkpoint, not a state file"):
         import_state_tuning(rwkv7_pth, loaded.model)
-    with pytest.raises(StateFileError, match=r"is a PyTorch \.pth file, not an rwkv-cli state"):
-        read_state_file(rwkv7_pth)  # load-state MODEL.pth --info
+    for model in (rwkv7_pth, rwkv7_safetensors):  # load-state MODEL --info
+        with pytest.raises(
+            StateFileError, match="is a model checkpoint, not a state file"
+        ) as caught:
+            read_state_file(model)
+        assert caught.value.hint == f"pass it with -m {model}"
+
+
+def test_a_pth_of_other_tensors_is_neither_kind_of_state(tmp_path, loaded) -> None:
+    path = write_pth(tmp_path / "other.pth", {"weights": torch.zeros(3)})
+    with pytest.raises(StateFileError, match="is not an rwkv-cli state file"):
+        import_state_tuning(path, loaded.model)
+
+
+def test_a_state_tuning_file_is_not_an_rwkv_cli_state_file(state_tuning_pth) -> None:
+    with pytest.raises(StateFileError, match="is a BlinkDL state-tuning file, not an rwkv-cli"):
+        read_state_file(state_tuning_pth)  # load-state TUNED.pth --info
 
 
 def test_info_is_json_serialisable(saved_path) -> None:
