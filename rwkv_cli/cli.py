@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,7 +27,14 @@ from rwkv_cli import __version__
 from rwkv_cli.bench import benchmark
 from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
 from rwkv_cli.cpu import configure_cpu
-from rwkv_cli.device import DTYPES, DtypeName, dtype_name, resolve_device, resolve_dtype
+from rwkv_cli.device import (
+    DTYPES,
+    DtypeName,
+    device_name,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
 from rwkv_cli.doctor import diagnose
 from rwkv_cli.errors import EXIT_INTERRUPTED, InvalidInputError, RwkvCliError
 from rwkv_cli.fileio import check_writable
@@ -62,7 +70,7 @@ from rwkv_cli.textio import (
     require_visible_output,
     unescape,
 )
-from rwkv_cli.tokenizer import TOKENIZER_CHOICES
+from rwkv_cli.tokenizer import TOKENIZER_CHOICES, check_tokenizer_name
 from rwkv_cli.ui import (
     activity,
     prefill_progress,
@@ -99,6 +107,39 @@ def _writable_file(ctx: typer.Context, value: Path | None) -> Path | None:
     return value
 
 
+@contextlib.contextmanager
+def _as_usage_error(ctx: typer.Context | None = None, option: str | None = None) -> Iterator[None]:
+    """Our own checks of a value given on the command line fail as usage errors (exit 2, with
+    the check's hint), as typer's checks of types and ranges do."""
+    try:
+        yield
+    except RwkvCliError as error:
+        hint = None if option is None else f"'{option}'"
+        raise typer.BadParameter(error.message, ctx=ctx, param_hint=hint) from error
+
+
+def _model_spec(value: str | None) -> str | None:
+    """Option callback: an empty -m is a usage error (it used to mean the default model)."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty; name a checkpoint file or folder, Hub repo or alias")
+    return value
+
+
+def _known_tokenizer(value: str | None) -> str | None:
+    """Option callback: a name that names no tokenizer is a usage error."""
+    if value is not None:
+        with _as_usage_error():
+            check_tokenizer_name(value)
+    return value
+
+
+def _stop_texts(values: list[str] | None) -> list[str] | None:
+    """Option callback: an empty stop text, found everywhere, is a usage error."""
+    if values and not all(values):
+        raise typer.BadParameter("empty; give the text to stop at")
+    return values
+
+
 # Options shared by several commands, declared once.
 MODEL_SPECS = (
     "A checkpoint file or folder, a Hub repo (owner/name or owner/name:file) or an alias from "
@@ -111,12 +152,17 @@ ModelOption = Annotated[
         "--model",
         help=f"{MODEL_SPECS} Default: the model of the state resumed, else {DEFAULT_MODEL}.",
         show_default=False,
+        callback=_model_spec,
     ),
 ]
 BenchModelOption = Annotated[
     str | None,
     typer.Option(
-        "-m", "--model", help=f"{MODEL_SPECS} Default: {DEFAULT_MODEL}.", show_default=False
+        "-m",
+        "--model",
+        help=f"{MODEL_SPECS} Default: {DEFAULT_MODEL}.",
+        show_default=False,
+        callback=_model_spec,
     ),
 ]
 TokenizerOption = Annotated[
@@ -125,6 +171,7 @@ TokenizerOption = Annotated[
         help=f"Tokenizer: {' or '.join(TOKENIZER_CHOICES)} (default: from the vocabulary size, "
         "or a state file's).",
         show_default=False,
+        callback=_known_tokenizer,
     ),
 ]
 RevisionOption = Annotated[
@@ -202,6 +249,7 @@ StopOption = Annotated[
     typer.Option(
         help=r"Stop at this text, which is not printed (repeatable; \n and \t understood).",
         show_default=False,
+        callback=_stop_texts,
     ),
 ]
 VerboseOption = Annotated[
@@ -211,12 +259,20 @@ VerboseOption = Annotated[
 
 
 def _checked_device(ctx: typer.Context, value: str) -> str:
-    """Option callback: a device this machine lacks fails before any work; the error names
-    RWKV_CLI_DEVICE when the value came from there."""
+    """Option callback: an unknown device name is a usage error, and a device this machine
+    lacks fails before any work; either error names RWKV_CLI_DEVICE when the value came from
+    there."""
     if ctx.resilient_parsing:
         return value
+    with _as_usage_error(option="--device"):  # typer's hint would name RWKV_CLI_DEVICE always
+        _check_device(ctx, value, device_name)
+    _check_device(ctx, value, resolve_device)
+    return value
+
+
+def _check_device(ctx: typer.Context, value: str, check: Callable[[str], object]) -> None:
     try:
-        resolve_device(value)
+        check(value)
     except InvalidInputError as error:
         source = ctx.get_parameter_source("device")
         if source is None or source.name != "ENVIRONMENT":
@@ -225,7 +281,6 @@ def _checked_device(ctx: typer.Context, value: str) -> str:
             f"{error.message} (RWKV_CLI_DEVICE={value})",
             hint=f"unset RWKV_CLI_DEVICE or pass --device; {error.hint}",
         ) from error
-    return value
 
 
 DeviceOption = Annotated[
@@ -484,7 +539,13 @@ def load_state_command(
 
     The model is the one the state file names, unless -m overrides it.
     """
-    if info or as_json:
+    if as_json and not info:
+        raise typer.BadParameter(
+            "it goes with --info (rwkv load-state FILE --info --json)",
+            ctx=ctx,
+            param_hint="'--json'",
+        )
+    if info:
         details = read_state_file(file).info()
         if as_json:
             typer.echo(json.dumps(details, indent=2, ensure_ascii=False))
@@ -781,10 +842,8 @@ def _sampling_params(ctx: typer.Context, saved: SamplingParams | None) -> Sampli
     for name in SAMPLING_OPTIONS:
         use_saved = saved is not None and not _given(ctx, name)
         values[name] = getattr(saved, name) if use_saved else ctx.params[name]
-    try:
+    with _as_usage_error(ctx):
         return SamplingParams(**values).validated()
-    except InvalidInputError as error:  # out-of-range values are usage errors, like bad types
-        raise typer.BadParameter(error.message, ctx=ctx) from error
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

@@ -187,7 +187,7 @@ def test_load_state_info_and_json(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "s.rwkvstate"
     rwkv("generate", "Hi", "-m", rwkv7_pth, "-n", "3", "--seed", "4", "--save-state", state)
     info = rwkv("load-state", state, "--info")
-    as_json = rwkv("load-state", state, "--json")
+    as_json = rwkv("load-state", state, "--info", "--json")
     assert info.returncode == as_json.returncode == 0
     text = info.stdout.decode()
     assert (

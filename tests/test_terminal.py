@@ -76,7 +76,7 @@ def test_load_state_on_a_terminal_continues_each_typed_line(tmp_path, rwkv7_pth)
     finally:
         process.kill()
         os.close(leader)
-    saved = json.loads(rwkv("load-state", state, "--json").stdout)
+    saved = json.loads(rwkv("load-state", state, "--info", "--json").stdout)
     block = len(load_world_tokenizer().encode("Two\nlines"))
     # 3 read + " And" (1) + 5 generated + the block + 5 generated: saved after each turn
     assert saved["tokens_consumed"] == 3 + 1 + 5 + block + 5
