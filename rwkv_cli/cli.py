@@ -22,6 +22,7 @@ from typing import Annotated, Literal
 import torch
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from rwkv_cli import __version__
 from rwkv_cli.bench import benchmark
@@ -86,8 +87,37 @@ from rwkv_cli.ui import (
 
 EXIT_ERROR = 1
 
+
+class _HelpInWords:
+    """Help that labels values with words. Typer labels every value by its Python type, even
+    where none is taken: ``<bool>`` after a flag, ``<str>`` after an argument (whose name says
+    what it is). Options declare their words (``metavar``: MODEL, FILE, N); flags and
+    arguments get none."""
+
+    def format_help(self, ctx: typer.Context, formatter) -> None:
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = _no_label  # typer reads no metavar here
+            elif param.is_flag:
+                param.metavar = ""
+        super().format_help(ctx, formatter)
+
+
+def _no_label(ctx: typer.Context) -> None:
+    return None
+
+
+class _Command(_HelpInWords, TyperCommand):
+    """A command of ``rwkv``, with its help in words."""
+
+
+class _Group(_HelpInWords, TyperGroup):
+    """``rwkv`` itself, with its help in words."""
+
+
 app = typer.Typer(
     name="rwkv",
+    cls=_Group,
     help="Run RWKV language models from the terminal.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -96,6 +126,7 @@ app = typer.Typer(
 
 SAMPLING = "Sampling"
 STATE = "State"
+WEIGHT_TYPES = "|".join(DTYPES)  # --dtype's choices, as its help shows them
 
 
 def _writable_file(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -150,6 +181,7 @@ ModelOption = Annotated[
     typer.Option(
         "-m",
         "--model",
+        metavar="MODEL",
         help=f"{MODEL_SPECS} Default: the model of the state resumed, else {DEFAULT_MODEL}.",
         show_default=False,
         callback=_model_spec,
@@ -160,6 +192,7 @@ BenchModelOption = Annotated[
     typer.Option(
         "-m",
         "--model",
+        metavar="MODEL",
         help=f"{MODEL_SPECS} Default: {DEFAULT_MODEL}.",
         show_default=False,
         callback=_model_spec,
@@ -168,6 +201,7 @@ BenchModelOption = Annotated[
 TokenizerOption = Annotated[
     str | None,
     typer.Option(
+        metavar="NAME",
         help=f"Tokenizer: {' or '.join(TOKENIZER_CHOICES)} (default: from the vocabulary size, "
         "or a state file's).",
         show_default=False,
@@ -176,12 +210,13 @@ TokenizerOption = Annotated[
 ]
 RevisionOption = Annotated[
     str | None,
-    typer.Option(help="Hub branch, tag or commit of the model.", show_default=False),
+    typer.Option(metavar="REV", help="Hub branch, tag or commit of the model.", show_default=False),
 ]
 StateOption = Annotated[
     Path | None,
     typer.Option(
         "--state",
+        metavar="FILE",
         help="Continue from this state file (or a BlinkDL state-tuning .pth).",
         show_default=False,
         rich_help_panel=STATE,
@@ -191,6 +226,7 @@ SaveStateOption = Annotated[
     Path | None,
     typer.Option(
         "--save-state",
+        metavar="FILE",
         help="Save the state after the output to this file (may equal --state).",
         show_default=False,
         callback=_writable_file,
@@ -206,32 +242,47 @@ ForceOption = Annotated[
     ),
 ]
 MaxTokensOption = Annotated[
-    int, typer.Option("-n", "--max-tokens", min=0, help="Most tokens to generate.")
+    int, typer.Option("-n", "--max-tokens", min=0, metavar="N", help="Most tokens to generate.")
 ]
 ReplyTokensOption = Annotated[
-    int, typer.Option("-n", "--max-tokens", min=1, help="Most tokens in a reply.")
+    int, typer.Option("-n", "--max-tokens", min=1, metavar="N", help="Most tokens in a reply.")
 ]
 TemperatureOption = Annotated[
     float,
-    typer.Option(help="0 means greedy (always the likeliest token).", rich_help_panel=SAMPLING),
+    typer.Option(
+        metavar="T", help="0 means greedy (always the likeliest token).", rich_help_panel=SAMPLING
+    ),
 ]
 TopPOption = Annotated[
-    float, typer.Option(help="Nucleus sampling; 1 disables.", rich_help_panel=SAMPLING)
+    float,
+    typer.Option(metavar="P", help="Nucleus sampling; 1 disables.", rich_help_panel=SAMPLING),
 ]
 TopKOption = Annotated[
-    int, typer.Option(help="Keep the k likeliest tokens; 0 disables.", rich_help_panel=SAMPLING)
+    int,
+    typer.Option(
+        metavar="K", help="Keep the k likeliest tokens; 0 disables.", rich_help_panel=SAMPLING
+    ),
 ]
 PresenceOption = Annotated[
     float,
-    typer.Option(help="Subtracted once from tokens already generated.", rich_help_panel=SAMPLING),
+    typer.Option(
+        metavar="X",
+        help="Subtracted once from tokens already generated.",
+        rich_help_panel=SAMPLING,
+    ),
 ]
 FrequencyOption = Annotated[
-    float, typer.Option(help="Subtracted per (decayed) occurrence.", rich_help_panel=SAMPLING)
+    float,
+    typer.Option(
+        metavar="X", help="Subtracted per (decayed) occurrence.", rich_help_panel=SAMPLING
+    ),
 ]
 DecayOption = Annotated[
     float,
     typer.Option(
-        help="Occurrence counts decay by this factor per token.", rich_help_panel=SAMPLING
+        metavar="X",
+        help="Occurrence counts decay by this factor per token.",
+        rich_help_panel=SAMPLING,
     ),
 ]
 SeedOption = Annotated[
@@ -239,6 +290,7 @@ SeedOption = Annotated[
     typer.Option(
         min=0,
         max=MAX_SEED,
+        metavar="SEED",
         help="Random seed for reproducible sampling (a resumed state continues its own).",
         show_default=False,
         rich_help_panel=SAMPLING,
@@ -247,6 +299,7 @@ SeedOption = Annotated[
 StopOption = Annotated[
     list[str] | None,
     typer.Option(
+        metavar="TEXT",
         help=r"Stop at this text, which is not printed (repeatable; \n and \t understood).",
         show_default=False,
         callback=_stop_texts,
@@ -289,6 +342,7 @@ DeviceOption = Annotated[
         "--device",
         envvar="RWKV_CLI_DEVICE",
         callback=_checked_device,
+        metavar="DEVICE",
         help="Where to run the model: cpu, cuda (the current GPU), cuda:N, or auto (a GPU if "
         "there is one).",
     ),
@@ -297,6 +351,7 @@ DtypeOption = Annotated[
     DtypeName | None,
     typer.Option(
         "--dtype",
+        metavar=WEIGHT_TYPES,
         help="Weight type (default: fp16 on a GPU, fp32 on the CPU). On the CPU bf16 and int8 "
         "take a half and a quarter of the memory and decode faster; int8 costs a little accuracy.",
         show_default=False,
@@ -358,6 +413,7 @@ def _root(
             "--threads",
             envvar="RWKV_CLI_THREADS",
             min=1,
+            metavar="N",
             help="CPU threads for the model (default: the physical cores).",
             show_default=False,
         ),
@@ -367,6 +423,7 @@ def _root(
         typer.Option(
             "--kernel",
             envvar="RWKV_CLI_KERNEL",
+            metavar="auto|torch|compiled",
             help="Compiled C++/CUDA kernels where they build, else the torch path (auto); always "
             "the torch path; or compiled (cuda is the same), failing if they do not build.",
         ),
@@ -377,7 +434,7 @@ def _root(
     set_kernel_choice("compiled" if kernel == "cuda" else kernel)
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     ctx: typer.Context,
     prompt: Annotated[
@@ -437,7 +494,7 @@ def generate(
     run.turn(console, text)
 
 
-@app.command("save-state")
+@app.command("save-state", cls=_Command)
 def save_state_command(
     ctx: typer.Context,
     text: Annotated[
@@ -453,6 +510,7 @@ def save_state_command(
         typer.Option(
             "-o",
             "--output",
+            metavar="FILE",
             help="State file to write.",
             show_default=False,
             callback=_writable_file,
@@ -465,7 +523,9 @@ def save_state_command(
     dtype: DtypeOption = None,
     file: Annotated[
         Path | None,
-        typer.Option("-f", "--file", help="Read the text from this file.", show_default=False),
+        typer.Option(
+            "-f", "--file", metavar="FILE", help="Read the text from this file.", show_default=False
+        ),
     ] = None,
     state: StateOption = None,
     force: ForceOption = False,
@@ -511,7 +571,7 @@ def save_state_command(
         )
 
 
-@app.command("load-state")
+@app.command("load-state", cls=_Command)
 def load_state_command(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="State file to resume.", show_default=False)],
@@ -583,7 +643,7 @@ def load_state_command(
         run.turn(console, unescape(line))
 
 
-@app.command()
+@app.command(cls=_Command)
 def chat(
     ctx: typer.Context,
     model: ModelOption = None,
@@ -595,6 +655,7 @@ def chat(
         Path | None,
         typer.Option(
             "--state",
+            metavar="FILE",
             help="Resume a saved chat, or chat after a saved state (e.g. a document).",
             show_default=False,
             rich_help_panel=STATE,
@@ -603,6 +664,7 @@ def chat(
     autosave: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="Save the chat to this state file after every turn.",
             show_default=False,
             callback=_writable_file,
@@ -613,6 +675,7 @@ def chat(
     system: Annotated[
         str | None,
         typer.Option(
+            metavar="TEXT",
             help="A system prompt before the conversation.",
             show_default=False,
             callback=_utf8_argument,
@@ -627,7 +690,9 @@ def chat(
     template: Annotated[
         str | None,
         typer.Option(
-            help="Turn format: world, g1 or pile (default: from the model).", show_default=False
+            metavar="NAME",
+            help="Turn format: world, g1 or pile (default: from the model).",
+            show_default=False,
         ),
     ] = None,
     max_tokens: ReplyTokensOption = MAX_REPLY_TOKENS,
@@ -731,14 +796,16 @@ def _refuse_to_overwrite_a_state(autosave: Path, resumed: Path | None) -> None:
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     model: BenchModelOption = None,
     prompt_tokens: Annotated[
-        int, typer.Option("--prompt-tokens", min=1, help="Prompt length to prefill.")
+        int,
+        typer.Option("--prompt-tokens", min=1, metavar="N", help="Prompt length to prefill."),
     ] = 512,
     decode_tokens: Annotated[
-        int, typer.Option("--decode-tokens", min=1, help="Tokens to decode one by one.")
+        int,
+        typer.Option("--decode-tokens", min=1, metavar="N", help="Tokens to decode one by one."),
     ] = 128,
     device: DeviceOption = "cpu",
     dtypes: Annotated[
@@ -746,6 +813,7 @@ def bench(
         typer.Option(
             "--dtype",
             callback=_dtype_names,
+            metavar=WEIGHT_TYPES,
             help="Weight type to measure (default: fp16 on a GPU, fp32 on the CPU); repeat the "
             "option to measure several.",
             show_default=False,
@@ -770,7 +838,7 @@ def bench(
         print_bench(results)
 
 
-@app.command()
+@app.command(cls=_Command)
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     no_build: Annotated[
@@ -790,7 +858,7 @@ def doctor(
         raise problem
 
 
-@app.command()
+@app.command(cls=_Command)
 def download(
     spec: Annotated[
         str,
@@ -809,7 +877,7 @@ def download(
     typer.echo(resolve_model(spec, revision, console=stderr_console(), again=force).path)
 
 
-@app.command()
+@app.command(cls=_Command)
 def models() -> None:
     """List the model aliases and the checkpoints already downloaded."""
     print_models(list_aliases(), cached_models())

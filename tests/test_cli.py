@@ -7,6 +7,7 @@ import inspect
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import types
 from pathlib import Path
 
 import pytest
+import typer
 
 from rwkv_cli import entry
 from rwkv_cli.bench import benchmark
@@ -240,6 +242,20 @@ def test_version_and_help() -> None:
     bare = rwkv()  # the help, and no empty "Error:" line after it
     assert bare.returncode == 2 and "generate" in bare.stdout.decode()
     assert bare.stderr == b""
+
+
+def test_no_help_labels_a_value_with_a_python_type() -> None:
+    from rwkv_cli.cli import app
+
+    commands = [[], *([name] for name in typer.main.get_command(app).commands)]
+    assert len(commands) == 9
+    for command in commands:
+        result = rwkv(*command, "--help", env={"COLUMNS": "200"})
+        text = result.stdout.decode()
+        assert result.returncode == 0 and "--help" in text
+        assert re.findall(r"<[a-z][^>]*>", text) == [], command  # <bool>, <str>, <list[str]> ...
+    generate = rwkv("generate", "--help", env={"COLUMNS": "200"}).stdout.decode()
+    assert all(word in generate for word in ("MODEL", "FILE", "TEXT", "SEED"))
 
 
 def test_an_option_of_rwkv_itself_after_the_command_says_where_it_goes() -> None:
