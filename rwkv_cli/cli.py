@@ -640,7 +640,8 @@ def load_state_command(
     )
     lines = TerminalLines(input_history_file())
     while (line := lines.read()) is not None:
-        run.turn(console, unescape(line))
+        with lines.busy():
+            run.turn(console, unescape(line))
 
 
 @app.command(cls=_Command)
