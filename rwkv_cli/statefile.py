@@ -272,8 +272,6 @@ def read_state_file(path: str | Path) -> StateFile:
     """Read and structurally check a state file; StateFileError says what is wrong."""
     path = Path(path)
     metadata, tensors, data = _read_safetensors(path)
-    if metadata.get("format") != FORMAT_NAME:
-        raise _not_a_state_file(path, tensors)
     _check_format(path, metadata, data)
     broken = first_non_finite(tensors)
     if broken is not None:
@@ -302,12 +300,16 @@ def _check_format(path: Path, metadata: dict[str, str], data: bytes) -> None:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor], bytes]:
-    """A safetensors file's metadata, tensors and data section, from one read of the file."""
+    """A state file's metadata, tensors and data section, from one read of the file; a file
+    of another kind is named as such from its header alone (a model may be large)."""
     if path.is_dir():
         raise StateFileError(f"{path} is a directory, not a state file")
     if not path.is_file():
         raise StateFileError(f"no such state file: {path}")
     try:
+        with safe_open(path, framework="pt") as file:
+            if (file.metadata() or {}).get("format") != FORMAT_NAME:
+                raise _not_a_state_file(path, file.keys())
         contents = path.read_bytes()
         tensors = safetensors_tensors(contents)  # checks the whole layout
         header, data = _sections(contents)
