@@ -13,7 +13,7 @@ import hashlib
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,12 +228,27 @@ def detect_generation(tensors: dict[str, torch.Tensor]) -> str:
     )
 
 
+def is_model_checkpoint(names: Collection[str]) -> bool:
+    """Whether tensors of these names are a model: BlinkDL's layout or transformers'."""
+    return "emb.weight" in names or "rwkv.embeddings.weight" in names
+
+
+def is_state_tuning(names: Collection[str]) -> bool:
+    """Whether tensors of these names are a BlinkDL state-tuning file: ``time_state``s only."""
+    return bool(names) and all(name.endswith(".att.time_state") for name in names)
+
+
 def _reject_non_models(names: set[str]) -> None:
     """Explain files that are RWKV-related but are not a BlinkDL-format model."""
-    if names and all("time_state" in name for name in names):
+    if is_state_tuning(names):
         raise UnsupportedModelError(
             "this is an RWKV state-tuning file (only time_state tensors), not a model",
             hint="pass the base model with -m; state files load as initial states",
+        )
+    if any(name.endswith(".ffn.shift") for name in names):  # every layer of a saved state has one
+        raise UnsupportedModelError(
+            "this is an rwkv-cli state file, not a model",
+            hint="pass it with --state FILE or to rwkv load-state FILE (-m names its model)",
         )
     if any(name.startswith(("rwkv.", "model.")) for name in names):
         raise UnsupportedModelError(

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,12 +22,20 @@ from typing import Annotated, Literal
 import torch
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from rwkv_cli import __version__
 from rwkv_cli.bench import benchmark
 from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
 from rwkv_cli.cpu import MAX_THREADS, configure_cpu
-from rwkv_cli.device import DTYPES, DtypeName, dtype_name, resolve_device, resolve_dtype
+from rwkv_cli.device import (
+    DTYPES,
+    DtypeName,
+    device_name,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
 from rwkv_cli.doctor import diagnose
 from rwkv_cli.errors import EXIT_INTERRUPTED, InvalidInputError, RwkvCliError
 from rwkv_cli.fileio import check_writable
@@ -46,9 +55,9 @@ from rwkv_cli.sampling import MAX_SEED, SamplingParams, make_generator
 from rwkv_cli.statefile import (
     TEXT_TAIL_CHARS,
     StateFile,
-    holds_a_saved_chat,
     read_state_file,
     save_state_file,
+    state_file_kind,
 )
 from rwkv_cli.textio import (
     OutputClosedError,
@@ -62,7 +71,7 @@ from rwkv_cli.textio import (
     require_visible_output,
     unescape,
 )
-from rwkv_cli.tokenizer import TOKENIZER_CHOICES
+from rwkv_cli.tokenizer import TOKENIZER_CHOICES, check_tokenizer_name
 from rwkv_cli.ui import (
     activity,
     prefill_progress,
@@ -78,8 +87,37 @@ from rwkv_cli.ui import (
 
 EXIT_ERROR = 1
 
+
+class _HelpInWords:
+    """Help that labels values with words. Typer labels every value by its Python type, even
+    where none is taken: ``<bool>`` after a flag, ``<str>`` after an argument (whose name says
+    what it is). Options declare their words (``metavar``: MODEL, FILE, N); flags and
+    arguments get none."""
+
+    def format_help(self, ctx: typer.Context, formatter) -> None:
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = _no_label  # typer reads no metavar here
+            elif param.is_flag:
+                param.metavar = ""
+        super().format_help(ctx, formatter)
+
+
+def _no_label(ctx: typer.Context) -> None:
+    return None
+
+
+class _Command(_HelpInWords, TyperCommand):
+    """A command of ``rwkv``, with its help in words."""
+
+
+class _Group(_HelpInWords, TyperGroup):
+    """``rwkv`` itself, with its help in words."""
+
+
 app = typer.Typer(
     name="rwkv",
+    cls=_Group,
     help="Run RWKV language models from the terminal.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -88,6 +126,7 @@ app = typer.Typer(
 
 SAMPLING = "Sampling"
 STATE = "State"
+WEIGHT_TYPES = "|".join(DTYPES)  # --dtype's choices, as its help shows them
 
 
 def _writable_file(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -97,6 +136,39 @@ def _writable_file(ctx: typer.Context, value: Path | None) -> Path | None:
             raise typer.BadParameter("state files are binary: name a file (- is not stdout here)")
         check_writable(value)
     return value
+
+
+@contextlib.contextmanager
+def _as_usage_error(ctx: typer.Context | None = None, option: str | None = None) -> Iterator[None]:
+    """Our own checks of a value given on the command line fail as usage errors (exit 2, with
+    the check's hint), as typer's checks of types and ranges do."""
+    try:
+        yield
+    except RwkvCliError as error:
+        hint = None if option is None else f"'{option}'"
+        raise typer.BadParameter(error.message, ctx=ctx, param_hint=hint) from error
+
+
+def _model_spec(value: str | None) -> str | None:
+    """Option callback: an empty -m is a usage error (it used to mean the default model)."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty; name a checkpoint file or folder, Hub repo or alias")
+    return value
+
+
+def _known_tokenizer(value: str | None) -> str | None:
+    """Option callback: a name that names no tokenizer is a usage error."""
+    if value is not None:
+        with _as_usage_error():
+            check_tokenizer_name(value)
+    return value
+
+
+def _stop_texts(values: list[str] | None) -> list[str] | None:
+    """Option callback: an empty stop text, found everywhere, is a usage error."""
+    if values and not all(values):
+        raise typer.BadParameter("empty; give the text to stop at")
+    return values
 
 
 # Options shared by several commands, declared once.
@@ -109,32 +181,42 @@ ModelOption = Annotated[
     typer.Option(
         "-m",
         "--model",
+        metavar="MODEL",
         help=f"{MODEL_SPECS} Default: the model of the state resumed, else {DEFAULT_MODEL}.",
         show_default=False,
+        callback=_model_spec,
     ),
 ]
 BenchModelOption = Annotated[
     str | None,
     typer.Option(
-        "-m", "--model", help=f"{MODEL_SPECS} Default: {DEFAULT_MODEL}.", show_default=False
+        "-m",
+        "--model",
+        metavar="MODEL",
+        help=f"{MODEL_SPECS} Default: {DEFAULT_MODEL}.",
+        show_default=False,
+        callback=_model_spec,
     ),
 ]
 TokenizerOption = Annotated[
     str | None,
     typer.Option(
+        metavar="NAME",
         help=f"Tokenizer: {' or '.join(TOKENIZER_CHOICES)} (default: from the vocabulary size, "
         "or a state file's).",
         show_default=False,
+        callback=_known_tokenizer,
     ),
 ]
 RevisionOption = Annotated[
     str | None,
-    typer.Option(help="Hub branch, tag or commit of the model.", show_default=False),
+    typer.Option(metavar="REV", help="Hub branch, tag or commit of the model.", show_default=False),
 ]
 StateOption = Annotated[
     Path | None,
     typer.Option(
         "--state",
+        metavar="FILE",
         help="Continue from this state file (or a BlinkDL state-tuning .pth).",
         show_default=False,
         rich_help_panel=STATE,
@@ -144,6 +226,7 @@ SaveStateOption = Annotated[
     Path | None,
     typer.Option(
         "--save-state",
+        metavar="FILE",
         help="Save the state after the output to this file (may equal --state).",
         show_default=False,
         callback=_writable_file,
@@ -159,32 +242,47 @@ ForceOption = Annotated[
     ),
 ]
 MaxTokensOption = Annotated[
-    int, typer.Option("-n", "--max-tokens", min=0, help="Most tokens to generate.")
+    int, typer.Option("-n", "--max-tokens", min=0, metavar="N", help="Most tokens to generate.")
 ]
 ReplyTokensOption = Annotated[
-    int, typer.Option("-n", "--max-tokens", min=1, help="Most tokens in a reply.")
+    int, typer.Option("-n", "--max-tokens", min=1, metavar="N", help="Most tokens in a reply.")
 ]
 TemperatureOption = Annotated[
     float,
-    typer.Option(help="0 means greedy (always the likeliest token).", rich_help_panel=SAMPLING),
+    typer.Option(
+        metavar="T", help="0 means greedy (always the likeliest token).", rich_help_panel=SAMPLING
+    ),
 ]
 TopPOption = Annotated[
-    float, typer.Option(help="Nucleus sampling; 1 disables.", rich_help_panel=SAMPLING)
+    float,
+    typer.Option(metavar="P", help="Nucleus sampling; 1 disables.", rich_help_panel=SAMPLING),
 ]
 TopKOption = Annotated[
-    int, typer.Option(help="Keep the k likeliest tokens; 0 disables.", rich_help_panel=SAMPLING)
+    int,
+    typer.Option(
+        metavar="K", help="Keep the k likeliest tokens; 0 disables.", rich_help_panel=SAMPLING
+    ),
 ]
 PresenceOption = Annotated[
     float,
-    typer.Option(help="Subtracted once from tokens already generated.", rich_help_panel=SAMPLING),
+    typer.Option(
+        metavar="X",
+        help="Subtracted once from tokens already generated.",
+        rich_help_panel=SAMPLING,
+    ),
 ]
 FrequencyOption = Annotated[
-    float, typer.Option(help="Subtracted per (decayed) occurrence.", rich_help_panel=SAMPLING)
+    float,
+    typer.Option(
+        metavar="X", help="Subtracted per (decayed) occurrence.", rich_help_panel=SAMPLING
+    ),
 ]
 DecayOption = Annotated[
     float,
     typer.Option(
-        help="Occurrence counts decay by this factor per token.", rich_help_panel=SAMPLING
+        metavar="X",
+        help="Occurrence counts decay by this factor per token.",
+        rich_help_panel=SAMPLING,
     ),
 ]
 SeedOption = Annotated[
@@ -192,6 +290,7 @@ SeedOption = Annotated[
     typer.Option(
         min=0,
         max=MAX_SEED,
+        metavar="SEED",
         help="Random seed for reproducible sampling (a resumed state continues its own).",
         show_default=False,
         rich_help_panel=SAMPLING,
@@ -200,8 +299,10 @@ SeedOption = Annotated[
 StopOption = Annotated[
     list[str] | None,
     typer.Option(
+        metavar="TEXT",
         help=r"Stop at this text, which is not printed (repeatable; \n and \t understood).",
         show_default=False,
+        callback=_stop_texts,
     ),
 ]
 VerboseOption = Annotated[
@@ -211,12 +312,20 @@ VerboseOption = Annotated[
 
 
 def _checked_device(ctx: typer.Context, value: str) -> str:
-    """Option callback: a device this machine lacks fails before any work; the error names
-    RWKV_CLI_DEVICE when the value came from there."""
+    """Option callback: an unknown device name is a usage error, and a device this machine
+    lacks fails before any work; either error names RWKV_CLI_DEVICE when the value came from
+    there."""
     if ctx.resilient_parsing:
         return value
+    with _as_usage_error(option="--device"):  # typer's hint would name RWKV_CLI_DEVICE always
+        _check_device(ctx, value, device_name)
+    _check_device(ctx, value, resolve_device)
+    return value
+
+
+def _check_device(ctx: typer.Context, value: str, check: Callable[[str], object]) -> None:
     try:
-        resolve_device(value)
+        check(value)
     except InvalidInputError as error:
         source = ctx.get_parameter_source("device")
         if source is None or source.name != "ENVIRONMENT":
@@ -225,7 +334,6 @@ def _checked_device(ctx: typer.Context, value: str) -> str:
             f"{error.message} (RWKV_CLI_DEVICE={value})",
             hint=f"unset RWKV_CLI_DEVICE or pass --device; {error.hint}",
         ) from error
-    return value
 
 
 DeviceOption = Annotated[
@@ -234,6 +342,7 @@ DeviceOption = Annotated[
         "--device",
         envvar="RWKV_CLI_DEVICE",
         callback=_checked_device,
+        metavar="DEVICE",
         help="Where to run the model: cpu, cuda (the current GPU), cuda:N, or auto (a GPU if "
         "there is one).",
     ),
@@ -242,6 +351,7 @@ DtypeOption = Annotated[
     DtypeName | None,
     typer.Option(
         "--dtype",
+        metavar=WEIGHT_TYPES,
         help="Weight type (default: fp16 on a GPU, fp32 on the CPU). On the CPU bf16 and int8 "
         "take a half and a quarter of the memory and decode faster; int8 costs a little accuracy.",
         show_default=False,
@@ -304,6 +414,7 @@ def _root(
             envvar="RWKV_CLI_THREADS",
             min=1,
             max=MAX_THREADS,
+            metavar="N",
             help="CPU threads for the model (default: the physical cores).",
             show_default=False,
         ),
@@ -313,6 +424,7 @@ def _root(
         typer.Option(
             "--kernel",
             envvar="RWKV_CLI_KERNEL",
+            metavar="auto|torch|compiled",
             help="Compiled C++/CUDA kernels where they build, else the torch path (auto); always "
             "the torch path; or compiled (cuda is the same), failing if they do not build.",
         ),
@@ -323,7 +435,7 @@ def _root(
     set_kernel_choice("compiled" if kernel == "cuda" else kernel)
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     ctx: typer.Context,
     prompt: Annotated[
@@ -383,7 +495,7 @@ def generate(
     run.turn(console, text)
 
 
-@app.command("save-state")
+@app.command("save-state", cls=_Command)
 def save_state_command(
     ctx: typer.Context,
     text: Annotated[
@@ -399,6 +511,7 @@ def save_state_command(
         typer.Option(
             "-o",
             "--output",
+            metavar="FILE",
             help="State file to write.",
             show_default=False,
             callback=_writable_file,
@@ -411,7 +524,9 @@ def save_state_command(
     dtype: DtypeOption = None,
     file: Annotated[
         Path | None,
-        typer.Option("-f", "--file", help="Read the text from this file.", show_default=False),
+        typer.Option(
+            "-f", "--file", metavar="FILE", help="Read the text from this file.", show_default=False
+        ),
     ] = None,
     state: StateOption = None,
     force: ForceOption = False,
@@ -457,7 +572,7 @@ def save_state_command(
         )
 
 
-@app.command("load-state")
+@app.command("load-state", cls=_Command)
 def load_state_command(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="State file to resume.", show_default=False)],
@@ -485,7 +600,13 @@ def load_state_command(
 
     The model is the one the state file names, unless -m overrides it.
     """
-    if info or as_json:
+    if as_json and not info:
+        raise typer.BadParameter(
+            "it goes with --info (rwkv load-state FILE --info --json)",
+            ctx=ctx,
+            param_hint="'--json'",
+        )
+    if info:
         details = read_state_file(file).info()
         if as_json:
             typer.echo(json.dumps(details, indent=2, ensure_ascii=False))
@@ -520,10 +641,11 @@ def load_state_command(
     )
     lines = TerminalLines(input_history_file())
     while (line := lines.read()) is not None:
-        run.turn(console, unescape(line))
+        with lines.busy():
+            run.turn(console, unescape(line))
 
 
-@app.command()
+@app.command(cls=_Command)
 def chat(
     ctx: typer.Context,
     model: ModelOption = None,
@@ -535,6 +657,7 @@ def chat(
         Path | None,
         typer.Option(
             "--state",
+            metavar="FILE",
             help="Resume a saved chat, or chat after a saved state (e.g. a document).",
             show_default=False,
             rich_help_panel=STATE,
@@ -543,6 +666,7 @@ def chat(
     autosave: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="Save the chat to this state file after every turn.",
             show_default=False,
             callback=_writable_file,
@@ -553,6 +677,7 @@ def chat(
     system: Annotated[
         str | None,
         typer.Option(
+            metavar="TEXT",
             help="A system prompt before the conversation.",
             show_default=False,
             callback=_utf8_argument,
@@ -567,7 +692,9 @@ def chat(
     template: Annotated[
         str | None,
         typer.Option(
-            help="Turn format: world, g1 or pile (default: from the model).", show_default=False
+            metavar="NAME",
+            help="Turn format: world, g1 or pile (default: from the model).",
+            show_default=False,
         ),
     ] = None,
     max_tokens: ReplyTokensOption = MAX_REPLY_TOKENS,
@@ -594,7 +721,7 @@ def chat(
         "keep one with --autosave or | tee",
     )
     if autosave is not None:
-        _refuse_to_overwrite_a_chat(autosave, state)
+        _refuse_to_overwrite_a_state(autosave, state)
     console = stderr_console()
     start = _open(console, model, state, force, revision, tokenizer, device, dtype)
     saved = start.state_file
@@ -653,27 +780,34 @@ def chat(
         raise typer.Exit(EXIT_ERROR)
 
 
-def _refuse_to_overwrite_a_chat(autosave: Path, resumed: Path | None) -> None:
-    """--autosave onto another saved chat would replace it after the first turn."""
-    if not holds_a_saved_chat(autosave):
+def _refuse_to_overwrite_a_state(autosave: Path, resumed: Path | None) -> None:
+    """--autosave onto another state file (a saved chat, a document read once) would replace it
+    after the first turn; only the file resumed may be replaced."""
+    kind = state_file_kind(autosave)
+    if kind is None:
         return
     if resumed is not None and resumed.exists() and os.path.samefile(autosave, resumed):
         return
+    if kind == "chat":
+        held, hint = "a saved chat", f"resume it with --state {autosave} --autosave {autosave}"
+    else:
+        held, hint = "a saved state (not a chat)", f"chat after it with --state {autosave}"
     raise InvalidInputError(
-        f"{autosave} holds a saved chat, which --autosave would replace",
-        hint=f"resume it with --state {autosave} --autosave {autosave}, or autosave to "
-        "another file",
+        f"{autosave} holds {held}, which --autosave would replace",
+        hint=f"{hint}, or autosave to another file",
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     model: BenchModelOption = None,
     prompt_tokens: Annotated[
-        int, typer.Option("--prompt-tokens", min=1, help="Prompt length to prefill.")
+        int,
+        typer.Option("--prompt-tokens", min=1, metavar="N", help="Prompt length to prefill."),
     ] = 512,
     decode_tokens: Annotated[
-        int, typer.Option("--decode-tokens", min=1, help="Tokens to decode one by one.")
+        int,
+        typer.Option("--decode-tokens", min=1, metavar="N", help="Tokens to decode one by one."),
     ] = 128,
     device: DeviceOption = "cpu",
     dtypes: Annotated[
@@ -681,6 +815,7 @@ def bench(
         typer.Option(
             "--dtype",
             callback=_dtype_names,
+            metavar=WEIGHT_TYPES,
             help="Weight type to measure (default: fp16 on a GPU, fp32 on the CPU); repeat the "
             "option to measure several.",
             show_default=False,
@@ -705,7 +840,7 @@ def bench(
         print_bench(results)
 
 
-@app.command()
+@app.command(cls=_Command)
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     no_build: Annotated[
@@ -725,7 +860,7 @@ def doctor(
         raise problem
 
 
-@app.command()
+@app.command(cls=_Command)
 def download(
     spec: Annotated[
         str,
@@ -744,7 +879,7 @@ def download(
     typer.echo(resolve_model(spec, revision, console=stderr_console(), again=force).path)
 
 
-@app.command()
+@app.command(cls=_Command)
 def models() -> None:
     """List the model aliases and the checkpoints already downloaded."""
     print_models(list_aliases(), cached_models())
@@ -777,10 +912,8 @@ def _sampling_params(ctx: typer.Context, saved: SamplingParams | None) -> Sampli
     for name in SAMPLING_OPTIONS:
         use_saved = saved is not None and not _given(ctx, name)
         values[name] = getattr(saved, name) if use_saved else ctx.params[name]
-    try:
+    with _as_usage_error(ctx):
         return SamplingParams(**values).validated()
-    except InvalidInputError as error:  # out-of-range values are usage errors, like bad types
-        raise typer.BadParameter(error.message, ctx=ctx) from error
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

@@ -21,17 +21,10 @@ _CPU = torch.device("cpu")
 def resolve_device(spec: str | torch.device | None) -> torch.device:
     """The device ``spec`` names: "cpu" (the default), "cuda" (the current GPU), "cuda:N", or
     "auto" (the GPU if there is one, else the CPU). InvalidInputError if it is not there."""
-    text = str(spec if spec is not None else "cpu").strip().lower()
+    text = device_name(spec)
     if text == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if _has_cuda() else _CPU
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise InvalidInputError(
-            f"unknown device {text!r}", hint=f"use one of {', '.join(DEVICE_CHOICES)}"
-        )
+    device = torch.device(text)
     if device.type == "cpu":
         return _CPU
     if not _has_cuda():
@@ -47,6 +40,23 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
             f"there is no GPU cuda:{index}: this machine has {count}", hint=_DOCTOR_HINT
         )
     return torch.device("cuda", index)
+
+
+def device_name(spec: str | torch.device | None) -> str:
+    """``spec`` as one of the device names rwkv-cli knows (cpu, cuda, cuda:N, auto), whether
+    or not this machine has that device; InvalidInputError for any other name."""
+    text = str(spec if spec is not None else "cpu").strip().lower()
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InvalidInputError(
+            f"unknown device {text!r}", hint=f"use one of {', '.join(DEVICE_CHOICES)}"
+        )
+    return text
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:

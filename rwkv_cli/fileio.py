@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from glob import escape as glob_escape
 from pathlib import Path
+from typing import IO
 
 try:
     import fcntl
@@ -18,6 +19,9 @@ except ImportError:  # Windows
     fcntl = None
 
 from rwkv_cli.errors import DiskFullError, WriteError
+
+_TEMPORARY = ".tmp"  # the suffix of atomic_write's temporary folders
+_CLAIM_ATTEMPTS = 3  # a new temporary folder is lost to another write's cleanup only in a race
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -28,29 +32,66 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write(path: str | Path, write_to: Callable[[Path], object]) -> None:
     """Replace ``path`` with what ``write_to(temp_path)`` writes: a file in a temporary folder
     of its own beside ``path`` (a writer that makes temporary files itself, as safetensors does,
-    makes them there too), fsync, rename.
+    makes them there too), fsync, rename. A symbolic link is written through: its target is
+    replaced, beside which the temporary folder is made, and the link stays.
 
-    On any failure the temporary folder is removed, the previous file (if any) is left as it
-    was, and a :class:`WriteError` says why. A killed process leaves the folder behind for
-    ``remove_leftovers``.
+    Each write first removes what earlier writes of the same file left when their process was
+    killed (``remove_leftovers``). On any failure the temporary folder is removed, the previous
+    file (if any) is left as it was, and a :class:`WriteError` says why.
     """
     path = Path(path)
-    directory = path.parent  # Path("name").parent is Path(".")
+    target = write_target(path)
     try:
-        folder = Path(tempfile.mkdtemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp"))
+        with _temporary_folder(target) as folder:
+            remove_leftovers(target)
+            temp = folder / target.name
+            write_to(temp)
+            os.chmod(temp, _mode_for(target))
+            _fsync_file(temp)
+            os.replace(temp, target)
     except OSError as error:
         raise _write_error(path, error) from error
-    temp = folder / path.name
-    try:
-        write_to(temp)
-        os.chmod(temp, _mode_for(path))
-        _fsync_file(temp)
-        os.replace(temp, path)
-    except OSError as error:
-        raise _write_error(path, error) from error
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    _fsync_directory(directory)
+    _fsync_directory(target.parent)
+
+
+def write_target(path: Path) -> Path:
+    """The file a write of ``path`` replaces: ``path`` itself, or the file a symbolic link
+    points to (a link that points nowhere yet names the file to create)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+@contextlib.contextmanager
+def _temporary_folder(beside: Path) -> Iterator[Path]:
+    """A new folder beside ``beside``, flocked until the block ends and it is removed, so
+    that one nobody holds is known to be left by a killed process."""
+    for _ in range(_CLAIM_ATTEMPTS):
+        prefix = f".{beside.name}."
+        folder = Path(tempfile.mkdtemp(dir=beside.parent, prefix=prefix, suffix=_TEMPORARY))
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            if not _claim(descriptor, folder):
+                continue
+            try:
+                yield folder
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            return
+        finally:
+            os.close(descriptor)
+    raise OSError(errno.EAGAIN, "other writes of the file kept removing its temporary folder")
+
+
+def _claim(descriptor: int, folder: Path) -> bool:
+    """Lock a new temporary folder; False when another write's ``remove_leftovers`` took it in
+    the moment between its making and its locking (and removed it or is removing it)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # no flocks here: no other write can take it either
+    return _still_named(folder, descriptor)
 
 
 @contextlib.contextmanager
@@ -59,17 +100,41 @@ def exclusive(lock_file: Path) -> Iterator[bool]:
     process at a time, the others wait. It is an ``flock``, which the system drops when its
     process dies, so a killed process never leaves it held. Yields whether the lock is held:
     False where there are no such locks (Windows, some network file systems), and the block
-    runs unguarded. OSError if the file (or its folder) cannot be created."""
+    runs unguarded. OSError if the file (or its folder) cannot be created.
+
+    The file is deleted as the lock is released (a cache keeps no empty file per lock); a
+    process that was waiting on the deleted file finds it gone and locks the new one."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
-        try:
-            if fcntl is None:
-                raise OSError(errno.ENOLCK, "no flock here")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:
-            yield False
-        else:
-            yield True
+    while True:
+        with open(lock_file, "a") as handle:
+            held = _lock(handle)
+            if held and not _still_named(lock_file, handle.fileno()):
+                continue  # released and deleted while we waited
+            try:
+                yield held
+            finally:
+                with contextlib.suppress(OSError):
+                    lock_file.unlink()  # while held: a waiter finds its file gone, starts over
+            return
+
+
+def _lock(handle: IO) -> bool:
+    """Wait for ``handle``'s flock; False where there are no flocks."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
+
+
+def _still_named(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` still names the file (or folder) open as ``descriptor``."""
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
+    except OSError:
+        return False
 
 
 def held_elsewhere(lock_file: Path) -> bool:
@@ -89,14 +154,24 @@ def held_elsewhere(lock_file: Path) -> bool:
 
 
 def remove_leftovers(path: Path) -> None:
-    """Delete temporary files that writes of ``path`` by ``atomic_write`` left when their process
-    was killed. Only safe while holding the lock every writer of ``path`` takes."""
-    for temporary in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        if temporary.is_dir() and not temporary.is_symlink():
-            shutil.rmtree(temporary, ignore_errors=True)
-        else:
+    """Delete the temporary folders that writes of ``path`` by ``atomic_write`` left when their
+    process was killed: those whose flock nobody holds. Those of live writes stay, and so does
+    everything where there are no flocks."""
+    for folder in path.parent.glob(f".{glob_escape(path.name)}.*{_TEMPORARY}"):
+        if folder.is_dir() and not folder.is_symlink():
             with contextlib.suppress(OSError):
-                temporary.unlink()  # a temporary file, as earlier versions wrote
+                _remove_if_abandoned(folder)
+
+
+def _remove_if_abandoned(folder: Path) -> None:
+    if fcntl is None:
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live write
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(descriptor)
 
 
 def check_writable(path: str | Path) -> None:
@@ -104,7 +179,7 @@ def check_writable(path: str | Path) -> None:
     names a directory, or its directory is missing or read-only. Commands check their output
     files before a long run rather than fail at its end."""
     path = Path(path)
-    directory = path.parent
+    directory = write_target(path).parent
     if path.is_dir():
         reason = "it is a directory"
     elif directory.exists() and not directory.is_dir():
@@ -148,8 +223,9 @@ def _fsync_directory(directory: Path) -> None:
 
 def _write_error(path: Path, error: OSError) -> WriteError:
     if error.errno == errno.ENOSPC:
+        kept = "; the previous file is unchanged" if path.exists() else ""
         return WriteError(
-            f"disk full while writing {path}; the previous file is unchanged",
+            f"disk full while writing {path}{kept}",
             hint="free some space and run the command again",
         )
     reason = error.strerror or str(error)

@@ -71,15 +71,13 @@ def load_model_cached(
 @contextlib.contextmanager
 def _one_conversion_at_a_time(cached: Path) -> Iterator[None]:
     """Convert each checkpoint in one process at a time (a second command waits, then loads the
-    result), and clear what a killed conversion left (a file as large as the model). Where the
-    cache cannot be written the conversion runs unguarded, and its write says why it failed."""
+    result), and first clear what a killed conversion left (a file as large as the model, which
+    the free-space check would count). Where the cache cannot be written the conversion runs
+    unguarded, and its write says why it failed."""
     with contextlib.ExitStack() as held:
-        try:
-            alone = held.enter_context(exclusive(cached.with_name(f".{cached.name}.lock")))
-        except OSError:
-            alone = False
-        if alone:
-            remove_leftovers(cached)
+        with contextlib.suppress(OSError):
+            held.enter_context(exclusive(cached.with_name(f".{cached.name}.lock")))
+        remove_leftovers(cached)
         yield
 
 

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +26,11 @@ from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
 from rwkv_cli.textio import OutputClosedError, StdoutWriter, decode_utf8
 from rwkv_cli.ui import prefill_progress, print_dim, print_error
+
+try:
+    import termios
+except ImportError:  # Windows
+    termios = None
 
 if TYPE_CHECKING:
     from prompt_toolkit.history import History
@@ -55,6 +60,9 @@ class LineSource(Protocol):
     def read(self) -> str | None:
         """The next message or command; None when input ends."""
 
+    def busy(self) -> contextlib.AbstractContextManager[None]:
+        """Around the work on a line (reading a message, streaming its reply)."""
+
 
 class ScriptLines:
     """One message per line from a non-terminal stdin (the lines between two \"\"\" lines make
@@ -72,6 +80,9 @@ class ScriptLines:
         while (line := self._line()) is not None and line.strip() != MULTILINE_FENCE:
             block.append(line)
         return Block("\n".join(block))  # a block still open at the end of input is sent as is
+
+    def busy(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def _line(self) -> str | None:
         data = self.stream.readline()
@@ -105,6 +116,12 @@ class TerminalLines:
                 return line
             return self._block()
 
+    def busy(self) -> contextlib.AbstractContextManager[None]:
+        """Keys typed while a line is worked on (a reply streams) are neither echoed into the
+        reply nor taken by the terminal as lines, where a Ctrl-D would be lost; they wait, in
+        order, for the next prompt. Ctrl-C still interrupts."""
+        return _keys_held(sys.stdin)
+
     def _block(self) -> str | None:
         lines = []
         while True:
@@ -117,6 +134,35 @@ class TerminalLines:
             if line.strip() == MULTILINE_FENCE:
                 return Block("\n".join(lines))
             lines.append(line)
+
+
+@contextlib.contextmanager
+def _keys_held(stream: TextIO) -> Iterator[None]:
+    """The terminal ``stream`` without echo and line editing (signals still work) while the
+    block runs, then as it was, with what was typed meanwhile still to be read."""
+    saved = _terminal_mode(stream)
+    if saved is None:
+        yield
+        return
+    held = [*saved]
+    held[3] = saved[3] & ~(termios.ECHO | termios.ICANON)  # lflag
+    held[6] = [*saved[6]]
+    held[6][termios.VMIN], held[6][termios.VTIME] = 1, 0  # cc: each key readable at once
+    termios.tcsetattr(stream.fileno(), termios.TCSANOW, held)  # not TCSAFLUSH: keep typed keys
+    try:
+        yield
+    finally:
+        termios.tcsetattr(stream.fileno(), termios.TCSANOW, saved)
+
+
+def _terminal_mode(stream: TextIO) -> list | None:
+    """The termios settings of ``stream``; None where it is no terminal (or there is none)."""
+    if termios is None:
+        return None
+    try:
+        return termios.tcgetattr(stream.fileno())
+    except (OSError, ValueError, termios.error):  # io.UnsupportedOperation is an OSError
+        return None
 
 
 def _history(path: Path) -> History:
@@ -194,17 +240,23 @@ class ChatRepl:
 
     def run(self) -> None:
         while (line := self.lines.read()) is not None:
-            if line.strip().startswith("/") and not isinstance(line, Block):
-                if not self.command(line.strip()):
+            with self.lines.busy():
+                if not self._take(line):
                     return
-            elif line.strip():
-                try:
-                    with prefill_progress(self.console) as on_prefill:  # a long paste
-                        reply = self.chat.send(line, on_prefill)
-                except KeyboardInterrupt:  # while the model read the message: it was not sent
-                    self.console.print("[dim](stopped; the message was not sent)[/dim]")
-                    continue
-                self._stream(reply)
+
+    def _take(self, line: str) -> bool:
+        """Run a command or send a message; False means leave the chat."""
+        if line.strip().startswith("/") and not isinstance(line, Block):
+            return self.command(line.strip())
+        if line.strip():
+            try:
+                with prefill_progress(self.console) as on_prefill:  # a long paste
+                    reply = self.chat.send(line, on_prefill)
+            except KeyboardInterrupt:  # while the model read the message: it was not sent
+                self.console.print("[dim](stopped; the message was not sent)[/dim]")
+                return True
+            self._stream(reply)
+        return True
 
     # --- replies -------------------------------------------------------------------------------
 

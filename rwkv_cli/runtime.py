@@ -25,7 +25,13 @@ from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from rwkv_cli.kernels import kernels_to_build, prepare_kernels
 from rwkv_cli.models import Model
 from rwkv_cli.prepared import load_model_cached
-from rwkv_cli.statefile import StateFile, import_state_tuning, is_state_tuning_file, read_state_file
+from rwkv_cli.statefile import (
+    StateFile,
+    import_state_tuning,
+    is_pytorch_file,
+    read_state_file,
+    read_state_tuning,
+)
 from rwkv_cli.tokenizer import (
     BPETokenizer,
     Tokenizer,
@@ -172,7 +178,8 @@ def open_start(
     if state_path is None:
         spec = model_spec or default_model(console)
         return Start(open_model(spec, revision, console, tokenizer, **where), Session())
-    if is_state_tuning_file(state_path):
+    if is_pytorch_file(state_path):
+        read_state_tuning(state_path)  # first: a model checkpoint given as a state says so
         if model_spec is None:
             raise InvalidInputError(
                 f"{state_path} is a state-tuning file, which does not record its model",

@@ -1,26 +1,37 @@
 """State files: a saved :class:`Session` and everything needed to check and resume it.
 
-Format version 1 is a safetensors file (layout in the README, "The state file"). Tensors:
+Format version 2 is a safetensors file (layout in the README, "The state file"). Tensors:
 ``blocks.{i}.*`` (the model's recurrent state, float32), ``logits`` (next-token logits),
 ``sampling.counts`` (penalty occurrence counts) and ``sampling.rng_state`` (uint8, the sampler's
-torch generator). String metadata names the model, the format, and how the state was made.
+torch generator). String metadata names the model, the format, and how the state was made, and
+holds the SHA-256 of the tensor data (version 1 files, without it, load unchecked).
 
 BlinkDL "state tuning" files (``.pth`` with ``blocks.N.att.time_state``) load as initial states.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_tensors
 from safetensors.torch import save as safetensors_bytes
 
 from rwkv_cli import __version__
-from rwkv_cli.checkpoint import GENERATION_NAMES, first_non_finite, read_tensors
+from rwkv_cli.checkpoint import (
+    GENERATION_NAMES,
+    first_non_finite,
+    is_model_checkpoint,
+    is_state_tuning,
+    read_tensors,
+)
 from rwkv_cli.errors import RwkvCliError, StateFileError
 from rwkv_cli.fileio import atomic_write_bytes
 from rwkv_cli.generate import Session
@@ -28,7 +39,9 @@ from rwkv_cli.models import Model
 from rwkv_cli.sampling import SamplingParams
 
 FORMAT_NAME = "rwkv-cli-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the metadata holds the tensor data's SHA-256
+_UNCHECKED_VERSION = "1"  # files from before the checksum: read without it
+CHECKSUM = "tensors_sha256"  # the metadata key
 TEXT_TAIL_CHARS = 2000  # how much of the text read so far a state file keeps, for display only
 _LOGITS, _COUNTS, _RNG = "logits", "sampling.counts", "sampling.rng_state"
 # A chat that began after a saved state (a document, a state-tuning file) keeps that state too,
@@ -196,7 +209,7 @@ def save_state_file(
     chat: dict | None = None,
     chat_start: Session | None = None,
 ) -> None:
-    """Write ``session`` and its provenance to ``path`` atomically (format version 1). A chat
+    """Write ``session`` and its provenance to ``path`` atomically (format version 2). A chat
     that began after a saved state gives that state as ``chat_start``."""
     state = session.state if session.state is not None else model.new_state()
     tensors = {name: _stored(tensor) for name, tensor in state.named_tensors().items()}
@@ -235,7 +248,19 @@ def save_state_file(
         metadata["seed"] = str(seed)
     if chat is not None:
         metadata["chat"] = json.dumps(chat, ensure_ascii=False)
+    metadata[CHECKSUM] = data_checksum(tensors)
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def data_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 (hex) of the data section of a safetensors file holding ``tensors``: the
+    bytes after the header, which do not depend on the metadata."""
+    _, data = _sections(safetensors_bytes(tensors))
+    return _sha256(data)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -246,19 +271,8 @@ def _stored(tensor: torch.Tensor) -> torch.Tensor:
 def read_state_file(path: str | Path) -> StateFile:
     """Read and structurally check a state file; StateFileError says what is wrong."""
     path = Path(path)
-    metadata, tensors = _read_safetensors(path)
-    if metadata.get("format") != FORMAT_NAME:
-        raise StateFileError(
-            f"{path} is not an rwkv-cli state file",
-            hint="state files are made by `rwkv save-state` or `--save-state`",
-        )
-    version = metadata.get("format_version", "")
-    if version != str(FORMAT_VERSION):
-        raise StateFileError(
-            f"{path} is a state file of format version {version or '?'}; "
-            f"this rwkv-cli reads version {FORMAT_VERSION}",
-            hint="upgrade rwkv-cli to read newer state files",
-        )
+    metadata, tensors, data = _read_safetensors(path)
+    _check_format(path, metadata, data)
     broken = first_non_finite(tensors)
     if broken is not None:
         raise StateFileError(f"state file {path} is corrupt: {broken} holds NaN or infinite values")
@@ -268,25 +282,77 @@ def read_state_file(path: str | Path) -> StateFile:
         raise StateFileError(f"state file {path} is corrupt: bad metadata ({error})") from error
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _check_format(path: Path, metadata: dict[str, str], data: bytes) -> None:
+    """A state file of a version this rwkv-cli reads, whose tensor data is as it was written."""
+    version = metadata.get("format_version", "")
+    if version not in (_UNCHECKED_VERSION, str(FORMAT_VERSION)):
+        raise StateFileError(
+            f"{path} is a state file of format version {version or '?'}; "
+            f"this rwkv-cli reads versions up to {FORMAT_VERSION}",
+            hint="upgrade rwkv-cli to read newer state files",
+        )
+    if version != _UNCHECKED_VERSION and metadata.get(CHECKSUM) != _sha256(data):
+        raise StateFileError(
+            f"state file {path} is corrupt: its tensor data does not match its checksum",
+            hint="the file was damaged after it was written (disk, copy or transfer): use "
+            "another copy",
+        )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor], bytes]:
+    """A state file's metadata, tensors and data section, from one read of the file; a file
+    of another kind is named as such from its header alone (a model may be large)."""
     if path.is_dir():
         raise StateFileError(f"{path} is a directory, not a state file")
     if not path.is_file():
         raise StateFileError(f"no such state file: {path}")
     try:
         with safe_open(path, framework="pt") as file:
-            return file.metadata() or {}, {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+            if (file.metadata() or {}).get("format") != FORMAT_NAME:
+                raise _not_a_state_file(path, file.keys())
+        contents = path.read_bytes()
+        tensors = safetensors_tensors(contents)  # checks the whole layout
+        header, data = _sections(contents)
+        return header.get("__metadata__") or {}, tensors, data
     except (SafetensorError, OSError, ValueError) as error:
-        if is_state_tuning_file(path):
-            raise StateFileError(
-                f"{path} is a PyTorch .pth file, not an rwkv-cli state file",
-                hint="a state-tuning .pth is used with --state and its model (-m); "
-                "a model checkpoint with -m",
-            ) from error
+        if is_pytorch_file(path):
+            raise _not_a_state_file(path, _pth_tensors(path)) from error
         raise StateFileError(
             f"state file {path} is truncated or corrupt",
             hint="state files are safetensors files written by rwkv-cli",
         ) from error
+
+
+def _not_a_state_file(path: Path, names: Collection[str]) -> StateFileError:
+    """The error for a file given as a state file that is none: what it is, and where it goes."""
+    if is_model_checkpoint(names):
+        return StateFileError(
+            f"{path} is a model checkpoint, not a state file", hint=f"pass it with -m {path}"
+        )
+    if is_state_tuning(names):
+        return StateFileError(
+            f"{path} is a BlinkDL state-tuning file, not an rwkv-cli state file",
+            hint="it loads as an initial state with --state FILE and its model, -m MODEL",
+        )
+    return StateFileError(
+        f"{path} is not an rwkv-cli state file",
+        hint="state files are made by `rwkv save-state` or `--save-state`",
+    )
+
+
+def _pth_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .pth given as a state (read memory-mapped, never executed)."""
+    try:
+        return read_tensors(path)
+    except RwkvCliError as error:
+        raise StateFileError(error.message, error.hint) from error
+
+
+def _sections(contents: bytes) -> tuple[dict, bytes]:
+    """A safetensors file's header (JSON) and its data section (the tensors' bytes): an 8-byte
+    little-endian header size, the header, then the data."""
+    size = int.from_bytes(contents[:8], "little")
+    return json.loads(contents[8 : 8 + size]), contents[8 + size :]
 
 
 def _state_file_from(path: Path, metadata: dict[str, str], tensors: dict) -> StateFile:
@@ -330,23 +396,37 @@ def _state_file_from(path: Path, metadata: dict[str, str], tensors: dict) -> Sta
     )
 
 
-def holds_a_saved_chat(path: str | Path) -> bool:
-    """Whether ``path`` is a state file with a chat in it (its header alone is read)."""
+def state_file_kind(path: str | Path) -> Literal["chat", "state"] | None:
+    """What ``path`` holds, from its header alone: "chat" for a saved chat, "state" for another
+    state file (a document read once, say), None for anything else."""
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
     except (SafetensorError, OSError, ValueError):
-        return False
-    return metadata.get("format") == FORMAT_NAME and "chat" in metadata
+        return None
+    if metadata.get("format") != FORMAT_NAME:
+        return None
+    return "chat" if "chat" in metadata else "state"
 
 
-def is_state_tuning_file(path: str | Path) -> bool:
-    """Whether ``path`` looks like a BlinkDL state-tuning checkpoint (a .pth zip archive)."""
+def is_pytorch_file(path: str | Path) -> bool:
+    """Whether ``path`` is a PyTorch .pth (a zip archive): as a state, a BlinkDL state-tuning
+    file, or a model checkpoint given in the wrong place."""
     try:
         with Path(path).open("rb") as file:
             return file.read(4) == b"PK\x03\x04"
     except OSError:
         return False
+
+
+def read_state_tuning(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``time_state`` tensors of a BlinkDL state-tuning file; for any other file a
+    StateFileError saying what it is (a model checkpoint given as a state says so)."""
+    path = Path(path)
+    tensors = _pth_tensors(path)
+    if not is_state_tuning(tensors):
+        raise _not_a_state_file(path, tensors)
+    return tensors
 
 
 def import_state_tuning(path: str | Path, model: Model) -> Session:
@@ -356,18 +436,9 @@ def import_state_tuning(path: str | Path, model: Model) -> Session:
     session has no logits yet. RWKV-7 stores ``time_state`` as [head, value, key], our layout.
     """
     path = Path(path)
-    try:
-        tensors = read_tensors(path)
-    except RwkvCliError as error:
-        raise StateFileError(error.message, error.hint) from error
+    states = read_state_tuning(path)
     template = model.new_state()
     named = template.named_tensors()
-    states = {name: t for name, t in tensors.items() if name.endswith(".att.time_state")}
-    if not states or len(states) != len(tensors):
-        raise StateFileError(
-            f"{path} is neither an rwkv-cli state file nor a state-tuning file",
-            hint="state-tuning files hold only blocks.N.att.time_state tensors",
-        )
     for name, tensor in states.items():
         target = name.replace(".att.time_state", ".att.wkv")
         if target not in named:

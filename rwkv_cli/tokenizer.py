@@ -32,6 +32,7 @@ import copy
 import functools
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -66,6 +67,7 @@ NEOX_PADDED_VOCAB = 50304  # RWKV-7 Pile models pad their head to a multiple of 
 # demo model does); state files record it as "bpe-" and this many hex digits of its SHA-256.
 BUNDLED_TOKENIZER_FILE = "tokenizer.json"
 BPE_NAME_DIGITS = 12
+_BPE_NAME = re.compile(rf"bpe-[0-9a-f]{{{BPE_NAME_DIGITS}}}")
 
 _NEOX_HINT = (
     f"the 20B tokenizer ships with rwkv-cli as rwkv_cli/data/{NEOX_FILE}; "
@@ -389,20 +391,31 @@ def tokenizer_for_vocab(vocab_size: int) -> Tokenizer:
     )
 
 
+def check_tokenizer_name(name: str) -> None:
+    """TokenizerError unless ``name`` can name a tokenizer: world, 20b (or another name of
+    theirs), or the ``bpe-`` name of a model's own tokenizer.json (see ``bpe_name``)."""
+    if name.lower() not in TOKENIZER_ALIASES and not _BPE_NAME.fullmatch(name.lower()):
+        raise _unknown_tokenizer(name)
+
+
 def tokenizer_by_name(name: str, vocab_size: int | None = None) -> Tokenizer:
     """The tokenizer called ``name`` ("world", "20b" or a full name), for a model with
     ``vocab_size`` rows when given: it must not have more tokens than the model has rows."""
     canonical = TOKENIZER_ALIASES.get(name.lower())
     if canonical is None:
-        raise TokenizerError(
-            f"unknown tokenizer {name!r}", hint=f"choose one of: {', '.join(TOKENIZER_CHOICES)}"
-        )
+        raise _unknown_tokenizer(name)
     if canonical == NEOX_NAME:
         return load_neox_tokenizer(vocab_size or NEOX_TOKEN_COUNT)
     tokenizer = load_world_tokenizer()
     if vocab_size is not None:
         _require_fit("World", tokenizer.token_count, vocab_size)
     return tokenizer
+
+
+def _unknown_tokenizer(name: str) -> TokenizerError:
+    return TokenizerError(
+        f"unknown tokenizer {name!r}", hint=f"choose one of: {', '.join(TOKENIZER_CHOICES)}"
+    )
 
 
 def _require_fit(label: str, token_count: int, vocab_size: int) -> None:

@@ -95,6 +95,16 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return path
 
 
+def flip_tensor_bytes(path: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the middle of a safetensors file's tensor data."""
+    contents = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(contents[:8], "little")
+    middle = (data_start + len(contents)) // 2
+    for index in range(middle, middle + count):
+        contents[index] ^= 0xFF
+    path.write_bytes(bytes(contents))
+
+
 # --- RWKV-4, 5 and 6 -------------------------------------------------------------------------
 
 PILE_VOCAB = 50277  # the 20B (GPT-NeoX) tokenizer of RWKV-4 Pile models

@@ -7,6 +7,7 @@ import inspect
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import types
 from pathlib import Path
 
 import pytest
+import typer
 
 from rwkv_cli import entry
 from rwkv_cli.bench import benchmark
@@ -196,6 +198,23 @@ def test_invalid_option_values_are_usage_errors(rwkv7_pth, option, value, fragme
     assert f"Hint: {hint}" in result.stderr.decode()
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment", "hint"),
+    [
+        (["generate", "x", "--device", "foo"], "'--device': unknown device 'foo'", "use one of"),
+        (["generate", "x", "--tokenizer", "bogus"], "unknown tokenizer 'bogus'", "choose one of"),
+        (["generate", "x", "-m", ""], "'--model': empty", "see 'rwkv generate --help'"),
+        (["bench", "-m", " "], "'--model': empty", "see 'rwkv bench --help'"),
+        (["generate", "x", "--stop", "a", "--stop", ""], "'--stop': empty", "see 'rwkv"),
+        (["load-state", "s.rwkvstate", "--json"], "'--json': it goes with --info", "see 'rwkv"),
+    ],
+)
+def test_bad_names_and_empty_values_are_usage_errors(args, fragment, hint) -> None:
+    result = rwkv(*args)
+    assert_one_line_error(result, 2, fragment)
+    assert f"Hint: {hint}" in result.stderr.decode()
+
+
 def test_unknown_option_is_a_usage_error() -> None:
     assert_one_line_error(rwkv("generate", "x", "--frobnicate"), 2, "--frobnicate")
 
@@ -223,6 +242,20 @@ def test_version_and_help() -> None:
     bare = rwkv()  # the help, and no empty "Error:" line after it
     assert bare.returncode == 2 and "generate" in bare.stdout.decode()
     assert bare.stderr == b""
+
+
+def test_no_help_labels_a_value_with_a_python_type() -> None:
+    from rwkv_cli.cli import app
+
+    commands = [[], *([name] for name in typer.main.get_command(app).commands)]
+    assert len(commands) == 9
+    for command in commands:
+        result = rwkv(*command, "--help", env={"COLUMNS": "200"})
+        text = result.stdout.decode()
+        assert result.returncode == 0 and "--help" in text
+        assert re.findall(r"<[a-z][^>]*>", text) == [], command  # <bool>, <str>, <list[str]> ...
+    generate = rwkv("generate", "--help", env={"COLUMNS": "200"}).stdout.decode()
+    assert all(word in generate for word in ("MODEL", "FILE", "TEXT", "SEED"))
 
 
 def test_an_option_of_rwkv_itself_after_the_command_says_where_it_goes() -> None:
@@ -359,4 +392,4 @@ def test_tokenizer_override(rwkv7_pth) -> None:
     wrong = rwkv(*args, "--tokenizer", "20b")  # 50277 tokens do not spell World ids
     assert wrong.returncode == 0 and wrong.stdout != world.stdout
     unknown = rwkv(*args, "--tokenizer", "klingon")
-    assert unknown.returncode == 1 and b"klingon" in unknown.stderr
+    assert_one_line_error(unknown, 2, "Invalid value for '--tokenizer': unknown tokenizer")

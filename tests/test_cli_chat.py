@@ -91,6 +91,24 @@ def test_autosave_never_replaces_another_saved_chat(rwkv7_pth, tmp_path) -> None
     assert len(read_state_file(saved).chat["messages"]) == 4
 
 
+def test_autosave_never_replaces_a_saved_state_that_is_not_a_chat(rwkv7_pth, tmp_path) -> None:
+    document = tmp_path / "manual.rwkvstate"
+    assert (
+        rwkv("save-state", "A manual, read once.", "-m", rwkv7_pth, "-o", document).returncode == 0
+    )
+    before = document.read_bytes()
+    chat = ("chat", "-m", rwkv7_pth, "--max-tokens", "4")
+    refused = rwkv(*chat, "--autosave", document, stdin=b"Hi\n")
+    assert_one_line_error(refused, 1, "holds a saved state (not a chat), which --autosave would")
+    assert f"Hint: chat after it with --state {document}" in refused.stderr.decode()
+    assert document.read_bytes() == before
+    after = tmp_path / "chat.rwkvstate"
+    resumed = rwkv(*chat, "--state", document, "--autosave", after, stdin=b"Hi\n")
+    assert resumed.returncode == 0, resumed.stderr
+    assert document.read_bytes() == before
+    assert read_state_file(after).chat_start  # the document's state, kept with the chat
+
+
 def test_options_given_when_resuming_win_over_the_saved_ones(rwkv7_pth, tmp_path) -> None:
     saved = tmp_path / "chat.rwkvstate"
     options = ("--max-tokens", "7", "--template", "pile")  # not the defaults (500, world)

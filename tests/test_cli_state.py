@@ -15,6 +15,7 @@ from rwkv_cli.runtime import open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import read_state_file
 from tests.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv, rwkv_ok
+from tests.fixtures import flip_tensor_bytes
 
 GREEDY = ["--temperature", "0"]
 
@@ -153,6 +154,25 @@ def test_save_state_can_extend_a_saved_state(tmp_path, rwkv7_pth, loaded) -> Non
     assert (saved.logits == expected.logits).all()
 
 
+def test_states_saved_onto_a_symbolic_link_replace_the_file_it_points_to(tmp_path, rwkv7_pth):
+    (tmp_path / "states").mkdir()
+    target = tmp_path / "states" / "s.rwkvstate"
+    link = tmp_path / "latest.rwkvstate"
+    link.symlink_to(target)
+    saved = rwkv("save-state", "Hello", "-m", rwkv7_pth, "-o", link)
+    assert saved.returncode == 0, saved.stderr
+    assert link.is_symlink() and read_state_file(target).text_tail == "Hello"
+    more = rwkv("generate", " there", "--state", link, "--save-state", link, "-n", "2", *GREEDY)
+    assert more.returncode == 0, more.stderr
+    assert link.is_symlink()
+    assert read_state_file(target).text_tail == "Hello there" + more.stdout.decode()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "latest.rwkvstate",
+        "s.rwkvstate",
+        "states",
+    ]
+
+
 def test_load_state_continues_piped_text_like_generate(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "s.rwkvstate"
     rwkv_ok("save-state", "Story:", "-m", rwkv7_pth, "-o", state)
@@ -167,7 +187,7 @@ def test_load_state_info_and_json(tmp_path, rwkv7_pth) -> None:
     state = tmp_path / "s.rwkvstate"
     rwkv_ok("generate", "Hi", "-m", rwkv7_pth, "-n", "3", "--seed", "4", "--save-state", state)
     info = rwkv("load-state", state, "--info")
-    as_json = rwkv("load-state", state, "--json")
+    as_json = rwkv("load-state", state, "--info", "--json")
     assert info.returncode == as_json.returncode == 0
     text = info.stdout.decode()
     assert (
@@ -237,6 +257,16 @@ def test_corrupt_and_missing_state_files(tmp_path, rwkv7_pth) -> None:
     assert_one_line_error(rwkv("load-state", tmp_path), 1, "is a directory, not a state file")
 
 
+def test_a_state_file_with_flipped_bytes_is_refused_as_corrupt(tmp_path, rwkv7_pth) -> None:
+    state = tmp_path / "s.rwkvstate"
+    rwkv("save-state", "A long document, read once.", "-m", rwkv7_pth, "-o", state)
+    flip_tensor_bytes(state)
+    message = "its tensor data does not match its checksum"
+    assert_one_line_error(rwkv("load-state", state, "--info"), 1, "is corrupt", message)
+    resumed = rwkv("generate", " more", "--state", state, "-n", "2")
+    assert_one_line_error(resumed, 1, f"state file {state} is corrupt", message)
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -265,6 +295,22 @@ def test_state_tuning_file_needs_its_model(state_tuning_pth, rwkv7_pth) -> None:
     plain = rwkv("generate", "Hi", "-m", rwkv7_pth, "-n", "8", *GREEDY)
     tuned = rwkv("generate", "Hi", "-m", rwkv7_pth, "--state", state_tuning_pth, "-n", "8", *GREEDY)
     assert tuned.returncode == 0 and tuned.stdout != plain.stdout
+
+
+def test_a_model_given_as_a_state_says_to_pass_it_with_m(rwkv7_pth, rwkv7_safetensors) -> None:
+    for model in (rwkv7_pth, rwkv7_safetensors):
+        for command in (("load-state", model), ("generate", "Hi", "--state", model)):
+            result = rwkv(*command, stdin=b"more")
+            assert_one_line_error(result, 1, f"{model} is a model checkpoint, not a state file")
+            assert f"Hint: pass it with -m {model}" in result.stderr.decode()
+
+
+def test_a_state_given_as_a_model_says_to_pass_it_with_state(tmp_path, rwkv7_pth) -> None:
+    state = tmp_path / "s.rwkvstate"
+    rwkv("save-state", "x", "-m", rwkv7_pth, "-o", state)
+    result = rwkv("generate", "Hi", "-m", state)
+    assert_one_line_error(result, 1, f"{state}: this is an rwkv-cli state file, not a model")
+    assert "Hint: pass it with --state FILE or to rwkv load-state FILE" in result.stderr.decode()
 
 
 @pytest.mark.parametrize(

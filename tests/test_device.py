@@ -132,7 +132,7 @@ def test_cli_device_without_a_gpu(rwkv7_pth) -> None:
 def test_a_bad_device_from_the_environment_names_the_variable(rwkv7_pth) -> None:
     env = {"RWKV_CLI_DEVICE": "gpu"}
     result = rwkv("generate", "Hi", "-m", rwkv7_pth, env=env)
-    assert_one_line_error(result, 1, "unknown device 'gpu' (RWKV_CLI_DEVICE=gpu)")
+    assert_one_line_error(result, 2, "unknown device 'gpu' (RWKV_CLI_DEVICE=gpu)")
     assert "unset RWKV_CLI_DEVICE" in result.stderr.decode()
     overridden = rwkv("generate", "Hi", "-m", rwkv7_pth, "-n", "2", "--device", "cpu", env=env)
     assert overridden.returncode == 0, overridden.stderr

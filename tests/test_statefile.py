@@ -18,7 +18,14 @@ from rwkv_cli.fileio import atomic_write_bytes, check_writable
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.runtime import LoadedModel, open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.statefile import import_state_tuning, read_state_file, save_state_file
+from rwkv_cli.statefile import (
+    CHECKSUM,
+    data_checksum,
+    import_state_tuning,
+    read_state_file,
+    save_state_file,
+)
+from tests.fixtures import flip_tensor_bytes, write_pth, write_safetensors
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, presence_penalty=0.3, frequency_penalty=0.2)
@@ -187,6 +194,7 @@ def _rewrite(
     drop: tuple[str, ...] = (),
     poison: str | None = None,
 ) -> None:
+    """Change a saved file as a buggy writer might: its checksum fits the new tensors."""
     with safe_open(path, framework="pt") as file:
         old_metadata = file.metadata()
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
@@ -194,7 +202,17 @@ def _rewrite(
         del tensors[name]
     if poison is not None:
         tensors[poison].view(-1)[0] = float("nan")
-    save_file(tensors, path, metadata={**old_metadata, **(metadata or {})})
+    sealed = {**old_metadata, CHECKSUM: data_checksum(tensors)}
+    save_file(tensors, path, metadata={**sealed, **(metadata or {})})
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrite a saved file as rwkv-cli wrote it before state files had a checksum."""
+    with safe_open(path, framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    del metadata[CHECKSUM]
+    save_file(tensors, path, metadata={**metadata, "format_version": "1"})
 
 
 def _check(path: Path, loaded: LoadedModel, force: bool = False) -> Session:
@@ -232,14 +250,38 @@ def test_each_identity_difference_is_named(saved_path, loaded, metadata, message
 
 
 def test_unknown_format_version(saved_path) -> None:
-    _rewrite(saved_path, {"format_version": "2"})
-    with pytest.raises(StateFileError, match="format version 2; this rwkv-cli reads version 1"):
+    _rewrite(saved_path, {"format_version": "3"})
+    with pytest.raises(StateFileError, match="format version 3; this rwkv-cli reads versions up"):
         read_state_file(saved_path)
 
 
-def test_safetensors_that_is_not_a_state_file(rwkv7_safetensors) -> None:
+def test_a_flipped_byte_in_a_state_file_is_reported_as_corrupt(saved_path) -> None:
+    assert read_state_file(saved_path).metadata["format_version"] == "2"
+    flip_tensor_bytes(saved_path)
+    with pytest.raises(
+        StateFileError, match="corrupt: its tensor data does not match its checksum"
+    ):
+        read_state_file(saved_path)
+
+
+def test_a_state_file_without_its_checksum_is_corrupt(saved_path) -> None:
+    _rewrite(saved_path, {CHECKSUM: ""})
+    with pytest.raises(StateFileError, match="corrupt: its tensor data does not match"):
+        read_state_file(saved_path)
+
+
+def test_a_version_1_file_without_a_checksum_still_loads(saved_path, loaded) -> None:
+    expected = _check(saved_path, loaded)
+    _as_version_1(saved_path)
+    saved = read_state_file(saved_path)
+    assert saved.metadata["format_version"] == "1" and CHECKSUM not in saved.metadata
+    _assert_sessions_identical(saved.session_for(loaded.model, loaded.tokenizer.name), expected)
+
+
+def test_safetensors_that_is_not_a_state_file(tmp_path) -> None:
+    path = write_safetensors(tmp_path / "other.safetensors", {"weights": torch.zeros(3)})
     with pytest.raises(StateFileError, match="is not an rwkv-cli state file"):
-        read_state_file(rwkv7_safetensors)
+        read_state_file(path)
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.99])
@@ -382,11 +424,26 @@ def test_state_tuning_file_with_wrong_shapes_is_refused(tmp_path, loaded) -> Non
         import_state_tuning(path, loaded.model)
 
 
-def test_a_model_file_is_not_a_state(rwkv7_pth, loaded) -> None:
-    with pytest.raises(StateFileError, match="neither an rwkv-cli state file nor a state-tuning"):
+def test_a_model_file_is_not_a_state(rwkv7_pth, rwkv7_safetensors, loaded) -> None:
+    with pytest.raises(StateFileError, match="is a model checkpoint, not a state file"):
         import_state_tuning(rwkv7_pth, loaded.model)
-    with pytest.raises(StateFileError, match=r"is a PyTorch \.pth file, not an rwkv-cli state"):
-        read_state_file(rwkv7_pth)  # load-state MODEL.pth --info
+    for model in (rwkv7_pth, rwkv7_safetensors):  # load-state MODEL --info
+        with pytest.raises(
+            StateFileError, match="is a model checkpoint, not a state file"
+        ) as caught:
+            read_state_file(model)
+        assert caught.value.hint == f"pass it with -m {model}"
+
+
+def test_a_pth_of_other_tensors_is_neither_kind_of_state(tmp_path, loaded) -> None:
+    path = write_pth(tmp_path / "other.pth", {"weights": torch.zeros(3)})
+    with pytest.raises(StateFileError, match="is not an rwkv-cli state file"):
+        import_state_tuning(path, loaded.model)
+
+
+def test_a_state_tuning_file_is_not_an_rwkv_cli_state_file(state_tuning_pth) -> None:
+    with pytest.raises(StateFileError, match="is a BlinkDL state-tuning file, not an rwkv-cli"):
+        read_state_file(state_tuning_pth)  # load-state TUNED.pth --info
 
 
 def test_info_is_json_serialisable(saved_path) -> None:

@@ -76,7 +76,7 @@ def test_load_state_on_a_terminal_continues_each_typed_line(tmp_path, rwkv7_pth)
     finally:
         process.kill()
         os.close(leader)
-    saved = json.loads(rwkv_ok("load-state", state, "--json").stdout)
+    saved = json.loads(rwkv_ok("load-state", state, "--info", "--json").stdout)
     block = len(load_world_tokenizer().encode("Two\nlines"))
     # 3 read + " And" (1) + 5 generated + the block + 5 generated: saved after each turn
     assert saved["tokens_consumed"] == 3 + 1 + 5 + block + 5
@@ -113,12 +113,13 @@ def test_prefill_progress_bar_shows_on_a_terminal_only() -> None:
 def _on_a_terminal(
     args: list[str], stdout, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, int]:
-    """Start ``rwkv`` with stdin (and stderr) on a pseudo-terminal and stdout where given."""
+    """Start ``rwkv`` with stdin (and stderr) on a pseudo-terminal and stdout where given (None:
+    on the terminal too)."""
     leader, follower = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "rwkv_cli", *args],
         stdin=follower,
-        stdout=stdout,
+        stdout=follower if stdout is None else stdout,
         stderr=follower,
         env={**os.environ, "TERM": "dumb", "COLUMNS": "200", **(env or {})},
     )
@@ -168,6 +169,25 @@ def test_chat_typed_on_a_terminal_streams_its_replies_into_a_pipe(rwkv7_pth) -> 
         os.close(leader)
     assert process.returncode == 0
     assert replies.strip()  # the reply went to the pipe (| tee would show it)
+
+
+def test_keys_typed_while_a_reply_streams_wait_for_the_next_prompt(rwkv7_pth) -> None:
+    args = ["chat", "-m", str(rwkv7_pth), "--max-tokens", "400", "--seed", "3"]
+    process, leader = _on_a_terminal(args, None)  # the replies on the terminal too
+    try:
+        _read_until(leader, b"/help")
+        os.write(leader, b"Hello\n")
+        screen = _read_until(leader, b"\x1b[?2004l")  # prompt_toolkit has let go: replying
+        time.sleep(0.3)
+        screen += os.read(leader, 65536)
+        assert b" tok/s" not in screen, "the reply ended too soon for the test"
+        os.write(leader, b"zqzq\x15\x04")  # keys, Ctrl-U (clears them), Ctrl-D (leaves)
+        screen += _read_until(leader, b" tok/s")
+        assert process.wait(timeout=60) == 0  # the Ctrl-D was not lost
+    finally:
+        process.kill()
+        os.close(leader)
+    assert b"zqzq" not in screen  # nothing typed was echoed into the reply
 
 
 def test_the_footer_starts_its_own_line_when_stdout_is_piped_to_tee(rwkv7_pth) -> None:
