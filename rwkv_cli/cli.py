@@ -1,5 +1,9 @@
 """The ``rwkv`` command. Thin: parse options, call the library, print.
 
+Library modules that load torch are imported inside the commands that use them, so that
+``rwkv --help`` and ``rwkv --version`` answer at once (tests/test_cli.py checks that importing
+this module loads no torch); what the options declare comes from ``settings`` and ``templates``.
+
 ``main()`` is the one error boundary: known errors become one ``Error:`` line (plus a ``Hint:``)
 on stderr and exit code 1; usage errors exit 2; Ctrl-C exits 130. ``RWKV_CLI_DEBUG=1`` shows
 tracebacks instead.
@@ -17,48 +21,29 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
 import typer
 from rich.console import Console
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from rwkv_cli import __version__
-from rwkv_cli.bench import benchmark
-from rwkv_cli.chat import CHAT_SAMPLING, MAX_REPLY_TOKENS, TEMPLATES, Chat, template_for
-from rwkv_cli.cpu import MAX_THREADS, configure_cpu
-from rwkv_cli.device import (
-    DTYPES,
-    DtypeName,
-    device_name,
-    dtype_name,
-    resolve_device,
-    resolve_dtype,
-)
-from rwkv_cli.doctor import diagnose
 from rwkv_cli.errors import EXIT_INTERRUPTED, InvalidInputError, RwkvCliError
 from rwkv_cli.fileio import check_writable
-from rwkv_cli.generate import Session, prefill, stream_generate
-from rwkv_cli.hub import DEFAULT_MODEL, cached_models, list_aliases, resolve_model
-from rwkv_cli.kernels.build import KernelChoice, set_kernel_choice
 from rwkv_cli.paths import input_history_file
-from rwkv_cli.repl import (
-    ChatRepl,
-    ScriptLines,
-    TerminalLines,
-    chat_from_saved,
-    show_transcript_tail,
+from rwkv_cli.settings import (
+    CHAT_SAMPLING,
+    DEFAULT_MODEL,
+    DTYPE_NAMES,
+    MAX_REPLY_TOKENS,
+    MAX_SEED,
+    MAX_THREADS,
+    TOKENIZER_CHOICES,
+    DtypeName,
+    KernelChoice,
+    SamplingParams,
 )
-from rwkv_cli.runtime import LoadedModel, Start, default_model, open_start
-from rwkv_cli.sampling import MAX_SEED, SamplingParams, make_generator
-from rwkv_cli.statefile import (
-    TEXT_TAIL_CHARS,
-    StateFile,
-    read_state_file,
-    save_state_file,
-    state_file_kind,
-)
+from rwkv_cli.templates import TEMPLATES
 from rwkv_cli.textio import (
     OutputClosedError,
     StdoutWriter,
@@ -71,7 +56,6 @@ from rwkv_cli.textio import (
     require_visible_output,
     unescape,
 )
-from rwkv_cli.tokenizer import TOKENIZER_CHOICES, check_tokenizer_name
 from rwkv_cli.ui import (
     activity,
     prefill_progress,
@@ -84,6 +68,13 @@ from rwkv_cli.ui import (
     show_warnings_on_stderr,
     stderr_console,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from rwkv_cli.generate import Session
+    from rwkv_cli.runtime import LoadedModel, Start
+    from rwkv_cli.statefile import StateFile
 
 EXIT_ERROR = 1
 
@@ -126,7 +117,7 @@ app = typer.Typer(
 
 SAMPLING = "Sampling"
 STATE = "State"
-WEIGHT_TYPES = "|".join(DTYPES)  # --dtype's choices, as its help shows them
+WEIGHT_TYPES = "|".join(DTYPE_NAMES)  # --dtype's choices, as its help shows them
 
 
 def _writable_file(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -158,6 +149,8 @@ def _model_spec(value: str | None) -> str | None:
 
 def _known_tokenizer(value: str | None) -> str | None:
     """Option callback: a name that names no tokenizer is a usage error."""
+    from rwkv_cli.tokenizer import check_tokenizer_name
+
     if value is not None:
         with _as_usage_error():
             check_tokenizer_name(value)
@@ -315,6 +308,8 @@ def _checked_device(ctx: typer.Context, value: str) -> str:
     """Option callback: an unknown device name is a usage error, and a device this machine
     lacks fails before any work; either error names RWKV_CLI_DEVICE when the value came from
     there."""
+    from rwkv_cli.device import device_name, resolve_device
+
     if ctx.resilient_parsing:
         return value
     with _as_usage_error(option="--device"):  # typer's hint would name RWKV_CLI_DEVICE always
@@ -370,8 +365,8 @@ SAMPLING_OPTIONS = (
 def _dtype_names(values: list[str] | None) -> list[str] | None:
     """Option callback: an unknown weight type is a usage error, as for the single --dtype."""
     for name in values or []:
-        if name.strip().lower() not in DTYPES:
-            raise typer.BadParameter(f"{name!r} is not one of {', '.join(DTYPES)}")
+        if name.strip().lower() not in DTYPE_NAMES:
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(DTYPE_NAMES)}")
     return values
 
 
@@ -431,6 +426,9 @@ def _root(
     ] = "auto",
 ) -> None:
     """Run RWKV language models from the terminal."""
+    from rwkv_cli.cpu import configure_cpu
+    from rwkv_cli.kernels.build import set_kernel_choice
+
     configure_cpu(threads)
     set_kernel_choice("compiled" if kernel == "cuda" else kernel)
 
@@ -538,6 +536,9 @@ def save_state_command(
       rwkv generate --state FILE
       rwkv load-state FILE
     """
+    from rwkv_cli.generate import prefill
+    from rwkv_cli.statefile import TEXT_TAIL_CHARS, save_state_file
+
     stdin = piped_stdin()
     if text is None and stdin is None and file is None:
         raise typer.BadParameter(
@@ -600,6 +601,9 @@ def load_state_command(
 
     The model is the one the state file names, unless -m overrides it.
     """
+    from rwkv_cli.repl import TerminalLines
+    from rwkv_cli.statefile import read_state_file
+
     if as_json and not info:
         raise typer.BadParameter(
             "it goes with --info (rwkv load-state FILE --info --json)",
@@ -711,6 +715,16 @@ def chat(
 
     Replies stop at a blank line; /help lists the commands (/retry, /undo, /save, /set ...).
     """
+    from rwkv_cli.chat import Chat, template_for
+    from rwkv_cli.device import dtype_name
+    from rwkv_cli.repl import (
+        ChatRepl,
+        ScriptLines,
+        TerminalLines,
+        chat_from_saved,
+        show_transcript_tail,
+    )
+
     if template is not None and template not in TEMPLATES:
         raise typer.BadParameter(
             f"choose one of {', '.join(TEMPLATES)}", ctx=ctx, param_hint="'--template'"
@@ -783,6 +797,8 @@ def chat(
 def _refuse_to_overwrite_a_state(autosave: Path, resumed: Path | None) -> None:
     """--autosave onto another state file (a saved chat, a document read once) would replace it
     after the first turn; only the file resumed may be replaced."""
+    from rwkv_cli.statefile import state_file_kind
+
     kind = state_file_kind(autosave)
     if kind is None:
         return
@@ -826,6 +842,10 @@ def bench(
     ] = False,
 ) -> None:
     """Measure load time, prefill and decode speed, and peak memory of a model on this machine."""
+    from rwkv_cli.bench import benchmark
+    from rwkv_cli.device import resolve_device, resolve_dtype
+    from rwkv_cli.runtime import default_model
+
     console = stderr_console()
     spec = model or default_model(console)
     for name in dtypes or []:
@@ -852,6 +872,8 @@ def doctor(
     Builds the compiled kernels and compares them with the torch path (not with --no-build).
     Exits 1 with a hint if something is broken.
     """
+    from rwkv_cli.doctor import diagnose
+
     with activity(stderr_console(), "Checking (a first CUDA kernel build takes a minute)"):
         report = diagnose(build_kernels=not no_build)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
@@ -876,12 +898,16 @@ def download(
     ] = False,
 ) -> None:
     """Download a model into the Hugging Face cache and print its local path."""
+    from rwkv_cli.hub import resolve_model
+
     typer.echo(resolve_model(spec, revision, console=stderr_console(), again=force).path)
 
 
 @app.command(cls=_Command)
 def models() -> None:
     """List the model aliases and the checkpoints already downloaded."""
+    from rwkv_cli.hub import cached_models, list_aliases
+
     print_models(list_aliases(), cached_models())
 
 
@@ -903,6 +929,8 @@ def _open(
     device: str,
     dtype: str | None,
 ) -> Start:
+    from rwkv_cli.runtime import open_start
+
     return open_start(model, state, force, revision, console, tokenizer, device, dtype)
 
 
@@ -926,6 +954,10 @@ def _generator(
     seed: int | None, state_file: StateFile | None
 ) -> tuple[torch.Generator, int | None]:
     """A sampler seeded by --seed, else continuing a saved one, else freshly seeded."""
+    import torch
+
+    from rwkv_cli.sampling import make_generator
+
     if seed is None and state_file is not None:
         generator = torch.Generator()
         if state_file.restore_generator(generator):
@@ -967,6 +999,8 @@ class _Continuation:
     def announce(self, console) -> None:
         """The header line: model, where it came from, where it runs, and the seed (to
         reproduce the run)."""
+        from rwkv_cli.device import dtype_name
+
         if self.show_info:
             model = self.loaded.model
             print_dim(
@@ -984,6 +1018,9 @@ class _Continuation:
 
     def turn(self, console, text: str) -> None:
         """Generate after ``text``, streaming to stdout; then save the state if asked."""
+        from rwkv_cli.generate import stream_generate
+        from rwkv_cli.statefile import TEXT_TAIL_CHARS, save_state_file
+
         loaded = self.loaded
         writer = StdoutWriter(sys.stdout)
         completion = []

@@ -393,3 +393,18 @@ def test_tokenizer_override(rwkv7_pth) -> None:
     assert wrong.returncode == 0 and wrong.stdout != world.stdout
     unknown = rwkv(*args, "--tokenizer", "klingon")
     assert_one_line_error(unknown, 2, "Invalid value for '--tokenizer': unknown tokenizer")
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], []])
+def test_version_and_help_answer_without_loading_torch(args) -> None:
+    """Loading torch takes seconds; `rwkv --help` and `--version` must not wait for it."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "rwkv_cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=SLOW_MACHINE_TIMEOUT_S,
+    )
+    assert result.returncode in (0, 2), result.stderr  # bare `rwkv` shows the help, exit 2
+    assert "Usage" in result.stdout + result.stderr or "rwkv-cli" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert not imported & {"torch", "huggingface_hub", "tokenizers", "safetensors"}
