@@ -35,6 +35,7 @@ from rwkv_cli.settings import (
     CHAT_SAMPLING,
     DEFAULT_MODEL,
     DTYPE_NAMES,
+    KERNEL_CHOICES,
     MAX_REPLY_TOKENS,
     MAX_SEED,
     MAX_THREADS,
@@ -419,7 +420,7 @@ def _root(
         typer.Option(
             "--kernel",
             envvar="RWKV_CLI_KERNEL",
-            metavar="auto|torch|compiled",
+            metavar="|".join(KERNEL_CHOICES),
             help="Compiled C++/CUDA kernels where they build, else the torch path (auto); always "
             "the torch path; or compiled (cuda is the same), failing if they do not build.",
         ),

@@ -164,6 +164,7 @@ def remove_leftovers(path: Path) -> None:
 
 
 def _remove_if_abandoned(folder: Path) -> None:
+    """Remove a temporary folder if no live write holds its flock."""
     if fcntl is None:
         return
     descriptor = os.open(folder, os.O_RDONLY)
