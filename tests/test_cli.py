@@ -301,6 +301,8 @@ def test_ctrl_c_while_the_command_loads_is_no_traceback(monkeypatch, capsys) -> 
     loading = types.ModuleType("rwkv_cli.cli")
 
     def interrupted(name: str):
+        if name != "main":  # inspect.getmodule (pytest's failure report) probes __file__ & co.
+            raise AttributeError(name)
         raise KeyboardInterrupt  # pressed while torch was importing
 
     loading.__getattr__ = interrupted

@@ -215,6 +215,16 @@ class Tmux:
             time.sleep(0.2)
         raise AssertionError(f"{text!r} never appeared:\n{self.screen()}")
 
+    def wait_for_text_after(self, line: str, timeout: float = SLOW_MACHINE_TIMEOUT_S) -> None:
+        """Until something shows below ``line`` (a reply has started to stream after it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if line in screen and screen.rsplit(line, 1)[1].strip():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"nothing after {line!r}:\n{self.screen()}")
+
     def close(self) -> None:
         subprocess.run(["tmux", "kill-session", "-t", self.name], check=False)
 
@@ -232,7 +242,7 @@ def test_chat_in_a_real_terminal(rwkv7_pth, tmp_path) -> None:
         tmux.wait_for("/help")  # the header
         tmux.wait_for_prompt()
         tmux.send("Hello there", "Enter")
-        time.sleep(1.0)  # the reply is streaming (it is long: up to 100000 tokens)
+        tmux.wait_for_text_after("> Hello there")  # the reply streams (up to 100000 tokens)
         tmux.send("C-c")
         tmux.wait_for("(stopped)")
         tmux.send(f"/save {saved}", "Enter")
