@@ -11,7 +11,7 @@ measures `rwkv bench` decoding (fp32) with:
 
 first on an otherwise idle machine, then with one busy-looping process per `--busy` core.
 
-    python benchmarks/bench_threads.py [--model demo] [--runs 3] [--busy 1]
+    python benchmarks/bench_threads.py [--model demo] [--runs 3] [--tokens 128] [--busy 1]
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ SETTINGS = {  # label -> (rwkv root options, environment)
 }
 
 
-def decode_speed(model: str, options: list[str], env: dict[str, str]) -> float:
+def decode_speed(model: str, tokens: int, options: list[str], env: dict[str, str]) -> float:
     command = [
         *("rwkv", *options, "bench", "-m", model, "--json"),
-        *("--prompt-tokens", "64", "--decode-tokens", "64", "--dtype", "fp32"),
+        *("--prompt-tokens", "64", "--decode-tokens", str(tokens), "--dtype", "fp32"),
     ]
     environment = {
         **{k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
@@ -61,12 +61,12 @@ def busy_cores(count: int) -> Iterator[None]:
             spinner.wait()
 
 
-def measure(model: str, runs: int) -> dict[str, list[float]]:
+def measure(model: str, tokens: int, runs: int) -> dict[str, list[float]]:
     """Tokens per second for each setting, runs alternating between the settings."""
     speeds: dict[str, list[float]] = {label: [] for label in SETTINGS}
     for _ in range(runs):
         for label, (options, env) in SETTINGS.items():
-            speeds[label].append(decode_speed(model, options, env))
+            speeds[label].append(decode_speed(model, tokens, options, env))
     return speeds
 
 
@@ -74,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="anything `rwkv -m` takes")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens decoded per run")
     parser.add_argument("--busy", type=int, default=1, help="cores to keep busy")
     args = parser.parse_args()
 
@@ -81,9 +82,9 @@ def main() -> None:
         os.environ["RWKV_CLI_HOME"] = home  # kernels are built by the first run (not timed)
         subprocess.run(["rwkv", "generate", "-m", args.model, "x", "-n", "1"], check=True,
                        capture_output=True)  # fmt: skip
-        quiet = measure(args.model, args.runs)
+        quiet = measure(args.model, args.tokens, args.runs)
         with busy_cores(args.busy):
-            loaded = measure(args.model, args.runs)
+            loaded = measure(args.model, args.tokens, args.runs)
 
     print(f"model: {args.model}; {os.cpu_count()} CPUs; decode tok/s, median of {args.runs} runs")
     print(f"{'setting':<45} {'idle machine':>13} {f'{args.busy} busy core(s)':>15}")

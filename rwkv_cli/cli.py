@@ -427,6 +427,7 @@ def _root(
     ] = "auto",
 ) -> None:
     """Run RWKV language models from the terminal."""
+    _load_torch()
     from rwkv_cli.cpu import configure_cpu
     from rwkv_cli.kernels.build import set_kernel_choice
 
@@ -1093,6 +1094,20 @@ def _usage_hint(error: typer.TyperException, root_options: set[str]) -> str:
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
+
+
+def _load_torch() -> None:
+    """Import torch (a second or more) with Ctrl-C and the stop signals held until it is done.
+
+    An interruption in the middle of torch's own start-up aborts the process from C++ ("terminate
+    called after throwing ..."); held, it arrives right after and ends the command as a Ctrl-C.
+    """
+    held = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        import torch  # noqa: F401 (loaded here; the library modules import it again)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

@@ -1,5 +1,5 @@
-"""The ``rwkv`` command's entry point. Importing the command takes a second or so (torch, the
-Hub client); Ctrl-C in that second ends it as Ctrl-C does later on, without a traceback."""
+"""The ``rwkv`` command's entry point: a Ctrl-C at any moment, even while the command is still
+being set up, ends it as Ctrl-C does later on, without a traceback."""
 
 import os
 import sys
@@ -22,11 +22,13 @@ def sleep_while_waiting(environ: MutableMapping[str, str]) -> None:
 
 
 def main() -> None:
-    """Load the command, then run it (``cli.main``: the error boundary)."""
+    """Load the command, then run it (``cli.main``: the error boundary). A Ctrl-C that comes
+    before that boundary is set up, or after it is done, ends the command the same way."""
     sleep_while_waiting(os.environ)
     try:
         from rwkv_cli.cli import main as run_command
+
+        run_command()
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         raise SystemExit(EXIT_INTERRUPTED) from None
-    run_command()

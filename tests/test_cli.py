@@ -316,10 +316,43 @@ def test_ctrl_c_while_the_command_loads_is_no_traceback(monkeypatch, capsys) -> 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    time.sleep(0.3)
+    time.sleep(0.8)  # past the interpreter's own start, while torch loads (over a second)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=SLOW_MACHINE_TIMEOUT_S) == 130
     assert process.stderr.read().decode().endswith("Interrupted.\n")
+
+
+def test_ctrl_c_before_the_error_boundary_is_set_up_is_no_traceback(monkeypatch, capsys):
+    loading = types.ModuleType("rwkv_cli.cli")
+
+    def interrupted_before_the_boundary() -> None:
+        raise KeyboardInterrupt
+
+    loading.main = interrupted_before_the_boundary
+    monkeypatch.setitem(sys.modules, "rwkv_cli.cli", loading)
+    with pytest.raises(SystemExit) as ended:
+        entry.main()
+    assert ended.value.code == 130 and capsys.readouterr().err == "Interrupted.\n"
+
+
+def test_ctrl_c_while_torch_loads_arrives_once_it_has_loaded() -> None:
+    """Interrupted in the middle of its start-up, torch can abort the process from C++."""
+    child = """if True:
+        import os, subprocess, sys, time
+        from rwkv_cli import cli
+        assert "torch" not in sys.modules
+        subprocess.Popen(["sh", "-c", f"sleep 0.3; kill -INT {os.getpid()}"])
+        try:
+            cli._load_torch()
+            time.sleep(60)
+            print("not interrupted")
+        except KeyboardInterrupt:
+            import torch
+            print("after" if hasattr(torch, "nn") else "during")
+    """
+    command = [sys.executable, "-c", child]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=SLOW_MACHINE_TIMEOUT_S)
+    assert result.stdout == "after\n", result.stderr
 
 
 def test_a_full_disk_under_stdout_is_a_write_error_and_closed_stdout_none(rwkv7_pth) -> None:

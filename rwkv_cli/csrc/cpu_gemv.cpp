@@ -16,8 +16,6 @@ namespace {
 using rwkv_cli::bf16_to_float;
 using rwkv_cli::f16_to_float;
 
-constexpr int64_t kMinRowsToSplit = 64;  // fewer output rows run on one thread
-
 // The weight formats, each a distinct type so the templates below pick the right widening.
 struct BF16 { uint16_t bits; };
 struct F16 { uint16_t bits; };
@@ -95,7 +93,8 @@ void gemv(const float* x, const void* weight_data, const float* scale, float* y,
   for (int64_t t = 0; t < tokens; ++t) {
     const float* xt = x + t * n_in;
     float* yt = y + t * n_out;
-#pragma omp parallel for schedule(static) if (n_out >= kMinRowsToSplit)
+    const bool split = n_out * n_in >= rwkv_cli::kMinWorkToSplit;
+#pragma omp parallel for schedule(static) if (split)
     for (int64_t block = 0; block < blocks; ++block) {
       float* out = yt + block * 4;
       dot4(weight + block * 4 * n_in, n_in, xt, out);

@@ -12,6 +12,12 @@
 
 namespace rwkv_cli {
 
+// Waking the other threads for a parallel loop costs tens of microseconds, more in a virtual
+// machine and more again when they sleep while they wait (as `rwkv` has them do): a loop with
+// less work than about this many multiply-adds runs on the calling thread alone. Small models
+// (the demo's 192 channels) then decode on one thread, as fast as they can.
+constexpr int64_t kMinWorkToSplit = int64_t{1} << 18;
+
 // bfloat16 is the high half of a float32.
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;

@@ -30,7 +30,8 @@ RWKV_CLI_EXPORT void rwkv_rwkv7_time_mix_one(
     const float* r_k, const float* ln_weight, const float* ln_bias, float* out, float* new_state,
     int64_t heads, int64_t n, float eps) {
   const bool mix_values = value_gate_lora != nullptr;
-#pragma omp parallel if (heads > 1)
+  const bool split = heads * n * n * 4 >= rwkv_cli::kMinWorkToSplit;  // 4 passes a state row
+#pragma omp parallel if (split)
   {
     std::vector<float> w(n), kappa(n), replace(n), key(n), value(n), y(n);
 #pragma omp for schedule(static)

@@ -18,7 +18,8 @@ RWKV_CLI_EXPORT void rwkv_wkv4(const float* aa, const float* bb, const float* pp
                                float* aa_out, float* bb_out, float* pp_out, int64_t tokens,
                                int64_t channels) {
   const int64_t tasks = (channels + kChannelsPerTask - 1) / kChannelsPerTask;
-#pragma omp parallel for schedule(static) if (tasks > 1)
+  const bool split = tokens * channels * 20 >= rwkv_cli::kMinWorkToSplit;  // 2 exp, ~20 ops
+#pragma omp parallel for schedule(static) if (split)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t end = std::min(channels, (task + 1) * kChannelsPerTask);
     for (int64_t c = task * kChannelsPerTask; c < end; ++c) {

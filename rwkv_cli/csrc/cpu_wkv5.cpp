@@ -11,7 +11,8 @@ RWKV_CLI_EXPORT void rwkv_wkv5(float* state, const float* r, const float* w, con
                                const float* v, const float* u, float* y, int64_t tokens,
                                int64_t heads, int64_t n) {
   const int64_t stride = heads * n;
-#pragma omp parallel for schedule(static) if (heads > 1)
+  const bool split = tokens * heads * n * n * 2 >= rwkv_cli::kMinWorkToSplit;  // 2 passes a row
+#pragma omp parallel for schedule(static) if (split)
   for (int64_t h = 0; h < heads; ++h) {
     float* head_state = state + h * n * n;
     const float* bonus = u + h * n;
