@@ -158,8 +158,8 @@ def _build_once(extension: Extension, retry: bool) -> KernelBuildError | None:
 
 def _build(extension: Extension, retry: bool) -> None:
     if extension.name in _loaded:
-        # Its operators are registered in this process already (from this or another build
-        # folder); a second copy would register them twice, which aborts the process.
+        # Loaded in this process already (from this or another build folder): a second copy of
+        # a torch extension would register its operators twice, which aborts the process.
         return
     if extension.cuda and not torch.cuda.is_available():
         raise KernelBuildError("no CUDA GPU is available")
