@@ -62,7 +62,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import os
 
-    from tests.fixtures import rwkv7_tensors, write_pth
+    from tests.support.fixtures import rwkv7_tensors, write_pth
 
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# name: (fixture function in tests/fixtures.py, its arguments, official RWKV_V7_ON switch)
+# name: (fixture function in tests/support/fixtures.py, its arguments, official RWKV_V7_ON switch)
 SHAPES = {
     "RWKV-7 0.1B": ("rwkv7_tensors", {"n_layer": 12, "n_embd": 768, "lora": 64}, "1"),
     "RWKV-4 169M": ("rwkv4_tensors", {"n_layer": 12, "n_embd": 768}, "0"),
@@ -147,7 +147,7 @@ def main() -> None:
     gpu = args.device.startswith("cuda")
     args.official_dtype = args.official_dtype or ("fp16" if gpu else "fp32")
     sys.path.insert(0, str(ROOT))
-    from tests import fixtures
+    from tests.support import fixtures
 
     gib = 1024**3
     memory = "peak GPU mem" if gpu else "peak RSS"

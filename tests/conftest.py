@@ -12,8 +12,8 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import close_session
 
-from tests.fixtures import rwkv7_tensors, write_pth, write_safetensors
-from tests.hub_server import HubServer
+from tests.support.fixtures import rwkv7_tensors, write_pth, write_safetensors
+from tests.support.hub_server import HubServer
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -73,7 +73,7 @@ def state_tuning_pth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_pth(tmp_path_factory.mktemp("states") / "tuned-state.pth", tensors)
 
 
-# --- a local Hugging Face Hub (tests/hub_server.py) ---------------------------------------------
+# --- a local Hugging Face Hub (tests/support/hub_server.py) ---------------------------------------------
 
 
 @dataclass

@@ -17,7 +17,7 @@ from rwkv_cli.checkpoint import (
 from rwkv_cli.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from rwkv_cli.models import load_model, model_from_checkpoint
 from rwkv_cli.prepared import load_model_cached
-from tests.fixtures import rwkv7_tensors, write_pth, write_safetensors
+from tests.support.fixtures import rwkv7_tensors, write_pth, write_safetensors
 
 C, H = 8, 2
 COMMON = {

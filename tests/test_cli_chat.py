@@ -15,7 +15,7 @@ from rwkv_cli.chat import TEMPLATES, Chat
 from rwkv_cli.runtime import open_model
 from rwkv_cli.sampling import make_generator
 from rwkv_cli.statefile import read_state_file
-from tests.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv
+from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv
 
 
 def test_scripted_chat_prints_one_reply_per_line(rwkv7_pth) -> None:

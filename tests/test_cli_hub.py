@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from rwkv_cli.statefile import read_state_file
-from tests.cli_runner import assert_one_line_error, rwkv, rwkv_ok
-from tests.fixtures import rwkv7_tensors, write_pth
+from tests.support.cli_runner import assert_one_line_error, rwkv, rwkv_ok
+from tests.support.fixtures import rwkv7_tensors, write_pth
 
 G1 = "BlinkDL/rwkv7-g1"
 OLD = "rwkv7-g1-0.1b-20250307-ctx4096.pth"

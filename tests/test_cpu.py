@@ -6,7 +6,7 @@ import pytest
 
 from rwkv_cli.cpu import MAX_THREADS, configure_cpu
 from rwkv_cli.entry import sleep_while_waiting
-from tests.cli_runner import assert_one_line_error, rwkv
+from tests.support.cli_runner import assert_one_line_error, rwkv
 
 
 @pytest.mark.parametrize("threads", [0, MAX_THREADS + 1, 100_000])

@@ -35,10 +35,10 @@ from rwkv_cli.kernels.wkv7 import wkv7, wkv7_chunked
 from rwkv_cli.models import MODEL_CLASSES, decode_graph
 from rwkv_cli.sampling import SamplingParams, make_generator, sample_token, sampling_distribution
 from rwkv_cli.tokenizer import load_world_tokenizer
-from tests.cli_runner import rwkv
-from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors, write_pth
-from tests.state_roundtrip import save_and_resume
-from tests.wkv_oracles import ORACLES, as_oracle_state
+from tests.support.cli_runner import rwkv
+from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors, write_pth
+from tests.support.state_roundtrip import save_and_resume
+from tests.support.wkv_oracles import ORACLES, as_oracle_state
 
 pytestmark = [
     pytest.mark.cuda,

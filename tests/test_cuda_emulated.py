@@ -1,4 +1,4 @@
-"""The CUDA kernels' own code, run on the CPU by tests/cuda_emulator.cpp (one std::thread per
+"""The CUDA kernels' own code, run on the CPU by tests/support/cuda_emulator.cpp (one std::thread per
 CUDA thread, a barrier for __syncthreads), behind the real Python wrappers of kernels/cuda.py.
 
 This checks what can be checked without a GPU: indexing, shared-memory staging, the arithmetic
@@ -20,11 +20,11 @@ import torch
 from rwkv_cli.kernels import cuda
 from rwkv_cli.kernels.build import SOURCE_DIR
 from rwkv_cli.kernels.selftest import compare_with_torch, relative_error, wkv_inputs
-from tests.wkv_oracles import ORACLES, as_oracle_state
+from tests.support.wkv_oracles import ORACLES, as_oracle_state
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
-EMULATOR_SOURCE = Path(__file__).with_name("cuda_emulator.cpp")
+EMULATOR_SOURCE = Path(__file__).parent / "support" / "cuda_emulator.cpp"
 ELEMENTS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # rwkv_cli::Element
 WRAPPERS = {"4": cuda.wkv4, "5": cuda.wkv5, "7": cuda.wkv7}
 

@@ -31,7 +31,7 @@ from rwkv_cli.runtime import LoadedModel, open_model, open_start
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import save_state_file
 from rwkv_cli.tokenizer import BUNDLED_TOKENIZER_FILE, BPETokenizer, bpe_name
-from tests.cli_runner import rwkv
+from tests.support.cli_runner import rwkv
 
 HELDOUT_PERPLEXITY = 14.09  # measured on heldout.txt when the model was trained (see train.py)
 PERPLEXITY_BOUND = 14.5  # what the test allows: a little above the measured value

@@ -16,9 +16,9 @@ from rwkv_cli.device import dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.errors import InvalidInputError
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.runtime import open_model
-from tests.cli_runner import assert_one_line_error, rwkv
-from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
-from tests.state_roundtrip import save_and_resume
+from tests.support.cli_runner import assert_one_line_error, rwkv
+from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
+from tests.support.state_roundtrip import save_and_resume
 
 GENERATIONS = (*LEGACY_GENERATIONS, "7")
 TOKENS = [0, 33, 261, 11, 17, 17, 17, 250, 2]

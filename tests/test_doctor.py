@@ -11,7 +11,7 @@ import torch
 from rwkv_cli import cli, doctor
 from rwkv_cli.kernels import cuda
 from rwkv_cli.kernels.build import KernelBuildError, KernelSelfTestError
-from tests.cli_runner import rwkv
+from tests.support.cli_runner import rwkv
 
 NAMES = ("rwkv-cli", "torch", "GPU", "nvcc", "ninja", "C++ compiler", "kernel choice", "device")
 STORAGE = ("HF cache", "rwkv-cli home", "converted", "kernel builds")

@@ -29,7 +29,7 @@ from rwkv_cli.kernels.build import (
 )
 from rwkv_cli.kernels.selftest import compare_with_torch
 from rwkv_cli.kernels.wkv7 import wkv7_sequential
-from tests.cli_runner import assert_one_line_error, rwkv
+from tests.support.cli_runner import assert_one_line_error, rwkv
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Parity with BlinkDL's official ``rwkv`` package (a test-only oracle) for RWKV-4, 5.x and 6.
 
-The package runs in a process of its own (tests/official_worker.py): its RWKV-4/5/6 class is
+The package runs in a process of its own (tests/support/official_worker.py): its RWKV-4/5/6 class is
 hidden for the whole process once the RWKV-7 oracle tests have imported it with RWKV_V7_ON=1.
 
 The package folds ln0 into the embedding in the file's dtype, so on a bf16 file its embedding is
@@ -23,8 +23,8 @@ from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import import_state_tuning
 from rwkv_cli.tokenizer import NEOX_FILE, tokenizer_for_vocab
-from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, write_pth
-from tests.official_worker import official_environment
+from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, write_pth
+from tests.support.official_worker import official_environment
 
 PROMPT = "The quick brown fox jumps over the lazy dog.\n\n你好，世界！ def f(x): return x ** 2"
 CONTINUATION = 32
@@ -36,7 +36,7 @@ TOKENIZER_TEXTS = [
     "Emoji 😀🎉, accents café naïve, CJK 日本語のテキスト, Cyrillic Привет",
     " leading space and trailing newline\n",
 ]
-WORKER = Path(__file__).with_name("official_worker.py")
+WORKER = Path(__file__).parent / "support" / "official_worker.py"
 NEOX_JSON = Path(__file__).parents[1] / "rwkv_cli" / "data" / NEOX_FILE
 
 

@@ -17,7 +17,7 @@ from rwkv_cli.filerows import FileRows
 from rwkv_cli.models import load_model
 from rwkv_cli.paths import converted_dir
 from rwkv_cli.prepared import load_model_cached, source_hash
-from tests.fixtures import rwkv7_tensors, write_pth
+from tests.support.fixtures import rwkv7_tensors, write_pth
 
 TOKENS = [1, 500, 2000, 11, 261]
 

@@ -19,8 +19,8 @@ from rwkv_cli.statefile import (
     save_state_file,
 )
 from rwkv_cli.tokenizer import tokenizer_for_vocab
-from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, write_pth, write_safetensors
-from tests.reference_rwkv4to6 import reference_forward
+from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, write_pth, write_safetensors
+from tests.support.reference_rwkv4to6 import reference_forward
 
 TOKENS = [0, 33, 1000, 261, 11, 50000, 4000, 17, 17, 17, 500, 2, 50276]
 SHORT = [0, 33, 261, 11, 17, 17, 17, 250, 2]  # for models with small vocabularies

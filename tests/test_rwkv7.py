@@ -8,8 +8,8 @@ import torch
 from rwkv_cli.generate import prefill
 from rwkv_cli.models import load_model
 from rwkv_cli.models.rwkv7 import RWKV7, RWKV7Config
-from tests.fixtures import rwkv7_tensors
-from tests.reference_rwkv7 import reference_forward
+from tests.support.fixtures import rwkv7_tensors
+from tests.support.reference_rwkv7 import reference_forward
 
 TOKENS = [0, 33, 1000, 261, 11, 65000, 4000, 17, 17, 17, 500, 2, 65535]
 

@@ -9,7 +9,7 @@ import torch
 
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.state import State, StateLayout
-from tests.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
+from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
 
 GENERATIONS = (*LEGACY_GENERATIONS, "7")
 

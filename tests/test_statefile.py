@@ -25,7 +25,7 @@ from rwkv_cli.statefile import (
     read_state_file,
     save_state_file,
 )
-from tests.fixtures import flip_tensor_bytes, write_pth, write_safetensors
+from tests.support.fixtures import flip_tensor_bytes, write_pth, write_safetensors
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, presence_penalty=0.3, frequency_penalty=0.2)

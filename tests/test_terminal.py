@@ -17,7 +17,7 @@ from rich.console import Console
 
 from rwkv_cli.tokenizer import load_world_tokenizer
 from rwkv_cli.ui import PROGRESS_MIN_TOKENS, activity, prefill_progress
-from tests.cli_runner import SLOW_MACHINE_TIMEOUT_S, rwkv_ok
+from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S, rwkv_ok
 
 
 def _read_until(fd: int, marker: bytes, timeout: float = SLOW_MACHINE_TIMEOUT_S) -> bytes:

@@ -26,7 +26,7 @@ from rwkv_cli.tokenizer import (
     tokenizer_by_name,
     tokenizer_for_vocab,
 )
-from tests.fixtures import rwkv7_tensors
+from tests.support.fixtures import rwkv7_tensors
 
 SHA256 = "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"  # as in data/NOTICE
 TEXTS = [

@@ -10,7 +10,7 @@ from rwkv_cli.checkpoint import load_checkpoint
 from rwkv_cli.errors import UnsupportedModelError
 from rwkv_cli.models import load_model
 from rwkv_cli.prepared import load_model_cached
-from tests.fixtures import legacy_tensors, write_pth, write_transformers_rwkv4
+from tests.support.fixtures import legacy_tensors, write_pth, write_transformers_rwkv4
 
 TOKENS = [0, 510, 3158, 8516, 30013, 187, 187, 50276, 12, 1]
 

@@ -27,7 +27,7 @@ from rwkv_cli.kernels.linear import (
 from rwkv_cli.kernels.selftest import TORCH_REFERENCES, wkv_inputs
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.runtime import open_model
-from tests.fixtures import legacy_tensors, rwkv4_tensors, rwkv7_tensors
+from tests.support.fixtures import legacy_tensors, rwkv4_tensors, rwkv7_tensors
 
 SHAPES = [(37, 45), (768, 768), (3072, 768), (768, 3072)]  # (out, in); odd sizes hit the tails
 HELDOUT_TOKENS = 256

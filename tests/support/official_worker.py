@@ -4,7 +4,7 @@ The package picks its model class from environment variables read once, at impor
 ``RWKV_V7_ON=1`` (set by the RWKV-7 oracle tests) replaces the RWKV-4/5/6 class for the whole
 process. So this runs as a process of its own, with the switches cleared::
 
-    python tests/official_worker.py JOBS.pt RESULTS.pt
+    python tests/support/official_worker.py JOBS.pt RESULTS.pt
 
 JOBS.pt is a ``torch.save``d list of dicts: ``model`` (path without ``.pth``, which the package
 appends), ``tokens`` (the prompt ids), ``continuation`` (greedy tokens to generate), and

@@ -1,0 +1,1 @@
+"""What the tests share: checkpoint writers, oracles, a local Hub, CLI runners."""
