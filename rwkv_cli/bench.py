@@ -18,6 +18,7 @@ from rwkv_cli.filerows import FileRows
 from rwkv_cli.generate import prefill
 from rwkv_cli.kernels.linear import QuantizedMatrix
 from rwkv_cli.runtime import open_model
+from rwkv_cli.settings import ModelRequest
 from rwkv_cli.tokenizer import load_neox_tokenizer, load_world_tokenizer
 
 WARM_UP_TOKENS = 16  # a short prefill and one decode step before timing
@@ -62,7 +63,7 @@ def benchmark(
     gc.collect()
     reset_peak_rss()
     started = time.perf_counter()
-    loaded = open_model(spec, device=device, dtype=dtype)
+    loaded = open_model(ModelRequest(spec, device=device, dtype=dtype))
     load_seconds = time.perf_counter() - started
     model = loaded.model
     generator = torch.Generator().manual_seed(0)
@@ -103,7 +104,7 @@ def benchmark(
 
 def _load_once(spec: str, device: str | torch.device | None, dtype) -> None:
     """Load (converting on first use) and drop the model: run in a child process."""
-    open_model(spec, device=device, dtype=dtype)
+    open_model(ModelRequest(spec, device=device, dtype=dtype))
 
 
 def _wait_for(device: torch.device) -> None:

@@ -42,6 +42,7 @@ from rwkv_cli.settings import (
     TOKENIZER_CHOICES,
     DtypeName,
     KernelChoice,
+    ModelRequest,
     SamplingParams,
 )
 from rwkv_cli.templates import TEMPLATES
@@ -432,7 +433,12 @@ def _root(
     from rwkv_cli.kernels.build import set_kernel_choice
 
     configure_cpu(threads)
-    set_kernel_choice("compiled" if kernel == "cuda" else kernel)
+    set_kernel_choice(_kernel_choice(kernel))
+
+
+def _kernel_choice(option: str) -> KernelChoice:
+    """--kernel's value as a choice ("cuda" is another name for "compiled")."""
+    return "compiled" if option == "cuda" else option
 
 
 @app.command(cls=_Command)
@@ -481,7 +487,7 @@ def generate(
         )
     text = read_prompt(prompt, stdin)
     console = stderr_console()
-    start = _open(console, model, state, force, revision, tokenizer, device, dtype)
+    start = _open(ctx, console, state, force)
     run = _Continuation.begin(
         ctx,
         start,
@@ -552,7 +558,7 @@ def save_state_command(
     if file is not None:
         content = _read_text_file(file) + content
     console = stderr_console()
-    start = _open(console, model, state, force, revision, tokenizer, device, dtype)
+    start = _open(ctx, console, state, force)
     tokens = start.loaded.tokenizer.encode(content)
     with prefill_progress(console) as on_progress:
         session = prefill(start.loaded.model, tokens, start.session, on_progress=on_progress)
@@ -625,7 +631,7 @@ def load_state_command(
     )
     console = stderr_console()
     stdin = piped_stdin()
-    start = _open(console, model, file, force, revision, tokenizer, device, dtype)
+    start = _open(ctx, console, file, force)
     run = _Continuation.begin(
         ctx,
         start,
@@ -739,7 +745,7 @@ def chat(
     if autosave is not None:
         _refuse_to_overwrite_a_state(autosave, state)
     console = stderr_console()
-    start = _open(console, model, state, force, revision, tokenizer, device, dtype)
+    start = _open(ctx, console, state, force)
     saved = start.state_file
     generator, seed_used = _generator(seed, saved)
     loaded = start.loaded
@@ -921,19 +927,24 @@ def _read_text_file(path: Path) -> str:
     return decode_utf8(data, str(path))
 
 
-def _open(
-    console,
-    model: str | None,
-    state: Path | None,
-    force: bool,
-    revision: str | None,
-    tokenizer: str | None,
-    device: str,
-    dtype: str | None,
-) -> Start:
+def _open(ctx: typer.Context, console, state: Path | None, force: bool) -> Start:
+    """The model the command's options ask for, and the state to continue from."""
     from rwkv_cli.runtime import open_start
 
-    return open_start(model, state, force, revision, console, tokenizer, device, dtype)
+    return open_start(_model_request(ctx), state, force, console)
+
+
+def _model_request(ctx: typer.Context) -> ModelRequest:
+    """The model options of a command (and the root's --kernel) as one request."""
+    options = ctx.params
+    return ModelRequest(
+        spec=options["model"],
+        revision=options["revision"],
+        device=options["device"],
+        dtype=options["dtype"],
+        tokenizer=options["tokenizer"],
+        kernel=_kernel_choice(ctx.find_root().params["kernel"]),
+    )
 
 
 def _sampling_params(ctx: typer.Context, saved: SamplingParams | None) -> SamplingParams:

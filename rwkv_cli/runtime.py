@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,8 +23,10 @@ from rwkv_cli.errors import (
 from rwkv_cli.generate import Session
 from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from rwkv_cli.kernels import kernels_to_build, prepare_kernels
+from rwkv_cli.kernels.build import set_kernel_choice
 from rwkv_cli.models import Model
 from rwkv_cli.prepared import load_model_cached
+from rwkv_cli.settings import ModelRequest
 from rwkv_cli.statefile import (
     StateFile,
     import_state_tuning,
@@ -65,26 +67,26 @@ class Start:
 
 
 def open_model(
-    spec: str,
-    revision: str | None = None,
+    request: ModelRequest | str,
     console: Console | None = None,
-    tokenizer: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
     saved_tokenizer: str | None = None,
 ) -> LoadedModel:
-    """Load the model ``spec`` names: a local checkpoint, a Hub file, an alias (downloading it
-    on first use) or the demo model, through the converted-weights cache. For the tokenizer see
-    ``choose_tokenizer``.
+    """Load the model a request (or just a spec) names: a local checkpoint, a Hub file, an alias
+    (downloading it on first use) or the demo model, through the converted-weights cache; without
+    a spec, the default model. For the tokenizer see ``choose_tokenizer``.
 
-    ``device`` ("cpu", "cuda", "cuda:N" or "auto"; default the CPU) and ``dtype`` (fp32, fp16,
-    bf16, int8 (CPU only) or a torch dtype; default fp16 on a GPU, fp32 on the CPU) say where
-    the weights live and in which type; both are checked before anything is read. On the CPU
-    the activations are float32 whatever the weights.
+    The device (default the CPU) and weight type (default fp16 on a GPU, fp32 on the CPU) are
+    checked before anything is read. On the CPU the activations are float32 whatever the weights.
     """
-    target = resolve_device(device)
+    if isinstance(request, str):
+        request = ModelRequest(request)
+    if request.kernel is not None:
+        set_kernel_choice(request.kernel)
+    target = resolve_device(request.device)
+    dtype = request.dtype
     weights = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, target)
-    resolved = _resolve(spec, revision, console)
+    spec = request.spec or default_model(console)
+    resolved = _resolve(spec, request.revision, console)
     use_own_stream(target)
     with activity(console, f"Loading {resolved.path.name}"):
         model = _load(resolved, weights, target)
@@ -93,7 +95,7 @@ def open_model(
     how_long = _BUILD_TIME.get(target.type, "first use only")
     with activity(building, f"Building the compiled kernels ({how_long})"):
         prepare_kernels(target)
-    chosen = choose_tokenizer(resolved, model.vocab_size, tokenizer, saved_tokenizer)
+    chosen = choose_tokenizer(resolved, model.vocab_size, request.tokenizer, saved_tokenizer)
     return LoadedModel(model, chosen, spec, resolved.resolved)
 
 
@@ -158,43 +160,37 @@ def _resolve(spec: str, revision: str | None, console: Console | None) -> Resolv
 
 
 def open_start(
-    model_spec: str | None,
-    state_path: Path | None,
+    request: ModelRequest,
+    state_path: Path | None = None,
     force: bool = False,
-    revision: str | None = None,
     console: Console | None = None,
-    tokenizer: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
 ) -> Start:
     """Load the model, and the saved state to continue from if ``state_path`` is given.
 
-    Without ``model_spec`` the model is the one the state file names, or else the default model;
-    without ``tokenizer``, a state file's tokenizer, or else the one the vocabulary implies.
-    A BlinkDL state-tuning file does not record its model, so it needs ``model_spec``.
-    ``device`` and ``dtype`` are as for ``open_model``; a state file loads on any device.
+    Without a spec the model is the one the state file names, or else the default model;
+    without a tokenizer, a state file's tokenizer, or else the one the vocabulary implies.
+    A BlinkDL state-tuning file does not record its model, so it needs a spec. A state file
+    loads on any device; ``force`` resumes one made by a model with other weights.
     """
-    where = {"device": device, "dtype": dtype}
     if state_path is None:
-        spec = model_spec or default_model(console)
-        return Start(open_model(spec, revision, console, tokenizer, **where), Session())
+        return Start(open_model(request, console), Session())
     if is_pytorch_file(state_path):
         read_state_tuning(state_path)  # first: a model checkpoint given as a state says so
-        if model_spec is None:
+        if request.spec is None:
             raise InvalidInputError(
                 f"{state_path} is a state-tuning file, which does not record its model",
                 hint="pass the model it was trained for with -m MODEL",
             )
-        loaded = open_model(model_spec, revision, console, tokenizer, **where)
+        loaded = open_model(request, console)
         return Start(loaded, import_state_tuning(state_path, loaded.model))
     state_file = read_state_file(state_path)
     saved = state_file.identity.tokenizer
-    if model_spec is None:
-        loaded = _open_saved_model(state_file, console, tokenizer or saved, where)
-    else:
-        loaded = open_model(
-            model_spec, revision, console, tokenizer, saved_tokenizer=saved, **where
+    if request.spec is None:
+        loaded = _open_saved_model(
+            state_file, console, replace(request, tokenizer=request.tokenizer or saved)
         )
+    else:
+        loaded = open_model(request, console, saved_tokenizer=saved)
     session = state_file.session_for(loaded.model, loaded.tokenizer.name, force=force)
     return Start(loaded, session, state_file)
 
@@ -209,17 +205,18 @@ def default_model(console: Console | None) -> str:
 
 
 def _open_saved_model(
-    state_file: StateFile, console: Console | None, tokenizer: str, where: dict
+    state_file: StateFile, console: Console | None, request: ModelRequest
 ) -> LoadedModel:
     """The model a state file names: exactly where it was found, else how it was asked for."""
     pinned = _PINNED_HUB_FILE.match(state_file.model_resolved)
+    if pinned:
+        request = replace(request, spec=pinned["spec"], revision=pinned["commit"])
+    elif Path(state_file.model_resolved).is_file():
+        request = replace(request, spec=state_file.model_resolved, revision=None)
+    else:
+        request = replace(request, spec=state_file.model_spec, revision=None)
     try:
-        if pinned:
-            loaded = open_model(pinned["spec"], pinned["commit"], console, tokenizer, **where)
-        elif Path(state_file.model_resolved).is_file():
-            loaded = open_model(state_file.model_resolved, None, console, tokenizer, **where)
-        else:
-            loaded = open_model(state_file.model_spec, None, console, tokenizer, **where)
+        loaded = open_model(request, console)
     except ModelNotFoundError as error:  # a state from another machine, or a model moved away
         hint = f"pass that model ({state_file.identity.describe()}) with -m MODEL"
         if isinstance(error, NotCachedError):

@@ -13,9 +13,12 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from rwkv_cli.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "rwkv7-g1-0.1b"
 """The model ``chat`` and ``generate`` use without ``-m``: the smallest RWKV-7 G1 (about 380 MB)."""
@@ -27,6 +30,27 @@ KernelChoice = Literal["auto", "torch", "compiled"]
 KERNEL_CHOICES: tuple[KernelChoice, ...] = get_args(KernelChoice)
 
 TOKENIZER_CHOICES = ("world", "20b")  # the short names to offer users
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """Which model to open and how: what a command's model options say.
+
+    ``spec`` is a local checkpoint, a Hub file (``repo:file``), an alias or ``demo``; None means
+    the model a state file names, else :data:`DEFAULT_MODEL`. ``revision`` pins a Hub commit,
+    branch or tag. ``device`` is "cpu", "cuda", "cuda:N" or "auto"; ``dtype`` one of
+    :data:`DTYPE_NAMES` (None: fp16 on a GPU, fp32 on the CPU). ``tokenizer`` names one of
+    :data:`TOKENIZER_CHOICES` (None: the one the model or state file implies). ``kernel``, if
+    given, sets the kernel choice, which holds for the whole process (``--kernel``).
+    """
+
+    spec: str | None = None
+    revision: str | None = None
+    device: str | torch.device = "cpu"
+    dtype: DtypeName | torch.dtype | None = None
+    tokenizer: str | None = None
+    kernel: KernelChoice | None = None
+
 
 # More threads than this only slow a model down; far more (thousands) exhaust the thread
 # stacks OpenMP reserves and crash the process.

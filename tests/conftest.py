@@ -12,6 +12,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import close_session
 
+from rwkv_cli.kernels.build import set_kernel_choice
 from tests.support.fixtures import rwkv7_tensors, write_pth, write_safetensors
 from tests.support.hub_server import HubServer
 
@@ -73,7 +74,7 @@ def state_tuning_pth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_pth(tmp_path_factory.mktemp("states") / "tuned-state.pth", tensors)
 
 
-# --- a local Hugging Face Hub (tests/support/hub_server.py) ---------------------------------------------
+# --- a local Hugging Face Hub (tests/support/hub_server.py) -------------------------------------
 
 
 @dataclass
@@ -126,3 +127,10 @@ def local_hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
     monkeypatch.setenv("HF_HOME", str(home))
     return LocalHub(hub_server, home)
+
+
+@pytest.fixture
+def kernel_choice():
+    """Set the process-wide kernel choice for one test; "auto" again afterwards."""
+    yield set_kernel_choice
+    set_kernel_choice("auto")

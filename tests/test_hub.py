@@ -38,8 +38,8 @@ from rwkv_cli.errors import (
 from rwkv_cli.hub import DEFAULT_MODEL, CachedModel, cached_models, list_aliases, resolve_model
 from rwkv_cli.models import load_model
 from rwkv_cli.ui import print_models
-from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S
 from tests.conftest import LocalHub
+from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S
 from tests.support.fixtures import rwkv7_tensors, write_pth
 
 G1 = "BlinkDL/rwkv7-g1"

@@ -25,7 +25,6 @@ from rwkv_cli.kernels.build import (
     KernelBuildError,
     KernelSelfTestError,
     compiled_ops,
-    set_kernel_choice,
 )
 from rwkv_cli.kernels.selftest import compare_with_torch
 from rwkv_cli.kernels.wkv7 import wkv7_sequential
@@ -46,13 +45,6 @@ def test_every_cuda_source_compiles() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every CUDA source compiles" in result.stdout
-
-
-@pytest.fixture
-def kernel_choice():
-    """Set the process-wide kernel choice for one test; "auto" again afterwards."""
-    yield set_kernel_choice
-    set_kernel_choice("auto")
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from rwkv_cli.kernels.linear import (
 from rwkv_cli.kernels.selftest import TORCH_REFERENCES, wkv_inputs
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.runtime import open_model
+from rwkv_cli.settings import ModelRequest
 from tests.support.fixtures import legacy_tensors, rwkv4_tensors, rwkv7_tensors
 
 SHAPES = [(37, 45), (768, 768), (3072, 768), (768, 3072)]  # (out, in); odd sizes hit the tails
@@ -158,7 +159,7 @@ def heldout_logits() -> dict:
     """Per weight format: the demo model's logits after each held-out token, read one by one."""
     results = {}
     for name, dtype in DTYPES.items():
-        loaded = open_model("demo", dtype=dtype)
+        loaded = open_model(ModelRequest("demo", dtype=dtype))
         text = (demo_dir() / HELDOUT_FILE).read_text(encoding="utf-8")
         tokens = [loaded.tokenizer.eos_id, *loaded.tokenizer.encode(text)][: HELDOUT_TOKENS + 1]
         state, logits = None, []
