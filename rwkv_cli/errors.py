@@ -6,6 +6,7 @@ do. The CLI's single error boundary prints them as ``Error: ...`` / ``Hint: ...`
 
 from __future__ import annotations
 
+EXIT_ERROR = 1  # a known error, reported on one line
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention for Ctrl-C
 
 

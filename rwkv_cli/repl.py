@@ -7,35 +7,23 @@ prompts, the header, per-reply statistics and command output go to stderr.
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
-import sys
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol, TextIO
 
 from rich.console import Console
 from rich.markup import escape
 
-from rwkv_cli.chat import TEMPLATES, Chat, Message
-from rwkv_cli.errors import InvalidInputError, RwkvCliError, StateFileError
-from rwkv_cli.generate import GenerationChunk, Session
+from rwkv_cli.chat import Chat, Message
+from rwkv_cli.chatfile import load_chat, save_chat
+from rwkv_cli.errors import InvalidInputError, RwkvCliError
+from rwkv_cli.generate import GenerationChunk
+from rwkv_cli.lines import Block, LineSource
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, read_state_file, save_state_file
-from rwkv_cli.textio import OutputClosedError, StdoutWriter, decode_utf8
-from rwkv_cli.ui import prefill_progress, print_dim, print_error
+from rwkv_cli.textio import OutputClosedError, StdoutWriter
+from rwkv_cli.ui import model_line, prefill_progress, print_dim, print_error, print_stats
 
-try:
-    import termios
-except ImportError:  # Windows
-    termios = None
-
-if TYPE_CHECKING:
-    from prompt_toolkit.history import History
-
-MULTILINE_FENCE = '"""'
 THINK_END = "</think>"
 HELP = """Commands:
   /help                 this list
@@ -50,136 +38,6 @@ HELP = """Commands:
   /info                 model, template, settings and sizes
   /bye                  leave (Ctrl-D works too)
 A line with only \"\"\" starts and ends a multi-line message. Ctrl-C stops a reply."""
-
-
-class Block(str):
-    """A message typed between two \"\"\" lines: always a message, even if it starts with /."""
-
-
-class LineSource(Protocol):
-    def read(self) -> str | None:
-        """The next message or command; None when input ends."""
-
-    def busy(self) -> contextlib.AbstractContextManager[None]:
-        """Around the work on a line (reading a message, streaming its reply)."""
-
-
-class ScriptLines:
-    """One message per line from a non-terminal stdin (the lines between two \"\"\" lines make
-    one message); never waits for a terminal. Lines must be UTF-8; CRLF endings are fine."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.line_number = 0
-
-    def read(self) -> str | None:
-        line = self._line()
-        if line is None or line.strip() != MULTILINE_FENCE:
-            return line
-        block = []
-        while (line := self._line()) is not None and line.strip() != MULTILINE_FENCE:
-            block.append(line)
-        return Block("\n".join(block))  # a block still open at the end of input is sent as is
-
-    def busy(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def _line(self) -> str | None:
-        data = self.stream.readline()
-        if not data:
-            return None
-        self.line_number += 1
-        text = decode_utf8(data, f"stdin line {self.line_number}")
-        return text.removesuffix("\n").removesuffix("\r")
-
-
-class TerminalLines:
-    """Line editing and persistent history (prompt_toolkit); prompts are drawn on stderr."""
-
-    def __init__(self, history_file: Path) -> None:
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.output import create_output
-
-        self.session = PromptSession(
-            history=_history(history_file), output=create_output(stdout=sys.stderr)
-        )
-
-    def read(self) -> str | None:
-        while True:
-            try:
-                line = self.session.prompt("> ")
-            except KeyboardInterrupt:
-                continue  # Ctrl-C at the prompt clears the line; Ctrl-D leaves
-            except EOFError:
-                return None
-            if line.strip() != MULTILINE_FENCE:
-                return line
-            return self._block()
-
-    def busy(self) -> contextlib.AbstractContextManager[None]:
-        """Keys typed while a line is worked on (a reply streams) are neither echoed into the
-        reply nor taken by the terminal as lines, where a Ctrl-D would be lost; they wait, in
-        order, for the next prompt. Ctrl-C still interrupts."""
-        return _keys_held(sys.stdin)
-
-    def _block(self) -> str | None:
-        lines = []
-        while True:
-            try:
-                line = self.session.prompt("… ")
-            except KeyboardInterrupt:
-                return ""  # Ctrl-C drops the block, as it clears a line
-            except EOFError:
-                return None
-            if line.strip() == MULTILINE_FENCE:
-                return Block("\n".join(lines))
-            lines.append(line)
-
-
-@contextlib.contextmanager
-def _keys_held(stream: TextIO) -> Iterator[None]:
-    """The terminal ``stream`` without echo and line editing (signals still work) while the
-    block runs, then as it was, with what was typed meanwhile still to be read."""
-    saved = _terminal_mode(stream)
-    if saved is None:
-        yield
-        return
-    held = [*saved]
-    held[3] = saved[3] & ~(termios.ECHO | termios.ICANON)  # lflag
-    held[6] = [*saved[6]]
-    held[6][termios.VMIN], held[6][termios.VTIME] = 1, 0  # cc: each key readable at once
-    termios.tcsetattr(stream.fileno(), termios.TCSANOW, held)  # not TCSAFLUSH: keep typed keys
-    try:
-        yield
-    finally:
-        termios.tcsetattr(stream.fileno(), termios.TCSANOW, saved)
-
-
-def _terminal_mode(stream: TextIO) -> list | None:
-    """The termios settings of ``stream``; None where it is no terminal (or there is none)."""
-    if termios is None:
-        return None
-    try:
-        return termios.tcgetattr(stream.fileno())
-    except (OSError, ValueError, termios.error):  # io.UnsupportedOperation is an OSError
-        return None
-
-
-def _history(path: Path) -> History:
-    """Typed lines kept in ``path`` across sessions; for this session only (with a warning) if
-    the file cannot be written."""
-    from prompt_toolkit.history import FileHistory, InMemoryHistory
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Readable by the user only: it keeps every message typed, pastes included.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-    except OSError as error:
-        warnings.warn(
-            f"no input history: cannot write {path} ({error.strerror or error})", stacklevel=2
-        )
-        return InMemoryHistory()
-    return FileHistory(str(path))
 
 
 @dataclass
@@ -282,9 +140,7 @@ class ChatRepl:
             raise
         self.writer.write("\n")
         if self.show_stats and last is not None and last.finish_reason is not None:
-            self.console.print(
-                f"[dim]{last.generated_tokens} tokens · {last.generation_tps:.1f} tok/s[/dim]"
-            )
+            print_stats(self.console, last)
         self._autosave()
 
     # --- commands ------------------------------------------------------------------------------
@@ -372,10 +228,9 @@ class ChatRepl:
     def _info(self, _: str) -> None:
         chat, loaded = self.chat, self.chat.loaded
         settings = ", ".join(f"{k}={v}" for k, v in chat.params.to_dict().items())
-        dtype = str(loaded.model.dtype).removeprefix("torch.")
         rows = {
             "model": f"{loaded.spec} ({loaded.resolved})",
-            "architecture": f"{loaded.model.describe()}, {dtype}, {loaded.model.device}",
+            "architecture": model_line(loaded),
             "template": chat.template.name + (" (thinking)" if chat.think else ""),
             "system": chat.system or "-",
             "messages": str(len(chat.messages)),
@@ -415,71 +270,6 @@ def _number(kind: type, name: str, value: str, minimum: float | None = None):
     if minimum is not None and number < minimum:
         raise InvalidInputError(f"{name} must be at least {minimum}, got {value}")
     return number
-
-
-def save_chat(chat: Chat, path: Path, seed: int | None) -> None:
-    """Write the conversation (state, transcript, settings, sampler position) to a state file."""
-    loaded = chat.loaded
-    tokens = [token for message in chat.messages for token in message.tokens]
-    fresh_start = chat.start.state is None and chat.start.logits is None
-    save_state_file(
-        path,
-        model=loaded.model,
-        tokenizer_name=loaded.tokenizer.name,
-        session=chat.session,
-        model_spec=loaded.spec,
-        model_resolved=loaded.resolved,
-        sampling=chat.params,
-        seed=seed,
-        generator=chat.generator,
-        text_tail=loaded.tokenizer.decode(tokens)[-TEXT_TAIL_CHARS:],
-        chat={
-            **chat.to_metadata(),
-            "max_tokens": chat.max_reply_tokens,
-            "fresh_start": fresh_start,
-            "start_tokens": chat.start.tokens_consumed,
-        },
-        chat_start=None if fresh_start else chat.start,
-    )
-
-
-def load_chat(current: Chat, path: Path, force: bool = False) -> Chat:
-    """The conversation saved in ``path``, continued with ``current``'s model."""
-    saved = read_state_file(path)
-    loaded = current.loaded
-    session = saved.session_for(loaded.model, loaded.tokenizer.name, force=force)
-    generator = current.generator
-    saved.restore_generator(generator)
-    return chat_from_saved(current, saved, session)
-
-
-def chat_from_saved(base: Chat, saved: StateFile, session: Session) -> Chat:
-    """A chat continuing ``session`` (the saved file's, checked against the model); with the
-    file's chat record, its transcript and settings too."""
-    params = saved.sampling or base.params
-    chat = saved.chat
-    if chat is None:  # a plain saved state (e.g. a document): the conversation starts after it
-        return replace(
-            base, params=params, start=session, messages=[], session=session, _snapshots={}
-        )
-    try:
-        start = (
-            Session() if chat.get("fresh_start") else saved.chat_start_session(base.loaded.model)
-        )
-        messages = Chat.messages_from_metadata(chat) if start is not None else []
-        return replace(
-            base,
-            template=TEMPLATES.get(chat.get("template"), base.template),
-            think=bool(chat.get("think", base.think)),
-            max_reply_tokens=int(chat.get("max_tokens", base.max_reply_tokens)),
-            params=params,
-            start=start or session,  # a file of an earlier version: the chat starts anew
-            messages=messages,
-            session=session,
-            _snapshots={},
-        )
-    except (KeyError, ValueError, TypeError, AttributeError) as error:
-        raise StateFileError(f"state file {saved.path} is corrupt: bad chat ({error})") from error
 
 
 def show_transcript_tail(console: Console, chat: Chat, turns: int = 4) -> None:

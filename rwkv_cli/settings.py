@@ -139,6 +139,14 @@ class SamplingParams:
         return cls(**data).validated()
 
 
+def choose_sampling(
+    given: Mapping[str, Any], saved: SamplingParams | None, default: SamplingParams
+) -> SamplingParams:
+    """The sampling parameters to use, each by precedence: ``given`` (the values the user gave on
+    the command line, by field name) > ``saved`` (a state file's) > ``default``. Validated."""
+    return dataclasses.replace(saved or default, **given).validated()
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -24,6 +24,7 @@ from rwkv_cli.textio import interactive
 
 if TYPE_CHECKING:  # the error boundary shows errors with this module: it must not need torch
     from rwkv_cli.generate import GenerationChunk
+    from rwkv_cli.runtime import LoadedModel
 
 
 def stderr_console() -> Console:
@@ -139,6 +140,14 @@ def print_bench(results: list) -> None:
     for row in (header, *rows):
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
+
+
+def model_line(loaded: LoadedModel) -> str:
+    """The model as headers and /info show it: architecture, device and weight type."""
+    from rwkv_cli.device import dtype_name
+
+    model = loaded.model
+    return f"{model.describe()} · {model.device} {dtype_name(model.weight_dtype)}"
 
 
 def print_stats(console: Console, last: GenerationChunk) -> None:

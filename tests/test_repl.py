@@ -7,7 +7,7 @@ import io
 import pytest
 
 from rwkv_cli.errors import InvalidInputError
-from rwkv_cli.repl import ScriptLines, _history
+from rwkv_cli.lines import ScriptLines, _history
 
 
 def _messages(data: bytes) -> list[str]:
