@@ -151,10 +151,13 @@ def model_line(loaded: LoadedModel) -> str:
 
 
 def print_stats(console: Console, last: GenerationChunk) -> None:
-    """The one-line footer after a generation."""
+    """The one-line footer after a generation (a chat reply's prompt, read before the reply
+    started, has no part in it)."""
+    read = ""
+    if last.prompt_tokens:
+        read = f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s · "
     console.print(
-        f"[dim]prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s · "
-        f"generated: {last.generated_tokens} tokens, {last.generation_tps:.1f} tok/s · "
+        f"[dim]{read}generated: {last.generated_tokens} tokens, {last.generation_tps:.1f} tok/s · "
         f"stop: {last.finish_reason}[/dim]"
     )
 

@@ -127,7 +127,7 @@ def chat(
     """
     from rwkv_cli.chatfile import check_autosave_target
     from rwkv_cli.lines import ScriptLines, TerminalLines
-    from rwkv_cli.repl import ChatRepl, show_transcript_tail
+    from rwkv_cli.repl import ChatRepl
 
     require_visible_output(
         "the replies",
@@ -141,14 +141,8 @@ def chat(
     conversation, seed_used = _conversation(ctx, start)
     on_terminal = sys.stdin.isatty()
     if on_terminal or verbose:
-        print_dim(
-            console,
-            f"rwkv chat · {model_line(start.loaded)} · {start.loaded.spec} · "
-            f"{conversation.template.name} template · seed {seed_used} · /help",
-        )
-        show_transcript_tail(console, conversation)
+        _show_header(console, start, conversation, seed_used)
     lines = TerminalLines(input_history_file()) if on_terminal else ScriptLines(sys.stdin.buffer)
-    stdout = Console(file=sys.stdout)
     repl = ChatRepl(
         conversation,
         console,
@@ -158,13 +152,31 @@ def chat(
         autosave=autosave,
         force=force,
         hide_thinking=hide_thinking,
-        dim_thinking=interactive(stdout) and stdout.color_system is not None,
+        dim_thinking=_stdout_shows_dim_text(),
         show_stats=on_terminal or verbose,
     )
     with contextlib.suppress(OutputClosedError):  # `| head`: the reader has all it wanted
         repl.run()
     if repl.failed and not on_terminal:  # a script learns that a command went wrong
         raise typer.Exit(EXIT_ERROR)
+
+
+def _show_header(console: Console, start: Start, conversation: Chat, seed: int | None) -> None:
+    """What runs (model, template, seed: to reproduce the chat) and where a resumed chat stands."""
+    from rwkv_cli.repl import show_transcript_tail
+
+    print_dim(
+        console,
+        f"rwkv chat · {model_line(start.loaded)} · {start.loaded.spec} · "
+        f"{conversation.template.name} template · seed {seed} · /help",
+    )
+    show_transcript_tail(console, conversation)
+
+
+def _stdout_shows_dim_text() -> bool:
+    """Whether stdout is a terminal with colours, where G1 thinking is shown dimmed."""
+    stdout = Console(file=sys.stdout)
+    return interactive(stdout) and stdout.color_system is not None
 
 
 def _conversation(ctx: typer.Context, start: Start) -> tuple[Chat, int | None]:
