@@ -14,9 +14,9 @@ forward, or an operation within it, takes the decode path exactly when it has on
   else chunked (``wkv5_chunked``, ``wkv7_chunked``);
 - a whole forward on a GPU: replayed as one CUDA graph (models/decode_graph.py, models/frame.py).
 
-Each of those still needs its kernel to take the inputs (a float32 CPU tensor, a built library,
-no gradient asked for); where it does not, the decode step runs the prefill path's code on one
-token, with the same result up to rounding.
+The compiled kernels among those run only where they take the inputs (float32 CPU tensors for
+the CPU kernels, no gradient asked for, a build that succeeded); elsewhere one token goes through
+the op's torch twin, with the same result up to rounding.
 """
 
 from __future__ import annotations

@@ -174,6 +174,11 @@ class RWKV7(RecurrentModel):
         """Time mixing of the ln1-normed (T, C) input: the output (T, C), the new WKV state and
         ``v_first``.
 
+        Here: token shift, the projections and the low-rank adapters. From there to the output
+        projection (decay, in-context learning rate, removal key, value residual, the recurrence,
+        ln_x, bonus, gate) is one op, ``time_mix7`` (kernels/time_mix7.py), which takes the
+        one-token path of kernels/decode.py.
+
         The first layer is called with ``v_first`` None: its values (T, C) become ``v_first``,
         which it returns. Every later layer takes them, mixes them into its own values (the value
         residual) and returns them unchanged.
