@@ -18,7 +18,10 @@ def module_name(path: Path) -> str:
 
 def imported_modules(source: str, name: str, package: str, modules: set[str]) -> set[str]:
     """Which of ``modules`` the module ``name`` (of ``package``) imports anywhere in its source:
-    at the top, inside functions and under ``if TYPE_CHECKING``, relative imports resolved."""
+    at the top, inside functions and under ``if TYPE_CHECKING``, relative imports resolved.
+
+    A package's ``__init__`` counts where it is imported by name, not where one of its submodules
+    is (Python runs it first then, but the submodule does not depend on it)."""
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
