@@ -24,7 +24,7 @@ from huggingface_hub import constants as hf_constants
 from rwkv_cli import __version__
 from rwkv_cli.device import resolve_device
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
-from rwkv_cli.kernels import cpu_ops, cuda
+from rwkv_cli.kernels import selftest
 from rwkv_cli.kernels.build import kernel_choice, kernels_dir
 from rwkv_cli.paths import converted_dir, home_dir
 
@@ -212,13 +212,13 @@ def _cuda_kernels_check(has_gpu: bool, build_kernels: bool) -> Check:
         return Check("CUDA kernels", "no GPU", "skipped")
     if not build_kernels:
         return Check("CUDA kernels", "not built (--no-build)", "skipped")
-    return _self_test_check("CUDA kernels", cuda.self_test)
+    return _self_test_check("CUDA kernels", selftest.cuda_self_test)
 
 
 def _cpu_kernels_check(build_kernels: bool) -> Check:
     if not build_kernels:
         return Check("CPU kernels", "not built (--no-build)", "skipped")
-    return _self_test_check("CPU kernels", cpu_ops.self_test)
+    return _self_test_check("CPU kernels", selftest.cpu_self_test)
 
 
 def _self_test_check(name: str, self_test: Callable[[], str]) -> Check:

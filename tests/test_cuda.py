@@ -26,6 +26,7 @@ from rwkv_cli.kernels.selftest import (
     INPUT_DTYPES,
     TORCH_REFERENCES,
     compare_with_torch,
+    cuda_self_test,
     relative_error,
     wkv_inputs,
 )
@@ -59,7 +60,7 @@ def compiled() -> None:
 
 
 def test_self_test_passes() -> None:
-    assert "match the torch path" in cuda.self_test()
+    assert "match the torch path" in cuda_self_test()
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)

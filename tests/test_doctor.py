@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rwkv_cli import cli, doctor
-from rwkv_cli.kernels import cuda
+from rwkv_cli.kernels import selftest
 from rwkv_cli.kernels.build import KernelBuildError, KernelSelfTestError
 from tests.support.cli_runner import rwkv
 
@@ -51,7 +51,7 @@ def gpu_whose_kernels_fail(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
     monkeypatch.setattr(doctor, "visible_gpus", lambda: [FAKE_GPU])
-    monkeypatch.setattr(cuda, "self_test", fail)
+    monkeypatch.setattr(selftest, "cuda_self_test", fail)
 
 
 def test_kernels_that_do_not_build_on_a_gpu_are_a_failure(gpu_whose_kernels_fail) -> None:

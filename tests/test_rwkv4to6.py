@@ -9,7 +9,7 @@ import torch
 from rwkv_cli.errors import CheckpointError, UnsupportedModelError
 from rwkv_cli.generate import Session, stream_generate
 from rwkv_cli.models import MODEL_CLASSES, load_model
-from rwkv_cli.models.common import RESCALE_LAYER
+from rwkv_cli.models.prepare import RESCALE_LAYER
 from rwkv_cli.prepared import load_model_cached
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import (

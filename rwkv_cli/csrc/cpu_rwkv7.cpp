@@ -3,8 +3,8 @@
 // key, value residual, the delta-rule state update (kernels/wkv7.py), the per-head GroupNorm
 // (ln_x), the current token's bonus and the output gate. In torch this is about forty small
 // operations per layer, whose fixed costs add up to several milliseconds per decoded token; the
-// arithmetic itself is a few microseconds. It must equal models/rwkv7.py's time_mix for one
-// token (tests/test_weight_formats.py checks it).
+// arithmetic itself is a few microseconds. It must equal time_mix7_torch (kernels/time_mix7.py)
+// for one token; kernels/selftest.py checks it.
 #include <algorithm>
 #include <cmath>
 #include <vector>

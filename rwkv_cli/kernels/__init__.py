@@ -1,24 +1,32 @@
-"""WKV recurrence implementations: torch references, dispatchers and compiled kernels.
+"""The operations the models are made of: torch twins, dispatchers and compiled kernels.
 
-Each ``wkv*.py`` holds a generation's torch reference and its dispatcher; ``cuda.py`` (and the CPU
-kernels' ``cpu_ops.py``) wrap compiled operators built by ``build.py``.
+Each op module (``wkv4.py``, ``wkv5.py``, ``wkv7.py``, ``time_mix7.py``, ``linear.py``) holds an
+op's plain-torch twin (``*_torch``; the WKVs' token-by-token references are ``*_sequential`` or,
+for RWKV-4, the twin itself) and its dispatcher, which runs a compiled kernel where one takes the
+inputs. ``cuda.py`` and ``cpu_ops.py`` wrap the compiled operators that ``build.py`` builds;
+``decode.py`` states the rule for the one-token path; ``selftest.py`` compares every compiled
+kernel with its twin. Dependencies point one way: op modules use ``cuda``/``cpu_ops``/``build``,
+``selftest`` uses the op modules, and nothing here imports the models.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from rwkv_cli.kernels.build import Extension
+from rwkv_cli.kernels import cpu_ops, cuda
+from rwkv_cli.kernels.build import (
+    Extension,
+    KernelBuildError,
+    compiled_ops,
+    is_built,
+    kernel_choice,
+    load_extension,
+)
 
 
 def require_compiled(device: torch.device) -> None:
     """For ``--kernel compiled``: build the compiled kernels that serve ``device`` now, so a
     missing or broken build stops a command before it starts. Raises KernelBuildError."""
-    from rwkv_cli.kernels.build import KernelBuildError, load_extension
-
     extensions = compiled_extensions(device)
     if not extensions:
         raise KernelBuildError(
@@ -32,12 +40,8 @@ def require_compiled(device: torch.device) -> None:
 def compiled_extensions(device: torch.device) -> list[Extension]:
     """The compiled extensions that serve models on ``device``'s type."""
     if device.type == "cuda":
-        from rwkv_cli.kernels import cuda
-
         return [cuda.EXTENSION]
     if device.type == "cpu":
-        from rwkv_cli.kernels import cpu_ops
-
         return [cpu_ops.EXTENSION]
     return []
 
@@ -45,8 +49,6 @@ def compiled_extensions(device: torch.device) -> list[Extension]:
 def prepare_kernels(device: torch.device) -> None:
     """Build (or load) the compiled kernels for ``device`` now, following ``--kernel``: with
     "compiled" a failure is an error, with "auto" a warning (the torch path runs)."""
-    from rwkv_cli.kernels.build import compiled_ops, kernel_choice
-
     if kernel_choice() == "compiled":
         require_compiled(device)
         return
@@ -57,8 +59,6 @@ def prepare_kernels(device: torch.device) -> None:
 def kernels_to_build(device: torch.device) -> list[Extension]:
     """The compiled extensions for ``device`` that ``prepare_kernels`` would have to build (none
     with ``--kernel torch``): a first use, worth telling the user about."""
-    from rwkv_cli.kernels.build import is_built, kernel_choice
-
     if kernel_choice() == "torch":
         return []
     return [extension for extension in compiled_extensions(device) if not is_built(extension)]

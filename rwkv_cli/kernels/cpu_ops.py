@@ -2,16 +2,17 @@
 
 - ``gemv``: one token's projection with float32, bfloat16, float16 or int8 weights, streamed at
   close to the memory bandwidth (twin: ``torch.nn.functional.linear``; see kernels/linear.py);
-- ``rwkv7_time_mix_one``: RWKV-7's time mixing between the projections for one token, in one
-  pass (twin: ``models.rwkv7.mix_projections``);
+- ``time_mix7``: RWKV-7's time mixing between the projections for one token, in one pass
+  (twin: ``kernels.time_mix7.time_mix7_torch``);
 - ``wkv4``: the RWKV-4 recurrence (twin: ``kernels.wkv4.wkv4_torch``);
-- ``wkv5``: the RWKV-5/6 recurrence (twins: ``kernels.wkv5.wkv5_sequential`` and
-  ``wkv5_chunked``).
+- ``wkv5``: the RWKV-5/6 recurrence (twin: ``kernels.wkv5.wkv5_torch``).
 
 The kernels are a plain shared library with a C interface (kernels/build.py builds it), called
 through ctypes. ``CpuKernels`` is the only way in: it checks each argument's type, shape and
 layout, allocates the outputs as tensors and passes data pointers, so a wrong argument is a
-ValueError here, never a wild pointer in C.
+ValueError here, never a wild pointer in C. The dispatchers (``wkv4`` in kernels/wkv4.py, ...)
+ask ``usable`` and then call ``kernels()``. kernels/selftest.py compares every kernel with its
+twin.
 """
 
 from __future__ import annotations
@@ -20,16 +21,14 @@ import ctypes
 import functools
 
 import torch
-import torch.nn.functional as F
 
-from rwkv_cli.kernels.build import Extension, KernelSelfTestError, compiled_ops, load_extension
+from rwkv_cli.kernels.build import Extension, compiled_ops
 
 EXTENSION = Extension(
     "rwkv_cpu",
     ("cpu_gemv.cpp", "cpu_rwkv7.cpp", "cpu_wkv4.cpp", "cpu_wkv5.cpp"),
     headers=("cpu_kernels.h",),
 )
-TOLERANCE = 1e-5  # both sides compute in float32 from the same inputs; only the order differs
 
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
 _GEMV_SYMBOLS = {
@@ -131,30 +130,37 @@ class CpuKernels:
         )
         return y, next_state
 
-    def rwkv7_time_mix_one(
+    def time_mix7(
         self,
         state: torch.Tensor,
-        vectors: dict[str, torch.Tensor],
-        value_mix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        r: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gate: torch.Tensor,
+        decay_lora: torch.Tensor,
+        iclr_lora: torch.Tensor,
+        *,
         eps: float,
+        **layer: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token's RWKV-7 time mixing: returns the output projection's input (C,) and the new
-        (H, N, N) state.
-
-        ``vectors`` holds the (C,) float32 tensors r, k, v, decay_lora, iclr_lora, gate, w0, a0,
-        k_k, k_a, r_k, ln_weight and ln_bias; ``value_mix`` is (value_gate_lora, v_first, v0),
-        or None in layer 0, whose values are not mixed with the first layer's.
-        """
+        """One token's RWKV-7 time mixing; arguments (the layer's by name) and results as
+        ``kernels.time_mix7.time_mix7_torch``, every tensor float32."""
         if state.dim() != 3 or state.shape[1] != state.shape[2]:
-            raise ValueError("rwkv7_time_mix_one: state must be (H, N, N)")
+            raise ValueError("time_mix7: state must be (H, N, N)")
         heads, n = state.shape[:2]
         channels = heads * n
         _require_float32(state, channels * n, "state")
-        named = {name: vectors[name] for name in _TIME_MIX_VECTORS}
-        if value_mix is not None:
-            named.update(zip(_VALUE_MIX_VECTORS, value_mix, strict=True))
+        named = {"r": r, "k": k, "v": v, "gate": gate, "decay_lora": decay_lora}
+        named |= {"iclr_lora": iclr_lora, **layer}
+        missing = [name for name in _TIME_MIX_VECTORS if named.get(name) is None]
+        unknown = sorted(set(named) - set(_TIME_MIX_ORDER))
+        if missing or unknown:
+            raise ValueError(f"time_mix7: missing {missing}, unknown {unknown}")
+        if len({named.get(name) is None for name in _VALUE_RESIDUAL}) > 1:
+            raise ValueError("time_mix7: v_first, value_gate_lora and v0 go together")
         for name, tensor in named.items():
-            _require_float32(tensor, channels, name)
+            if tensor is not None:
+                _require_float32(tensor, channels, name)
         out, new_state = state.new_empty(channels), torch.empty_like(state)
         self._library.rwkv_rwkv7_time_mix_one(
             state.data_ptr(),
@@ -165,18 +171,20 @@ class CpuKernels:
             n,
             eps,
         )
-        return out, new_state
+        return out.unsqueeze(0), new_state
 
 
+# The vectors time mixing always takes, and those of the value residual: all None in the first
+# layer (null pointers to the C function), or none.
 _TIME_MIX_VECTORS = (
     "r", "k", "v", "decay_lora", "iclr_lora", "gate", "w0", "a0", "k_k", "k_a", "r_k",
-    "ln_weight", "ln_bias",
+    "ln_x_weight", "ln_x_bias",
 )  # fmt: skip
-_VALUE_MIX_VECTORS = ("value_gate_lora", "v_first", "v0")
+_VALUE_RESIDUAL = ("v_first", "value_gate_lora", "v0")
 # The C function's pointer arguments after the state, in its order.
 _TIME_MIX_ORDER = (
     "r", "k", "v", "decay_lora", "iclr_lora", "value_gate_lora", "v_first", "gate", "w0", "a0",
-    "v0", "k_k", "k_a", "r_k", "ln_weight", "ln_bias",
+    "v0", "k_k", "k_a", "r_k", "ln_x_weight", "ln_x_bias",
 )  # fmt: skip
 
 
@@ -208,83 +216,12 @@ def _wrap(library: ctypes.CDLL) -> CpuKernels:
     return CpuKernels(library)
 
 
-def usable(*tensors: torch.Tensor) -> CpuKernels | None:
-    """The compiled kernels, if they can take these float32 CPU tensors (and no gradient is asked
-    for: the kernels are forward-only); else None."""
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether to run an op with these arguments on the compiled kernels: yes when they are
+    float32 CPU tensors, no gradient is asked for (the kernels are forward-only) and the kernels
+    build (following the kernel choice)."""
     if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in tensors):
-        return None
+        return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return None
-    return kernels()
-
-
-def self_test() -> str:
-    """Build the CPU kernels (whatever the kernel choice) and compare each with its torch twin on
-    random inputs. Returns a one-line summary; raises KernelBuildError when they do not build and
-    KernelSelfTestError when a result differs (``rwkv doctor`` calls this)."""
-    from rwkv_cli.kernels.selftest import compare_with_torch  # it imports the dispatchers
-
-    ops = _wrap(load_extension(EXTENSION, retry=True))
-    wkv_error = compare_with_torch({"4": ops.wkv4, "5": ops.wkv5}, device="cpu")
-    worst = max([*_gemv_errors(ops), _time_mix_error(ops), wkv_error])
-    return (
-        "matrix-vector products (fp32, bf16, fp16, int8), RWKV-7 one-token time mixing and the "
-        f"RWKV-4 and 5/6 recurrences match the torch path (largest relative error {worst:.0e})"
-    )
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor, name: str) -> float:
-    error = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-    if not error <= TOLERANCE:  # also catches NaN
-        raise KernelSelfTestError(f"compiled {name} differs from the torch path ({error:.1e})")
-    return error
-
-
-def _gemv_errors(ops: CpuKernels) -> list[float]:
-    from rwkv_cli.kernels.linear import quantize_int8  # linear.py imports this module
-
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(203, 77, generator=generator)  # odd sizes: the tails are checked too
-    x = torch.randn(1, 77, generator=generator)
-    errors = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        narrow = weight.to(dtype)
-        expected = F.linear(x, narrow.float())
-        errors.append(_relative_error(ops.gemv(x, narrow, None), expected, f"{dtype} gemv"))
-    quantized = quantize_int8(weight)
-    expected = F.linear(x, quantized.dequantize())
-    actual = ops.gemv(x, quantized.values, quantized.scale)
-    errors.append(_relative_error(actual, expected, "int8 gemv"))
-    return errors
-
-
-def _time_mix_error(ops: CpuKernels) -> float:
-    from rwkv_cli.models.rwkv7 import (  # the model module imports this one
-        MixInputs,
-        TimeMixWeights,
-        mix_projections,
-        mix_projections_compiled,
-    )
-
-    heads, size = 3, 16
-    channels = heads * size
-    generator = torch.Generator().manual_seed(1)
-
-    def vector() -> torch.Tensor:
-        return torch.randn(channels, generator=generator)
-
-    att = TimeMixWeights(**{name: vector() for name in TimeMixWeights.__dataclass_fields__})
-    att.r_k = att.r_k.view(heads, size)
-    state = torch.randn(heads, size, size, generator=generator)
-    inputs = MixInputs(
-        **{name: vector().unsqueeze(0) for name in ("r", "k", "v", "g", "v_first")},
-        decay=vector(),
-        iclr=vector(),
-        value_gate=vector(),
-    )
-    expected = mix_projections(att, state, inputs)
-    actual = mix_projections_compiled(ops, att, state, inputs)
-    return max(
-        _relative_error(actual[0], expected[0], "RWKV-7 time mixing output"),
-        _relative_error(actual[1], expected[1], "RWKV-7 time mixing state"),
-    )
+        return False
+    return kernels() is not None

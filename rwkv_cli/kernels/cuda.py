@@ -10,7 +10,8 @@ They are built on first use on a GPU (kernels/build.py), never at import.
 The dispatchers (``wkv4`` in kernels/wkv4.py, ...) ask ``usable`` and call the wrappers here,
 which bring the inputs into the kernels' layout: token inputs in one of fp32, fp16 or bf16
 (mixed types are computed from fp32 copies), state, decay and bonus float32, all contiguous.
-Outputs are float32, as the references return.
+Outputs are float32, as the references return. kernels/selftest.py compares the kernels with
+their torch twins.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from rwkv_cli.kernels.build import (
     KernelBuildError,
     compiled_ops,
     kernel_choice,
-    load_extension,
 )
 
 EXTENSION = Extension(
@@ -76,7 +76,7 @@ def wkv5(
     v: torch.Tensor,
     u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RWKV-5/6's WKV on the GPU; arguments and results as ``kernels.wkv5.wkv5_sequential``."""
+    """RWKV-5/6's WKV on the GPU; arguments and results as ``kernels.wkv5.wkv5_torch``."""
     r, k, v = _token_inputs(r, k, v)
     # RWKV-5's decay is the same for every token, and 5.0's decay and bonus for a whole head.
     state, w, u = _float32(
@@ -94,30 +94,10 @@ def wkv7(
     kappa: torch.Tensor,
     a: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RWKV-7's WKV on the GPU; arguments and results as ``kernels.wkv7.wkv7_sequential``."""
+    """RWKV-7's WKV on the GPU; arguments and results as ``kernels.wkv7.wkv7_torch``."""
     r, k, v, kappa, a = _token_inputs(r, k, v, kappa, a)
     state, w = _float32(state, w)
     return tuple(_ops().wkv7_cuda(state, r, w, k, v, kappa, a))
-
-
-def self_test() -> str:
-    """Build the CUDA kernels (whatever the kernel choice) and compare each WKV with its torch
-    twin on small random inputs on the current GPU, with fp32, fp16 and bf16 inputs.
-
-    Returns a one-line summary. Raises KernelBuildError when there is no GPU or the kernels do
-    not build, and KernelSelfTestError when a result differs. ``rwkv doctor`` calls this (and the
-    CPU kernels' ``self_test``, which keeps the same contract).
-    """
-    if not torch.cuda.is_available():
-        raise KernelBuildError("no CUDA GPU is available")
-    load_extension(EXTENSION, retry=True)
-    from rwkv_cli.kernels.selftest import compare_with_torch  # it imports the dispatchers
-
-    worst = compare_with_torch({"4": wkv4, "5": wkv5, "7": wkv7}, device="cuda")
-    return (
-        "RWKV-4, 5/6 and 7 kernels match the torch path with fp32, fp16 and bf16 inputs "
-        f"(largest relative error {worst:.0e})"
-    )
 
 
 def _ops():

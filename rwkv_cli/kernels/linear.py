@@ -1,11 +1,12 @@
 """Projections ``y = x Wᵀ`` with weights in float32, 16-bit floats or int8, on any device.
 
 Projection matrices are kept (out, in), as checkpoints store them. For a single token on a CPU
-the compiled ``gemv`` kernel (csrc/cpu_gemv.cpp) streams each weight row once at close to the
-memory bandwidth, whatever the weight format: that is what one-token decoding is bound by. Torch
-has no fast CPU path for 16-bit or int8 weights, so everything else (many tokens, no compiler,
-other devices) converts the weights to the input's dtype and uses ``torch.nn.functional.linear``;
-for many tokens that conversion costs little next to the product itself.
+(the one-token path, kernels/decode.py) the compiled ``gemv`` kernel (csrc/cpu_gemv.cpp) streams
+each weight row once at close to the memory bandwidth, whatever the weight format: that is what
+one-token decoding is bound by. Torch has no fast CPU path for 16-bit or int8 weights, so
+everything else (many tokens, no compiler, other devices) converts the weights to the input's
+dtype and uses ``torch.nn.functional.linear``; for many tokens that conversion costs little next
+to the product itself.
 
 int8 weights are quantized per output row: ``W ≈ scale[o] · q[o, :]`` with ``q`` in [-127, 127]
 and ``scale[o] = max |W[o, :]| / 127``.
@@ -19,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_cli.kernels import cpu_ops
+from rwkv_cli.kernels.decode import is_decode
 
 INT8_MAX = 127
 GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
-GEMV_MAX_TOKENS = 1  # the kernel reads the weights once per row: for more, a GEMM wins
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,10 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedMatrix:
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """``x @ weightᵀ`` for x (T, in) or (in,), in x's dtype."""
-    if _use_gemv(x, weight):
-        ops = cpu_ops.kernels()
-        if ops is not None:
-            values, scale = _parts(weight)
-            rows = x.reshape(-1, x.shape[-1]).float()
-            return ops.gemv(rows, values, scale).to(x.dtype).view(*x.shape[:-1], -1)
+    if _use_gemv(x, weight) and cpu_ops.usable():
+        values, scale = _parts(weight)
+        rows = x.reshape(-1, x.shape[-1]).float()
+        return cpu_ops.kernels().gemv(rows, values, scale).to(x.dtype).view(*x.shape[:-1], -1)
     if isinstance(weight, QuantizedMatrix):
         weight = weight.dequantize(x.dtype)
     return F.linear(x, weight.to(x.dtype))
@@ -71,7 +70,7 @@ def _use_gemv(x: torch.Tensor, weight: Weight) -> bool:
     values = weight.values if isinstance(weight, QuantizedMatrix) else weight
     return (
         x.device.type == "cpu"
-        and x.numel() // x.shape[-1] <= GEMV_MAX_TOKENS
+        and is_decode(x.numel() // x.shape[-1])  # for more tokens, a GEMM wins
         and values.dtype in GEMV_DTYPES
         and not torch.is_grad_enabled()
     )

@@ -1,9 +1,12 @@
-"""Checking compiled WKV kernels against their torch twins on random inputs.
+"""Checking the compiled kernels against their torch twins on random inputs.
 
-``wkv_inputs`` makes the arguments of one generation's WKV, shaped and ranged like a model's;
-``compare_with_torch`` runs compiled implementations and the torch references on the same inputs
-and raises KernelSelfTestError where they differ. The kernels' ``self_test()`` functions (which
-``rwkv doctor`` calls) and the tests use both.
+``cpu_self_test`` and ``cuda_self_test`` build the compiled kernels of one device type and compare
+every op with its twin; ``rwkv doctor`` runs them. ``wkv_inputs`` makes the arguments of one
+generation's WKV, shaped and ranged like a model's; ``compare_with_torch`` runs compiled WKV
+implementations and the torch references on the same inputs and raises KernelSelfTestError where
+they differ. The tests use both too.
+
+This module imports the op modules; they never import it.
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
-from rwkv_cli.kernels.build import KernelSelfTestError
+from rwkv_cli.kernels import cpu_ops, cuda
+from rwkv_cli.kernels.build import KernelBuildError, KernelSelfTestError, load_extension
+from rwkv_cli.kernels.linear import quantize_int8
+from rwkv_cli.kernels.time_mix7 import EXP_MINUS_HALF, time_mix7_torch
 from rwkv_cli.kernels.wkv4 import wkv4_torch
 from rwkv_cli.kernels.wkv5 import wkv5_sequential
 from rwkv_cli.kernels.wkv7 import wkv7_sequential
@@ -27,7 +34,40 @@ TORCH_REFERENCES: dict[str, Callable] = {
 # Both sides read the same (rounded) inputs and compute in float32, so they differ only by the
 # order of float32 operations: about 1e-6 over a few dozen tokens.
 TOLERANCE = 1e-4
-EXP_MINUS_HALF = 0.6065306597126334  # RWKV-7 decays are exp(-exp(-0.5)·σ(·)) in (0.545, 1)
+# The CPU's projections and RWKV-7 time mixing: both sides compute in float32 from the same
+# inputs, over a single token; only the order of operations differs.
+ONE_TOKEN_TOLERANCE = 1e-5
+GROUP_NORM_EPS = 64e-5  # as RWKV-7's ln_x
+
+
+def cpu_self_test() -> str:
+    """Build the CPU kernels (whatever the kernel choice) and compare each with its torch twin on
+    random inputs. Returns a one-line summary; raises KernelBuildError when they do not build and
+    KernelSelfTestError when a result differs."""
+    ops = cpu_ops.CpuKernels(load_extension(cpu_ops.EXTENSION, retry=True))
+    wkv_error = compare_with_torch({"4": ops.wkv4, "5": ops.wkv5}, device="cpu")
+    worst = max([*_gemv_errors(ops), *_time_mix_errors(ops), wkv_error])
+    return (
+        "matrix-vector products (fp32, bf16, fp16, int8), RWKV-7 one-token time mixing and the "
+        f"RWKV-4 and 5/6 recurrences match the torch path (largest relative error {worst:.0e})"
+    )
+
+
+def cuda_self_test() -> str:
+    """Build the CUDA kernels (whatever the kernel choice) and compare each WKV with its torch
+    twin on small random inputs on the current GPU, with fp32, fp16 and bf16 inputs.
+
+    Returns a one-line summary, as ``cpu_self_test``. Raises KernelBuildError when there is no
+    GPU or the kernels do not build, and KernelSelfTestError when a result differs.
+    """
+    if not torch.cuda.is_available():
+        raise KernelBuildError("no CUDA GPU is available")
+    load_extension(cuda.EXTENSION, retry=True)
+    worst = compare_with_torch({"4": cuda.wkv4, "5": cuda.wkv5, "7": cuda.wkv7}, device="cuda")
+    return (
+        "RWKV-4, 5/6 and 7 kernels match the torch path with fp32, fp16 and bf16 inputs "
+        f"(largest relative error {worst:.0e})"
+    )
 
 
 def wkv_inputs(
@@ -115,3 +155,50 @@ def compare_with_torch(
                     )
                 worst = max(worst, error)
     return worst
+
+
+def _one_token_error(actual: torch.Tensor, expected: torch.Tensor, name: str) -> float:
+    error = relative_error(actual, expected)
+    if not error <= ONE_TOKEN_TOLERANCE:  # also catches NaN
+        raise KernelSelfTestError(f"compiled {name} differs from the torch path ({error:.1e})")
+    return error
+
+
+def _gemv_errors(ops: cpu_ops.CpuKernels) -> list[float]:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(203, 77, generator=generator)  # odd sizes: the tails are checked too
+    x = torch.randn(1, 77, generator=generator)
+    errors = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        narrow = weight.to(dtype)
+        expected = F.linear(x, narrow.float())
+        errors.append(_one_token_error(ops.gemv(x, narrow, None), expected, f"{dtype} gemv"))
+    quantized = quantize_int8(weight)
+    expected = F.linear(x, quantized.dequantize())
+    actual = ops.gemv(x, quantized.values, quantized.scale)
+    errors.append(_one_token_error(actual, expected, "int8 gemv"))
+    return errors
+
+
+def _time_mix_errors(ops: cpu_ops.CpuKernels) -> list[float]:
+    """RWKV-7's time mixing in a later layer (with the value residual) and in the first."""
+    heads, size = 3, 16
+    generator = torch.Generator().manual_seed(1)
+
+    def vector() -> torch.Tensor:
+        return torch.randn(heads * size, generator=generator)
+
+    state = torch.randn(heads, size, size, generator=generator)
+    inputs = [vector().unsqueeze(0) for _ in range(6)]  # r, k, v, gate, decay and iclr LoRAs
+    first_layer = {name: vector() for name in ("w0", "a0", "k_k", "k_a")}
+    first_layer |= {"ln_x_weight": vector(), "ln_x_bias": vector()}
+    first_layer |= {"r_k": vector().view(heads, size), "eps": GROUP_NORM_EPS}
+    value_residual = {"v_first": vector().unsqueeze(0), "value_gate_lora": vector().unsqueeze(0)}
+    later_layer = first_layer | value_residual | {"v0": vector()}
+    errors = []
+    for layer in (later_layer, first_layer):
+        expected = time_mix7_torch(state, *inputs, **layer)
+        actual = ops.time_mix7(state, *inputs, **layer)
+        for got, want, name in zip(actual, expected, ("output", "state"), strict=True):
+            errors.append(_one_token_error(got, want, f"RWKV-7 time mixing {name}"))
+    return errors

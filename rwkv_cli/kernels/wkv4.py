@@ -36,8 +36,8 @@ def wkv4(
     """The recurrence over T tokens (arguments and results as ``wkv4_torch``)."""
     if cuda.usable(aa, bb, pp, w, u, k, v):
         return cuda.wkv4(aa, bb, pp, w, u, k, v)
-    if (ops := cpu_ops.usable(aa, bb, pp, w, u)) is not None:
-        return ops.wkv4(aa, bb, pp, w, u, k, v)
+    if cpu_ops.usable(aa, bb, pp, w, u):
+        return cpu_ops.kernels().wkv4(aa, bb, pp, w, u, k, v)
     return wkv4_torch(aa, bb, pp, w, u, k, v)
 
 

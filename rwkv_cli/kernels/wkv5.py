@@ -9,11 +9,12 @@ the key index::
 
 RWKV-5 has one decay per channel (or per head) for all tokens; RWKV-6 computes one per token.
 
-``wkv5_sequential`` runs that loop token by token: the reference, and the decode path.
+``wkv5_sequential`` runs that loop token by token: the reference, and the one-token path.
 ``wkv5_chunked`` computes the same thing a chunk of tokens at a time with no per-token Python
-loop, which is what makes prefill fast without a compiler. ``wkv5`` picks one, or a compiled
-kernel where one builds: CUDA for inputs on a GPU (kernels/cuda.py), C++ on the CPU
-(kernels/cpu_ops.py), which runs the recurrence token by token faster than either torch form.
+loop, which is what makes prefill fast without a compiler. ``wkv5_torch``, the torch twin, picks
+one by the one-token rule (kernels/decode.py). ``wkv5`` runs a compiled kernel where one builds:
+CUDA for inputs on a GPU (kernels/cuda.py), C++ on the CPU (kernels/cpu_ops.py), which runs the
+recurrence token by token faster than either torch form; else ``wkv5_torch``.
 
 The chunked form. Within a chunk, with ``S0`` the state before it and ``D_t`` the product of the
 decays of its tokens up to t (``D_0 = 1``), unrolling the recurrence gives::
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_cli.kernels import cpu_ops, cuda
+from rwkv_cli.kernels.decode import is_decode
 
 CHUNK_LEN = 6  # tokens per chunk: among the fastest on a 2-core CPU for 12 and 32 heads of 64
 # Median ms for 512 tokens (benchmarks/bench_wkv5.py: 2 threads, RWKV-6-like decays):
@@ -75,7 +77,7 @@ def wkv5(
     u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence over T tokens: compiled where a kernel builds (CUDA on a GPU, C++ on the
-    CPU), else sequential for one token and chunked for more.
+    CPU), else ``wkv5_torch``.
 
     Args:
         state: (H, N, N) float32, indexed [head, value, key]; not modified.
@@ -87,9 +89,22 @@ def wkv5(
     """
     if cuda.usable(state, r, w, k, v, u, head_size=r.shape[-1]):
         return cuda.wkv5(state, r, w, k, v, u)
-    if (ops := cpu_ops.usable(state)) is not None:
-        return ops.wkv5(state, r, w, k, v, u)
-    if r.shape[0] == 1:
+    if cpu_ops.usable(state):
+        return cpu_ops.kernels().wkv5(state, r, w, k, v, u)
+    return wkv5_torch(state, r, w, k, v, u)
+
+
+def wkv5_torch(
+    state: torch.Tensor,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In plain torch (same arguments and results as ``wkv5``): sequential on the one-token
+    path (kernels/decode.py), else chunked."""
+    if is_decode(r.shape[0]):
         return wkv5_sequential(state, r, w, k, v, u)
     return wkv5_chunked(state, r, w, k, v, u)
 

@@ -5,10 +5,12 @@ Per head the state ``S`` is an ``N x N`` matrix indexed ``[value, key]``. For ev
     S = S · diag(w) + (S · α) βᵀ + v kᵀ        with α = -κ and β = κ ⊙ a
     y = S r
 
-``wkv7_sequential`` runs that loop token by token: the reference, and the decode path.
+``wkv7_sequential`` runs that loop token by token: the reference, and the one-token path.
 ``wkv7_chunked`` computes the same thing a chunk of tokens at a time with batched matrix
-products and no per-token Python loop, which is what makes prefill fast. ``wkv7`` picks one, or
-the compiled CUDA kernel for inputs on a GPU where it builds (kernels/cuda.py).
+products and no per-token Python loop, which is what makes prefill fast. ``wkv7_torch``, the
+torch twin, picks one by the one-token rule (kernels/decode.py). ``wkv7`` runs the compiled CUDA
+kernel for inputs on a GPU where it builds (kernels/cuda.py), else ``wkv7_torch``. (On the CPU,
+one token's recurrence runs inside RWKV-7's fused time mixing, kernels/time_mix7.py.)
 
 The chunked form. Within a chunk, with ``S0`` the state before it and ``D_t`` the product of the
 decays up to token t, unrolling the recurrence gives::
@@ -28,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_cli.kernels import cuda
+from rwkv_cli.kernels.decode import is_decode
 
 CHUNK_LEN = 64  # tokens per chunk: fastest on a 2-core AVX2 CPU (see README), accurate to ~1e-6
 
@@ -41,8 +44,8 @@ def wkv7(
     kappa: torch.Tensor,
     a: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence over T tokens: compiled on a GPU, else sequential for one token and
-    chunked for more.
+    """The recurrence over T tokens: compiled on a GPU where the kernel builds, else
+    ``wkv7_torch``.
 
     Args:
         state: (H, N, N) float32, indexed [head, value, key]; not modified.
@@ -54,7 +57,21 @@ def wkv7(
     """
     if cuda.usable(state, r, w, k, v, kappa, a, head_size=r.shape[-1]):
         return cuda.wkv7(state, r, w, k, v, kappa, a)
-    if r.shape[0] == 1:
+    return wkv7_torch(state, r, w, k, v, kappa, a)
+
+
+def wkv7_torch(
+    state: torch.Tensor,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kappa: torch.Tensor,
+    a: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In plain torch (same arguments and results as ``wkv7``): sequential on the one-token
+    path (kernels/decode.py), else chunked."""
+    if is_decode(r.shape[0]):
         return wkv7_sequential(state, r, w, k, v, kappa, a)
     return wkv7_chunked(state, r, w, k, v, kappa, a)
 

@@ -22,14 +22,11 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from rwkv_cli.state import State, StateLayout
-
-if TYPE_CHECKING:
-    from rwkv_cli.models.common import RecurrentModel
 
 ENVIRONMENT_SWITCH = "RWKV_CLI_CUDA_GRAPHS"
 WARM_UP_STEPS = 2  # before capture: loads kernels and sets up cuBLAS outside the graph
@@ -40,11 +37,22 @@ def graphs_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get(ENVIRONMENT_SWITCH, "1") != "0"
 
 
+class SteppingModel(Protocol):
+    """What a graph needs of a model (models/frame.py's RecurrentModel has it)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def new_state(self) -> State: ...
+
+    def step_ids(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]: ...
+
+
 class OneTokenGraph:
     """A model's one-token forward, captured on its GPU: ``graph(token, state) -> (logits,
     state)`` as ``model.forward([token], state)``, with the same results."""
 
-    def __init__(self, model: RecurrentModel) -> None:
+    def __init__(self, model: SteppingModel) -> None:
         device = model.device
         zero_state = model.new_state()
         self.layout = StateLayout.of(zero_state)
@@ -66,7 +74,7 @@ class OneTokenGraph:
         with torch.cuda.graph(self.graph, stream=stream):
             self.logits = self._step(model)
 
-    def _step(self, model: RecurrentModel) -> torch.Tensor:
+    def _step(self, model: SteppingModel) -> torch.Tensor:
         """What the graph records: the forward, then the new state written over the input."""
         logits, new_state = model.step_ids(self.token, self.state)
         torch._foreach_copy_(self.inputs, new_state.tensors())
@@ -99,7 +107,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def capture(model: RecurrentModel) -> OneTokenGraph | None:
+def capture(model: SteppingModel) -> OneTokenGraph | None:
     """The model's one-token graph, or None (with a warning) if it cannot be captured."""
     try:
         return OneTokenGraph(model)

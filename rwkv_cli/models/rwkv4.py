@@ -2,7 +2,7 @@
 
 Time mixing is a per-channel WKV: a decaying, key-weighted average of past values, kept
 numerically stable by carrying the largest exponent seen (kernels/wkv4.py). The rest of the model
-is the frame RWKV-4 to 6 share (models/common.py). Sources: BlinkDL/RWKV-LM ``RWKV-v4neo`` and
+is the frame every generation shares (models/frame.py). Sources: BlinkDL/RWKV-LM ``RWKV-v4neo`` and
 the official ``rwkv`` package (shared/DESIGN.md sections 3-4).
 """
 
@@ -15,13 +15,11 @@ import torch
 from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv4 import INITIAL_MAX, wkv4
-from rwkv_cli.models.common import (
-    RecurrentModel,
-    WeightGroup,
-    lerp_inputs,
-    previous_tokens,
-    tensor_shape,
-)
+from rwkv_cli.models.channel_mix import ChannelMixWeights, gated_channel_mix
+from rwkv_cli.models.frame import RecurrentModel
+from rwkv_cli.models.token_shift import lerp_inputs, previous_tokens
+from rwkv_cli.models.validate import tensor_shape
+from rwkv_cli.models.weight_groups import WeightGroup
 
 GENERATION = "4"
 LABEL = "RWKV-4"
@@ -78,6 +76,8 @@ class RWKV4(RecurrentModel):
 
     generation = GENERATION
     time_mix_weights = TimeMixWeights
+    channel_mix_weights = ChannelMixWeights
+    channel_mix = staticmethod(gated_channel_mix)
     float32_keys = ("att.time_decay", "att.time_first")
 
     @classmethod
@@ -100,8 +100,8 @@ class RWKV4(RecurrentModel):
         )
 
     def time_mix(
-        self, att: TimeMixWeights, x: torch.Tensor, state: LayerState, carry: dict
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self, att: TimeMixWeights, x: torch.Tensor, state: LayerState, v_first: None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], None]:
         prev = previous_tokens(x, state.att_shift)
         xk, xv, xr = lerp_inputs(x, prev, (att.time_mix_k, att.time_mix_v, att.time_mix_r))
         r = torch.sigmoid(linear(xr, att.receptance_weight))
@@ -110,4 +110,4 @@ class RWKV4(RecurrentModel):
         decay = -torch.exp(att.time_decay)
         y, aa, bb, pp = wkv4(state.att_aa, state.att_bb, state.att_pp, decay, att.time_first, k, v)
         out = linear(r * y.to(x.dtype), att.output_weight)
-        return out, {"att_aa": aa, "att_bb": bb, "att_pp": pp}
+        return out, {"att_aa": aa, "att_bb": bb, "att_pp": pp}, None

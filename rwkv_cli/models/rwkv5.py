@@ -9,7 +9,8 @@ differ only in data, so one class serves them all, with a subclass per release:
 - 5.2: decay and bonus (``time_faaaa``) per channel, shaped (H, N).
 
 Sources: BlinkDL/RWKV-LM ``RWKV-v5/src/model.py`` and the official ``rwkv`` package
-(shared/DESIGN.md sections 3-4). The rest of the model is the frame RWKV-4 to 6 share.
+(shared/DESIGN.md sections 3-4). The rest of the model is the frame every generation shares
+(models/frame.py).
 """
 
 from __future__ import annotations
@@ -23,14 +24,11 @@ from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
 from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv5 import wkv5
-from rwkv_cli.models.common import (
-    RecurrentModel,
-    WeightGroup,
-    WkvLayerState,
-    lerp_inputs,
-    previous_tokens,
-    tensor_shape,
-)
+from rwkv_cli.models.channel_mix import ChannelMixWeights, gated_channel_mix
+from rwkv_cli.models.frame import RecurrentModel, WkvLayerState
+from rwkv_cli.models.token_shift import lerp_inputs, previous_tokens
+from rwkv_cli.models.validate import tensor_shape
+from rwkv_cli.models.weight_groups import WeightGroup
 
 GROUP_NORM_EPS = 64e-5  # ln_x epsilon of RWKV-5 to 7: training's 1e-5 on x / 8, i.e. 64e-5 on x
 _GATE_KEYS = ("att.time_mix_g", "att.gate.weight")
@@ -106,6 +104,8 @@ class RWKV5(RecurrentModel):
     """An RWKV-5 model ready to run; use the subclass of its release (5.0, 5.1, 5.2)."""
 
     time_mix_weights = TimeMixWeights
+    channel_mix_weights = ChannelMixWeights
+    channel_mix = staticmethod(gated_channel_mix)
     float32_keys = ("att.time_decay", "att.time_faaaa", "att.ln_x.weight", "att.ln_x.bias")
     has_gate: bool
     per_channel_decay: bool
@@ -146,8 +146,8 @@ class RWKV5(RecurrentModel):
         return WkvLayerState.zeros(self.config, self.dtype)
 
     def time_mix(
-        self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState, carry: dict
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState, v_first: None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], None]:
         t, h, n = x.shape[0], self.config.n_head, self.config.head_size
         mixes = (att.time_mix_k, att.time_mix_v, att.time_mix_r)
         if self.has_gate:
@@ -162,7 +162,7 @@ class RWKV5(RecurrentModel):
         bonus = att.time_faaaa.reshape(h, -1).expand(h, n)
         y, wkv = wkv5(state.att_wkv, r, decay.expand(heads), k, v, bonus)
         xg = gate_input[0] if gate_input else None
-        return wkv_output(att, y, h, x.dtype, xg), {"att_wkv": wkv}
+        return wkv_output(att, y, h, x.dtype, xg), {"att_wkv": wkv}, None
 
 
 # Named after the release numbers, RWKV5_0 is RWKV-5.0.

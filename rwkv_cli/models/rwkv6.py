@@ -17,8 +17,11 @@ import torch
 from rwkv_cli.errors import CheckpointError
 from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv5 import wkv5
-from rwkv_cli.models.common import WeightGroup, previous_tokens, tensor_shape
+from rwkv_cli.models.frame import WkvLayerState
 from rwkv_cli.models.rwkv5 import RWKV5, RWKV5Config, wkv_output
+from rwkv_cli.models.token_shift import previous_tokens
+from rwkv_cli.models.validate import tensor_shape
+from rwkv_cli.models.weight_groups import WeightGroup
 
 GENERATION = "6"
 MIXED_INPUTS = 5  # the token-shift LoRA makes offsets for the w, k, v, r, g inputs, in order
@@ -119,8 +122,8 @@ class RWKV6(RWKV5):
         }
 
     def time_mix(
-        self, att: TimeMixWeights, x: torch.Tensor, state, carry: dict
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState, v_first: None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], None]:
         t, h, n = x.shape[0], self.config.n_head, self.config.head_size
         delta = previous_tokens(x, state.att_shift) - x  # (T, C)
         lora = torch.tanh((x + delta * att.time_maa_x) @ att.time_maa_w1)  # (T, 5·D)
@@ -134,4 +137,4 @@ class RWKV6(RWKV5):
         decay_lora = torch.tanh(xw @ att.time_decay_w1) @ att.time_decay_w2  # (T, C)
         decay = torch.exp(-torch.exp(att.time_decay + decay_lora.float()))
         y, wkv = wkv5(state.att_wkv, r, decay.view(heads), k, v, att.time_faaaa)
-        return wkv_output(att, y, h, x.dtype, xg), {"att_wkv": wkv}
+        return wkv_output(att, y, h, x.dtype, xg), {"att_wkv": wkv}, None

@@ -2,9 +2,10 @@
 
 The math follows shared/DESIGN.md section 4 (sources: BlinkDL/RWKV-LM ``RWKV-v7/rwkv_v7_demo.py``
 and the official ``rwkv`` package). RWKV-7 runs in the frame all generations share
-(``common.RecurrentModel``); what is its own: the delta-rule time mixing with its LoRAs, the
-value residual from layer 0 (passed between layers within one forward), and a channel mixing
-without a receptance gate. No fp16 rescaling is needed.
+(``frame.RecurrentModel``); what is its own: the delta-rule time mixing with its LoRAs
+(``RWKV7.time_mix``, whose math after the projections is kernels/time_mix7.py), the value
+residual ``v_first`` that the first layer produces and every later layer takes, and a channel
+mixing without a receptance gate. No fp16 rescaling is needed.
 """
 
 from __future__ import annotations
@@ -13,26 +14,18 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
-from rwkv_cli.kernels import cpu_ops
 from rwkv_cli.kernels.linear import linear
-from rwkv_cli.kernels.wkv7 import wkv7
-from rwkv_cli.models.common import (
-    RecurrentModel,
-    WeightGroup,
-    WkvLayerState,
-    previous_tokens,
-    tensor_shape,
-)
+from rwkv_cli.kernels.time_mix7 import time_mix7
+from rwkv_cli.models.frame import RecurrentModel, WkvLayerState
+from rwkv_cli.models.token_shift import previous_tokens
+from rwkv_cli.models.validate import tensor_shape
+from rwkv_cli.models.weight_groups import WeightGroup
 
 GENERATION = "7"
 GROUP_NORM_EPS = 64e-5  # ln_x epsilon used by every RWKV-7 release (1e-5 times head size 64)
-EXP_MINUS_HALF = (
-    0.6065306597126334  # exp(-0.5): decay w = exp(-exp(-0.5) * sigmoid(...)) in (0.545, 1)
-)
 LABEL = "RWKV-7"
 
 
@@ -128,31 +121,6 @@ class ChannelMixWeights(WeightGroup):
     value_weight: torch.Tensor
 
 
-@dataclass(frozen=True)
-class MixInputs:
-    """What time mixing computes from one layer's input before the recurrence: the projections
-    (T, C), the low-rank adapters' outputs before their biases, and the first layer's values."""
-
-    r: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    g: torch.Tensor  # the output gate
-    decay: torch.Tensor
-    iclr: torch.Tensor  # in-context learning rate
-    value_gate: torch.Tensor | None  # None in layer 0, whose values are not mixed
-    v_first: torch.Tensor
-
-
-def _fused_ops(x: torch.Tensor) -> cpu_ops.CpuKernels | None:
-    """The compiled kernels when one float32 token on the CPU can take the fused step, else
-    None."""
-    if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    if torch.is_grad_enabled():
-        return None
-    return cpu_ops.kernels()
-
-
 class RWKV7(RecurrentModel):
     """An RWKV-7 model ready to run: ``forward(tokens, state) -> (logits, state)``."""
 
@@ -197,86 +165,58 @@ class RWKV7(RecurrentModel):
         return WkvLayerState.zeros(self.config, self.dtype)
 
     def time_mix(
-        self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState, carry: dict
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self,
+        att: TimeMixWeights,
+        x: torch.Tensor,
+        state: WkvLayerState,
+        v_first: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Time mixing of the ln1-normed (T, C) input: the output (T, C), the new WKV state and
+        ``v_first``.
+
+        Here: token shift, the projections and the low-rank adapters. From there to the output
+        projection (decay, in-context learning rate, removal key, value residual, the recurrence,
+        ln_x, bonus, gate) is one op, ``time_mix7`` (kernels/time_mix7.py), which takes the
+        one-token path of kernels/decode.py.
+
+        The first layer is called with ``v_first`` None: its values (T, C) become ``v_first``,
+        which it returns. Every later layer takes them, mixes them into its own values (the value
+        residual) and returns them unchanged.
+        """
         delta = previous_tokens(x, state.att_shift) - x  # (T, C)
         xr, xw, xk, xv, xa, xg = torch.addcmul(x, delta, att.mixes.unsqueeze(1))  # 6 x (T, C)
+        r = linear(xr, att.receptance_weight)
+        k = linear(xk, att.key_weight)
         v = linear(xv, att.value_weight)
-        carry.setdefault("v_first", v)  # the first layer's values feed every later layer
-        inputs = MixInputs(
-            r=linear(xr, att.receptance_weight),
-            k=linear(xk, att.key_weight),
-            v=v,
-            g=torch.sigmoid(xg @ att.g1) @ att.g2,
-            decay=torch.tanh(xw @ att.w1) @ att.w2,
-            iclr=(xa @ att.a1) @ att.a2,
-            value_gate=None if carry["v_first"] is v else (xv @ att.v1) @ att.v2,
-            v_first=carry["v_first"],
+        gate = torch.sigmoid(xg @ att.g1) @ att.g2
+        decay_lora = torch.tanh(xw @ att.w1) @ att.w2
+        iclr_lora = (xa @ att.a1) @ att.a2  # in-context learning rate
+        if v_first is None:  # the first layer
+            v_first, value_residual = v, {}
+        else:
+            value_gate_lora = (xv @ att.v1) @ att.v2
+            value_residual = {"v_first": v_first, "value_gate_lora": value_gate_lora, "v0": att.v0}
+        mixed, wkv = time_mix7(
+            state.att_wkv,
+            r,
+            k,
+            v,
+            gate,
+            decay_lora,
+            iclr_lora,
+            w0=att.w0,
+            a0=att.a0,
+            k_k=att.k_k,
+            k_a=att.k_a,
+            r_k=att.r_k,
+            ln_x_weight=att.ln_x_weight,
+            ln_x_bias=att.ln_x_bias,
+            eps=GROUP_NORM_EPS,
+            **value_residual,
         )
-        ops = _fused_ops(x)
-        mix = mix_projections if ops is None else functools.partial(mix_projections_compiled, ops)
-        mixed, wkv = mix(att, state.att_wkv, inputs)
-        return linear(mixed, att.output_weight), {"att_wkv": wkv}
+        return linear(mixed, att.output_weight), {"att_wkv": wkv}, v_first
 
     def channel_mix(self, ffn: ChannelMixWeights, x: torch.Tensor, shift: torch.Tensor):
         xk = x + (previous_tokens(x, shift) - x) * ffn.x_k
         hidden = torch.relu(linear(xk, ffn.key_weight)) ** 2  # (T, F)
         return linear(hidden, ffn.value_weight)
-
-
-def mix_projections(
-    att: TimeMixWeights, wkv_state: torch.Tensor, inputs: MixInputs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Time mixing from the projections to the output projection's input (T, C), and the new
-    (H, N, N) WKV state: decay, in-context learning rate, removal key, value residual, the
-    recurrence, ln_x and the current token's bonus, all gated."""
-    r, k, v = inputs.r, inputs.k, inputs.v
-    t, (h, n) = r.shape[0], wkv_state.shape[:2]
-    w = torch.exp(-EXP_MINUS_HALF * torch.sigmoid((att.w0 + inputs.decay).float()))
-    a = torch.sigmoid(att.a0 + inputs.iclr)  # in-context learning rate
-    kappa = F.normalize((k * att.k_k).view(t, h, n), dim=-1)  # removal key, unit per head
-    k = k * (1 + (a - 1) * att.k_a)
-    if inputs.value_gate is not None:
-        v = v + (inputs.v_first - v) * torch.sigmoid(att.v0 + inputs.value_gate)
-
-    heads = (t, h, n)
-    y, wkv = wkv7(
-        wkv_state,
-        r.view(heads),
-        w.view(heads),
-        k.view(heads),
-        v.view(heads),
-        kappa,
-        a.view(heads),
-    )
-    y = F.group_norm(
-        y.view(t, h * n).to(r.dtype), h, att.ln_x_weight, att.ln_x_bias, eps=GROUP_NORM_EPS
-    )
-    bonus = (r * k * att.r_k.reshape(-1)).view(heads).sum(-1, keepdim=True) * v.view(heads)
-    return (y + bonus.view(t, h * n)) * inputs.g, wkv
-
-
-def mix_projections_compiled(
-    ops: cpu_ops.CpuKernels, att: TimeMixWeights, wkv_state: torch.Tensor, inputs: MixInputs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mix_projections`` for one float32 token on the CPU, as one compiled operation."""
-    vectors = {
-        "r": inputs.r,
-        "k": inputs.k,
-        "v": inputs.v,
-        "decay_lora": inputs.decay,
-        "iclr_lora": inputs.iclr,
-        "gate": inputs.g,
-        "w0": att.w0,
-        "a0": att.a0,
-        "k_k": att.k_k,
-        "k_a": att.k_a,
-        "r_k": att.r_k.reshape(-1),
-        "ln_weight": att.ln_x_weight,
-        "ln_bias": att.ln_x_bias,
-    }
-    value_mix = (  # layer 0 mixes no first-layer values into its own
-        None if inputs.value_gate is None else (inputs.value_gate, inputs.v_first, att.v0)
-    )
-    mixed, wkv = ops.rwkv7_time_mix_one(wkv_state, vectors, value_mix, GROUP_NORM_EPS)
-    return mixed.unsqueeze(0), wkv

@@ -1,0 +1,29 @@
+"""The rule for the one-token (decode) path, stated once.
+
+Generation reads a prompt in one forward over many tokens (prefill), then decodes one token per
+forward. The two are bound by different things: prefill by arithmetic, so it batches the tokens
+into matrix products and computes the recurrences chunk by chunk; decode by reading every weight
+once per token and by per-operation overhead, so it takes paths made for exactly one token. A
+forward, or an operation within it, takes the decode path exactly when it has one token
+(``is_decode``); any other count takes the prefill path. Where the rule applies:
+
+- projections on the CPU: the compiled ``gemv`` kernel (kernels/linear.py), else a GEMM;
+- RWKV-7's time mixing on the CPU: one fused compiled kernel (kernels/time_mix7.py), else the
+  torch twin, whose recurrence is chunked for many tokens;
+- the WKV recurrences' torch twins: token by token (``wkv5_sequential``, ``wkv7_sequential``),
+  else chunked (``wkv5_chunked``, ``wkv7_chunked``);
+- a whole forward on a GPU: replayed as one CUDA graph (models/decode_graph.py, models/frame.py).
+
+The compiled kernels among those run only where they take the inputs (float32 CPU tensors for
+the CPU kernels, no gradient asked for, a build that succeeded); elsewhere one token goes through
+the op's torch twin, with the same result up to rounding.
+"""
+
+from __future__ import annotations
+
+DECODE_TOKENS = 1
+
+
+def is_decode(tokens: int) -> bool:
+    """Whether ``tokens`` tokens take the one-token (decode) path."""
+    return tokens == DECODE_TOKENS
