@@ -230,7 +230,7 @@ class ChatRepl:
         settings = ", ".join(f"{k}={v}" for k, v in chat.params.to_dict().items())
         rows = {
             "model": f"{loaded.spec} ({loaded.resolved})",
-            "architecture": model_line(loaded),
+            "architecture": model_line(loaded.model),
             "template": chat.template.name + (" (thinking)" if chat.think else ""),
             "system": chat.system or "-",
             "messages": str(len(chat.messages)),

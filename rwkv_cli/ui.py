@@ -24,7 +24,7 @@ from rwkv_cli.textio import interactive
 
 if TYPE_CHECKING:  # the error boundary shows errors with this module: it must not need torch
     from rwkv_cli.generate import GenerationChunk
-    from rwkv_cli.runtime import LoadedModel
+    from rwkv_cli.models import Model
 
 
 def stderr_console() -> Console:
@@ -142,11 +142,10 @@ def print_bench(results: list) -> None:
         print("  ".join(cells).rstrip())
 
 
-def model_line(loaded: LoadedModel) -> str:
+def model_line(model: Model) -> str:
     """The model as headers and /info show it: architecture, device and weight type."""
     from rwkv_cli.device import dtype_name
 
-    model = loaded.model
     return f"{model.describe()} · {model.device} {dtype_name(model.weight_dtype)}"
 
 

@@ -167,7 +167,7 @@ def _show_header(console: Console, start: Start, conversation: Chat, seed: int |
 
     print_dim(
         console,
-        f"rwkv chat · {model_line(start.loaded)} · {start.loaded.spec} · "
+        f"rwkv chat · {model_line(start.loaded.model)} · {start.loaded.spec} · "
         f"{conversation.template.name} template · seed {seed} · /help",
     )
     show_transcript_tail(console, conversation)

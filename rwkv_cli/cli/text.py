@@ -301,7 +301,7 @@ def _continuation(
         save_path=options["save_state"],
     )
     if show_info:
-        print_dim(console, f"{model_line(run.loaded)} · {run.loaded.spec} · seed {run.seed}")
+        print_dim(console, f"{model_line(run.loaded.model)} · {run.loaded.spec} · seed {run.seed}")
     return run
 
 
