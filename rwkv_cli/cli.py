@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     import torch
 
     from rwkv_cli.generate import Session
-    from rwkv_cli.runtime import LoadedModel, Start
+    from rwkv_cli.loading.open import LoadedModel, Start
     from rwkv_cli.statefile import StateFile
 
 EXIT_ERROR = 1
@@ -565,11 +565,8 @@ def save_state_command(
     previous = start.state_file
     save_state_file(
         output,
-        model=start.loaded.model,
-        tokenizer_name=start.loaded.tokenizer.name,
-        session=session,
-        model_spec=start.loaded.spec,
-        model_resolved=start.loaded.resolved,
+        start.loaded,
+        session,
         sampling=previous.sampling if previous else None,
         text_tail=((previous.text_tail if previous else "") + content)[-TEXT_TAIL_CHARS:],
     )
@@ -852,7 +849,7 @@ def bench(
     """Measure load time, prefill and decode speed, and peak memory of a model on this machine."""
     from rwkv_cli.bench import benchmark
     from rwkv_cli.device import resolve_device, resolve_dtype
-    from rwkv_cli.runtime import default_model
+    from rwkv_cli.loading.open import default_model
 
     console = stderr_console()
     spec = model or default_model(console)
@@ -906,7 +903,7 @@ def download(
     ] = False,
 ) -> None:
     """Download a model into the Hugging Face cache and print its local path."""
-    from rwkv_cli.hub import resolve_model
+    from rwkv_cli.loading.hub import resolve_model
 
     typer.echo(resolve_model(spec, revision, console=stderr_console(), again=force).path)
 
@@ -914,7 +911,8 @@ def download(
 @app.command(cls=_Command)
 def models() -> None:
     """List the model aliases and the checkpoints already downloaded."""
-    from rwkv_cli.hub import cached_models, list_aliases
+    from rwkv_cli.loading.hub import cached_models
+    from rwkv_cli.loading.spec import list_aliases
 
     print_models(list_aliases(), cached_models())
 
@@ -929,7 +927,7 @@ def _read_text_file(path: Path) -> str:
 
 def _open(ctx: typer.Context, console, state: Path | None, force: bool) -> Start:
     """The model the command's options ask for, and the state to continue from."""
-    from rwkv_cli.runtime import open_start
+    from rwkv_cli.loading.open import open_start
 
     return open_start(_model_request(ctx), state, force, console)
 
@@ -1071,11 +1069,8 @@ class _Continuation:
         if self.save_path is not None:
             save_state_file(
                 self.save_path,
-                model=loaded.model,
-                tokenizer_name=loaded.tokenizer.name,
-                session=self.session,
-                model_spec=loaded.spec,
-                model_resolved=loaded.resolved,
+                loaded,
+                self.session,
                 sampling=self.params,
                 seed=self.seed,
                 generator=self.generator,

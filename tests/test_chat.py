@@ -13,13 +13,13 @@ from rich.console import Console
 from rwkv_cli import chat as chat_module
 from rwkv_cli.chat import TEMPLATES, Chat, template_for
 from rwkv_cli.generate import END_OF_TEXT, Session, prefill
+from rwkv_cli.loading.open import LoadedModel, open_model
 from rwkv_cli.repl import ChatRepl, ReplyRenderer, ScriptLines, load_chat, save_chat
-from rwkv_cli.runtime import LoadedModel, open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.state import State
 from rwkv_cli.templates import normalize
 from rwkv_cli.textio import StdoutWriter
-from rwkv_cli.tokenizer import load_world_tokenizer
+from rwkv_cli.tokenizer.world import load_world_tokenizer
 
 WORLD = TEMPLATES["world"]
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
 from rwkv_cli.kernels import cpu_ops
 from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv7 import wkv7
+from rwkv_cli.loading.checkpoint import layer_count
 from rwkv_cli.models.common import (
     RecurrentModel,
     WeightGroup,
