@@ -14,18 +14,15 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-try:
-    __version__ = version("rwkv-cli")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+from rwkv_cli.version import __version__
 
 if TYPE_CHECKING:
     from rwkv_cli.chat import Chat, template_for
     from rwkv_cli.generate import GenerationChunk, Session, generate, stream_generate
-    from rwkv_cli.loading.open import LoadedModel, open_model
+    from rwkv_cli.loading.loaded import LoadedModel
+    from rwkv_cli.loading.open import open_model
     from rwkv_cli.loading.provenance import Provenance
     from rwkv_cli.sampling import SamplingParams, make_generator
     from rwkv_cli.settings import ModelRequest
@@ -55,7 +52,7 @@ __all__ = [
 
 _EXPORTS = {  # each name of __all__ -> the module that defines it
     "open_model": "rwkv_cli.loading.open",
-    "LoadedModel": "rwkv_cli.loading.open",
+    "LoadedModel": "rwkv_cli.loading.loaded",
     "ModelRequest": "rwkv_cli.settings",
     "Provenance": "rwkv_cli.loading.provenance",
     "generate": "rwkv_cli.generate",

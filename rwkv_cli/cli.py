@@ -75,7 +75,8 @@ if TYPE_CHECKING:
     import torch
 
     from rwkv_cli.generate import Session
-    from rwkv_cli.loading.open import LoadedModel, Start
+    from rwkv_cli.loading.loaded import LoadedModel
+    from rwkv_cli.loading.open import Start
     from rwkv_cli.statefile import StateFile
 
 EXIT_ERROR = 1

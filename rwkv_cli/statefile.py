@@ -26,7 +26,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_tensors
 from safetensors.torch import save as safetensors_bytes
 
-from rwkv_cli import __version__
 from rwkv_cli.errors import RwkvCliError, StateFileError
 from rwkv_cli.fileio import atomic_write_bytes
 from rwkv_cli.generate import Session
@@ -40,9 +39,10 @@ from rwkv_cli.loading.checkpoint import (
 from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.models import Model
 from rwkv_cli.sampling import SamplingParams
+from rwkv_cli.version import __version__
 
 if TYPE_CHECKING:
-    from rwkv_cli.loading.open import LoadedModel
+    from rwkv_cli.loading.loaded import LoadedModel
 
 FORMAT_NAME = "rwkv-cli-state"
 FORMAT_VERSION = 2  # 2: the metadata holds the tensor data's SHA-256

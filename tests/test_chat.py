@@ -14,7 +14,8 @@ from rich.console import Console
 from rwkv_cli import chat as chat_module
 from rwkv_cli.chat import TEMPLATES, Chat, template_for
 from rwkv_cli.generate import END_OF_TEXT, Session, prefill
-from rwkv_cli.loading.open import LoadedModel, open_model
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.open import open_model
 from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.repl import ChatRepl, ReplyRenderer, ScriptLines, load_chat, save_chat
 from rwkv_cli.sampling import SamplingParams, make_generator

@@ -27,7 +27,8 @@ from rwkv_cli.errors import (
 )
 from rwkv_cli.generate import stream_generate
 from rwkv_cli.kernels import build
-from rwkv_cli.loading.open import LoadedModel, open_model, open_start
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.open import open_model, open_start
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.settings import DEFAULT_MODEL, ModelRequest
 from rwkv_cli.statefile import save_state_file

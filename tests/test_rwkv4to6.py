@@ -9,7 +9,7 @@ import torch
 from rwkv_cli.errors import CheckpointError, UnsupportedModelError
 from rwkv_cli.generate import Session, stream_generate
 from rwkv_cli.loading.converted import load_model_cached
-from rwkv_cli.loading.open import LoadedModel
+from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.models import MODEL_CLASSES, load_model
 from rwkv_cli.models.common import RESCALE_LAYER

@@ -33,7 +33,6 @@ import httpx2
 from huggingface_hub import constants
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, get_session
 
-from rwkv_cli import __version__
 from rwkv_cli.errors import (
     ChecksumMismatchError,
     DiskFullError,
@@ -42,6 +41,7 @@ from rwkv_cli.errors import (
 )
 from rwkv_cli.fileio import check_free_space, format_size, held_elsewhere
 from rwkv_cli.textio import interactive
+from rwkv_cli.version import __version__
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -24,6 +24,7 @@ from rwkv_cli.kernels import kernels_to_build, prepare_kernels
 from rwkv_cli.kernels.build import set_kernel_choice
 from rwkv_cli.loading.converted import load_model_cached
 from rwkv_cli.loading.hub import resolve_model
+from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.models import Model
 from rwkv_cli.settings import DEFAULT_MODEL, ModelRequest
@@ -33,21 +34,6 @@ from rwkv_cli.tokenizer import tokenizer_by_name, tokenizer_for_vocab
 from rwkv_cli.tokenizer.base import Tokenizer
 from rwkv_cli.tokenizer.bpe import BPETokenizer, bpe_name, bundled_tokenizer_path
 from rwkv_cli.ui import activity
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model with its tokenizer, the spec it was asked for by and where it was found."""
-
-    model: Model
-    tokenizer: Tokenizer
-    spec: str  # as the user gave it
-    provenance: Provenance
-
-    @property
-    def resolved(self) -> str:
-        """Where it was found, to show: an absolute path, or repo:file@commit."""
-        return self.provenance.resolved
 
 
 @dataclass(frozen=True)
