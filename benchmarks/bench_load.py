@@ -27,7 +27,7 @@ CHILD = (
     PEAK_RSS
     + """
 import json, sys, time
-from rwkv_cli.runtime import open_model
+from rwkv_cli.loading.open import open_model
 started = time.perf_counter()
 loaded = open_model(sys.argv[1])
 elapsed = time.perf_counter() - started
@@ -40,7 +40,7 @@ BASELINE = (
     PEAK_RSS
     + """
 import json
-import torch, rwkv_cli.runtime  # the interpreter, torch and rwkv-cli without a model
+import torch, rwkv_cli.loading.open  # the interpreter, torch and rwkv-cli without a model
 print(json.dumps({"peak_rss": peak_rss()}))
 """
 )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rwkv_cli.tokenizer import VOCAB_FILE, WorldTokenizer
+from rwkv_cli.tokenizer.world import VOCAB_FILE, WorldTokenizer
 
 PROSE = [
     "The committee met on Tuesday to review the budget for the coming year.",

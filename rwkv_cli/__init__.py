@@ -1,8 +1,101 @@
-"""rwkv-cli: run RWKV language models from the terminal."""
+"""rwkv-cli: run RWKV language models from the terminal, or from Python.
 
-from importlib.metadata import PackageNotFoundError, version
+The Python API (README, "Python API") is importable from here: ``open_model`` loads a model as
+the ``rwkv`` command does (a local file, a Hub file, an alias or ``"demo"``, through the
+converted-weights cache, with its tokenizer); ``generate``/``stream_generate`` continue a prompt;
+``Chat`` holds a conversation; ``save_state_file``/``load_state_file`` keep a session on disk.
 
-try:
-    __version__ = version("rwkv-cli")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+The names are imported on first use, so ``rwkv --help`` and ``rwkv --version`` start without
+torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+from rwkv_cli.version import __version__
+
+if TYPE_CHECKING:
+    from rwkv_cli.chat import Chat, template_for
+    from rwkv_cli.generate import GenerationChunk, Session, generate, stream_generate
+    from rwkv_cli.loading.loaded import LoadedModel
+    from rwkv_cli.loading.open import open_model
+    from rwkv_cli.loading.provenance import Provenance
+    from rwkv_cli.sampling import SamplingParams, make_generator
+    from rwkv_cli.settings import ModelRequest
+    from rwkv_cli.state import State
+    from rwkv_cli.statefile import StateFile, load_state_file, read_state_file, save_state_file
+
+__all__ = [
+    "Chat",
+    "GenerationChunk",
+    "LoadedModel",
+    "ModelRequest",
+    "Provenance",
+    "SamplingParams",
+    "Session",
+    "State",
+    "StateFile",
+    "__version__",
+    "generate",
+    "load_state_file",
+    "make_generator",
+    "open_model",
+    "read_state_file",
+    "save_state_file",
+    "stream_generate",
+    "template_for",
+]
+
+_EXPORTS = {  # each name of __all__ -> the module that defines it
+    "open_model": "rwkv_cli.loading.open",
+    "LoadedModel": "rwkv_cli.loading.loaded",
+    "ModelRequest": "rwkv_cli.settings",
+    "Provenance": "rwkv_cli.loading.provenance",
+    "generate": "rwkv_cli.generate",
+    "stream_generate": "rwkv_cli.generate",
+    "GenerationChunk": "rwkv_cli.generate",
+    "Session": "rwkv_cli.generate",
+    "SamplingParams": "rwkv_cli.sampling",
+    "make_generator": "rwkv_cli.sampling",
+    "Chat": "rwkv_cli.chat",
+    "template_for": "rwkv_cli.chat",
+    "State": "rwkv_cli.state",
+    "StateFile": "rwkv_cli.statefile",
+    "save_state_file": "rwkv_cli.statefile",
+    "load_state_file": "rwkv_cli.statefile",
+    "read_state_file": "rwkv_cli.statefile",
+}
+
+
+def __getattr__(name: str) -> object:
+    """The exported ``name``, imported from its module on first use (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+class _Package(types.ModuleType):
+    """This package, whose exported names stay what they are exported as.
+
+    Importing a submodule binds its name in the package: ``rwkv_cli.generate`` would become the
+    module and hide the ``generate`` function. The modules stay importable by their full names.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from rwkv_cli.device import dtype_name
-from rwkv_cli.filerows import FileRows
 from rwkv_cli.generate import prefill
 from rwkv_cli.kernels.linear import QuantizedMatrix
-from rwkv_cli.runtime import open_model
+from rwkv_cli.loading.filerows import FileRows
+from rwkv_cli.loading.open import open_model
 from rwkv_cli.settings import ModelRequest
-from rwkv_cli.tokenizer import load_neox_tokenizer, load_world_tokenizer
+from rwkv_cli.tokenizer.bpe import load_neox_tokenizer
+from rwkv_cli.tokenizer.world import load_world_tokenizer
 
 WARM_UP_TOKENS = 16  # a short prefill and one decode step before timing
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from rwkv_cli.generate import END_OF_TEXT, GenerationChunk, Session, prefill, stream_generate
-from rwkv_cli.runtime import LoadedModel
+from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.sampling import SamplingParams
 from rwkv_cli.settings import CHAT_SAMPLING, MAX_REPLY_TOKENS
 from rwkv_cli.templates import TEMPLATES, Template

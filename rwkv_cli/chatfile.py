@@ -27,11 +27,8 @@ def save_chat(chat: Chat, path: Path, seed: int | None) -> None:
     fresh_start = chat.start.state is None and chat.start.logits is None
     save_state_file(
         path,
-        model=loaded.model,
-        tokenizer_name=loaded.tokenizer.name,
-        session=chat.session,
-        model_spec=loaded.spec,
-        model_resolved=loaded.resolved,
+        loaded,
+        chat.session,
         sampling=chat.params,
         seed=seed,
         generator=chat.generator,

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from rwkv_cli.generate import GenerationChunk, Session, stream_generate
-from rwkv_cli.runtime import LoadedModel, Start
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.open import Start
 from rwkv_cli.sampling import make_generator
 from rwkv_cli.settings import SamplingParams
 from rwkv_cli.statefile import TEXT_TAIL_CHARS, StateFile, save_state_file
@@ -97,14 +98,10 @@ class Continuation:
 
     def save(self, path: Path) -> None:
         """Write the session, settings, sampler position and text tail to a state file."""
-        loaded = self.loaded
         save_state_file(
             path,
-            model=loaded.model,
-            tokenizer_name=loaded.tokenizer.name,
-            session=self.session,
-            model_spec=loaded.spec,
-            model_resolved=loaded.resolved,
+            self.loaded,
+            self.session,
             sampling=self.params,
             seed=self.seed,
             generator=self.generator,

@@ -26,7 +26,7 @@ from rwkv_cli.sampling import (
     update_counts,
 )
 from rwkv_cli.state import State
-from rwkv_cli.tokenizer import IncrementalDecoder, Tokenizer
+from rwkv_cli.tokenizer.base import IncrementalDecoder, Tokenizer
 
 PREFILL_CHUNK_LEN = 256  # tokens per forward call while reading a prompt; bounds peak memory
 END_OF_TEXT = 0  # token id 0 ends a document in every RWKV vocabulary

@@ -4,9 +4,11 @@ Format version 2 is a safetensors file (layout in the README, "The state file").
 ``blocks.{i}.*`` (the model's recurrent state, float32), ``logits`` (next-token logits),
 ``sampling.counts`` (penalty occurrence counts) and ``sampling.rng_state`` (uint8, the sampler's
 torch generator). String metadata names the model, the format, and how the state was made, and
-holds the SHA-256 of the tensor data (version 1 files, without it, load unchecked).
+holds the SHA-256 of the tensor data (version 1 files, without it, load unchecked), and where
+the model was found as fields (:class:`Provenance`; older files hold only a string, still read).
 
-BlinkDL "state tuning" files (``.pth`` with ``blocks.N.att.time_state``) load as initial states.
+BlinkDL "state tuning" files (``.pth`` with ``blocks.N.att.time_state``) load as initial states
+(:mod:`rwkv_cli.statetuning`).
 """
 
 from __future__ import annotations
@@ -17,26 +19,30 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_tensors
 from safetensors.torch import save as safetensors_bytes
 
-from rwkv_cli import __version__
-from rwkv_cli.checkpoint import (
+from rwkv_cli.errors import RwkvCliError, StateFileError
+from rwkv_cli.fileio import atomic_write_bytes
+from rwkv_cli.generate import Session
+from rwkv_cli.loading.checkpoint import (
     GENERATION_NAMES,
     first_non_finite,
     is_model_checkpoint,
     is_state_tuning,
     read_tensors,
 )
-from rwkv_cli.errors import RwkvCliError, StateFileError
-from rwkv_cli.fileio import atomic_write_bytes
-from rwkv_cli.generate import Session
+from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.models import Model
 from rwkv_cli.sampling import SamplingParams
+from rwkv_cli.version import __version__
+
+if TYPE_CHECKING:
+    from rwkv_cli.loading.loaded import LoadedModel
 
 FORMAT_NAME = "rwkv-cli-state"
 FORMAT_VERSION = 2  # 2: the metadata holds the tensor data's SHA-256
@@ -116,8 +122,8 @@ class StateFile:
     logits: torch.Tensor | None
     counts: torch.Tensor | None
     rng_state: torch.Tensor | None
-    model_spec: str
-    model_resolved: str
+    model_spec: str  # as the user gave it
+    provenance: Provenance  # where the model was found
     tokens_consumed: int
     created: str
     tool_version: str
@@ -127,6 +133,11 @@ class StateFile:
     chat: dict | None = None  # transcript and template, for chat sessions
     metadata: dict[str, str] = field(default_factory=dict)
     chat_start: dict[str, torch.Tensor] = field(default_factory=dict)  # state before the chat
+
+    @property
+    def model_resolved(self) -> str:
+        """Where the model was found, to show: an absolute path, or repo:file@commit."""
+        return self.provenance.resolved
 
     def session_for(self, model: Model, tokenizer_name: str, force: bool = False) -> Session:
         """The saved session, after checking it fits ``model``; StateFileError if not."""
@@ -196,12 +207,9 @@ class StateFile:
 
 def save_state_file(
     path: str | Path,
-    *,
-    model: Model,
-    tokenizer_name: str,
+    loaded: LoadedModel,
     session: Session,
-    model_spec: str,
-    model_resolved: str,
+    *,
     sampling: SamplingParams | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -209,8 +217,12 @@ def save_state_file(
     chat: dict | None = None,
     chat_start: Session | None = None,
 ) -> None:
-    """Write ``session`` and its provenance to ``path`` atomically (format version 2). A chat
-    that began after a saved state gives that state as ``chat_start``."""
+    """Write ``session`` of the model ``loaded``, and where that model came from, to ``path``
+    atomically (format version 2). ``sampling``, ``seed`` and ``generator`` let a resumed run
+    sample exactly as this one would have; ``text_tail`` is the text read so far, for display.
+    A chat saves its transcript as ``chat``, and the state it began from, if not a fresh one, as
+    ``chat_start``."""
+    model = loaded.model
     state = session.state if session.state is not None else model.new_state()
     tensors = {name: _stored(tensor) for name, tensor in state.named_tensors().items()}
     if chat_start is not None and chat_start.state is not None:
@@ -224,7 +236,7 @@ def save_state_file(
         tensors[_COUNTS] = _stored(session.counts)
     if generator is not None:
         tensors[_RNG] = generator.get_state()
-    identity = ModelIdentity.of(model, tokenizer_name)
+    identity = ModelIdentity.of(model, loaded.tokenizer.name)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -235,8 +247,8 @@ def save_state_file(
         "vocab_size": str(identity.vocab_size),
         "tokenizer": identity.tokenizer,
         "fingerprint": identity.fingerprint,
-        "model": model_spec,
-        "model_resolved": model_resolved,
+        "model": loaded.spec,
+        **loaded.provenance.to_metadata(),
         "tokens_consumed": str(session.tokens_consumed),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool_version": __version__,
@@ -282,6 +294,13 @@ def read_state_file(path: str | Path) -> StateFile:
         raise StateFileError(f"state file {path} is corrupt: bad metadata ({error})") from error
 
 
+def load_state_file(path: str | Path, loaded: LoadedModel, *, force: bool = False) -> Session:
+    """The session saved in ``path``, to continue with ``loaded``: StateFileError says what
+    differs when the file was made by another model; ``force`` accepts a model of the same
+    shape with other weights (a fine-tune)."""
+    return read_state_file(path).session_for(loaded.model, loaded.tokenizer.name, force=force)
+
+
 def _check_format(path: Path, metadata: dict[str, str], data: bytes) -> None:
     """A state file of a version this rwkv-cli reads, whose tensor data is as it was written."""
     version = metadata.get("format_version", "")
@@ -309,21 +328,21 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
     try:
         with safe_open(path, framework="pt") as file:
             if (file.metadata() or {}).get("format") != FORMAT_NAME:
-                raise _not_a_state_file(path, file.keys())
+                raise not_a_state_file(path, file.keys())
         contents = path.read_bytes()
         tensors = safetensors_tensors(contents)  # checks the whole layout
         header, data = _sections(contents)
         return header.get("__metadata__") or {}, tensors, data
     except (SafetensorError, OSError, ValueError) as error:
         if is_pytorch_file(path):
-            raise _not_a_state_file(path, _pth_tensors(path)) from error
+            raise not_a_state_file(path, pth_tensors(path)) from error
         raise StateFileError(
             f"state file {path} is truncated or corrupt",
             hint="state files are safetensors files written by rwkv-cli",
         ) from error
 
 
-def _not_a_state_file(path: Path, names: Collection[str]) -> StateFileError:
+def not_a_state_file(path: Path, names: Collection[str]) -> StateFileError:
     """The error for a file given as a state file that is none: what it is, and where it goes."""
     if is_model_checkpoint(names):
         return StateFileError(
@@ -340,7 +359,7 @@ def _not_a_state_file(path: Path, names: Collection[str]) -> StateFileError:
     )
 
 
-def _pth_tensors(path: Path) -> dict[str, torch.Tensor]:
+def pth_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a .pth given as a state (read memory-mapped, never executed)."""
     try:
         return read_tensors(path)
@@ -379,7 +398,7 @@ def _state_file_from(path: Path, metadata: dict[str, str], tensors: dict) -> Sta
         counts=tensors.get(_COUNTS),
         rng_state=tensors.get(_RNG),
         model_spec=metadata["model"],
-        model_resolved=metadata.get("model_resolved", metadata["model"]),
+        provenance=Provenance.from_metadata(metadata, metadata["model"]),
         tokens_consumed=int(metadata["tokens_consumed"]),
         created=metadata.get("created", ""),
         tool_version=metadata.get("tool_version", ""),
@@ -417,45 +436,3 @@ def is_pytorch_file(path: str | Path) -> bool:
             return file.read(4) == b"PK\x03\x04"
     except OSError:
         return False
-
-
-def read_state_tuning(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``time_state`` tensors of a BlinkDL state-tuning file; for any other file a
-    StateFileError saying what it is (a model checkpoint given as a state says so)."""
-    path = Path(path)
-    tensors = _pth_tensors(path)
-    if not is_state_tuning(tensors):
-        raise _not_a_state_file(path, tensors)
-    return tensors
-
-
-def import_state_tuning(path: str | Path, model: Model) -> Session:
-    """An initial session from a BlinkDL state-tuning file: its ``time_state`` per layer.
-
-    Token-shift states start at zero, as in BlinkDL's demos; no token has been read, so the
-    session has no logits yet. RWKV-7 stores ``time_state`` as [head, value, key], our layout.
-    """
-    path = Path(path)
-    states = read_state_tuning(path)
-    template = model.new_state()
-    named = template.named_tensors()
-    for name, tensor in states.items():
-        target = name.replace(".att.time_state", ".att.wkv")
-        if target not in named:
-            raise StateFileError(
-                f"state-tuning file {path} has {name}, but the model has no such layer"
-            )
-        if tensor.shape != named[target].shape:
-            raise StateFileError(
-                f"state-tuning file {path} does not fit the model: {name} has shape "
-                f"{list(tensor.shape)}, model needs {list(named[target].shape)}",
-                hint="a state-tuning file only works with the model it was trained on",
-            )
-        named[target] = tensor.float()
-    broken = first_non_finite(states)
-    if broken is not None:
-        raise StateFileError(f"state-tuning file {path} holds non-finite values in {broken}")
-    missing = len(template.layers) - len(states)
-    if missing:
-        raise StateFileError(f"state-tuning file {path} lacks {missing} of the model's layers")
-    return Session(template.with_tensors(named))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +16,15 @@ from rwkv_cli.chat import TEMPLATES, Chat, template_for
 from rwkv_cli.chatfile import load_chat, save_chat
 from rwkv_cli.generate import END_OF_TEXT, Session, prefill
 from rwkv_cli.lines import ScriptLines
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.open import open_model
+from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.repl import ChatRepl, ReplyRenderer
-from rwkv_cli.runtime import LoadedModel, open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.state import State
 from rwkv_cli.templates import normalize
 from rwkv_cli.textio import StdoutWriter
-from rwkv_cli.tokenizer import load_world_tokenizer
+from rwkv_cli.tokenizer.world import load_world_tokenizer
 
 WORLD = TEMPLATES["world"]
 
@@ -233,7 +236,7 @@ class _Scripted:
 def _scripted_chat(reply: str | list[int]) -> Chat:
     tokenizer = load_world_tokenizer()
     script = reply if isinstance(reply, list) else [b + 1 for b in reply.encode()]
-    loaded = LoadedModel(_Scripted(script), tokenizer, "scripted", "scripted")
+    loaded = LoadedModel(_Scripted(script), tokenizer, "scripted", Provenance(Path("scripted")))
     return Chat(loaded, WORLD, params=SamplingParams(temperature=0), max_reply_tokens=40)
 
 
@@ -269,7 +272,8 @@ def test_user_text_is_normalised() -> None:
 
 def test_template_follows_the_model(loaded) -> None:
     assert template_for(loaded).name == "world"
-    g1 = LoadedModel(loaded.model, loaded.tokenizer, "rwkv7-g1-0.1b", "BlinkDL/rwkv7-g1:x.pth@y")
+    hub_file = Provenance(None, "BlinkDL/rwkv7-g1", "x.pth", "y")
+    g1 = LoadedModel(loaded.model, loaded.tokenizer, "rwkv7-g1-0.1b", hub_file)
     assert template_for(g1).name == "g1"
 
 

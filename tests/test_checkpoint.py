@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_cli.checkpoint import (
+from rwkv_cli.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
+from rwkv_cli.loading.checkpoint import (
     detect_generation,
     load_checkpoint,
     read_tensors,
     weights_fingerprint,
 )
-from rwkv_cli.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
+from rwkv_cli.loading.converted import load_model_cached
 from rwkv_cli.models import load_model, model_from_checkpoint
-from rwkv_cli.prepared import load_model_cached
 from tests.support.fixtures import rwkv7_tensors, write_pth, write_safetensors
 
 C, H = 8, 2

@@ -25,7 +25,7 @@ from rwkv_cli.generate import generate
 from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.textio import StdoutWriter, require_utf8
-from rwkv_cli.tokenizer import WorldTokenizer, load_world_tokenizer
+from rwkv_cli.tokenizer.world import WorldTokenizer, load_world_tokenizer
 from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv
 from tests.support.fixtures import write_pth
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from rwkv_cli.chat import TEMPLATES, Chat
-from rwkv_cli.runtime import open_model
+from rwkv_cli.loading.open import open_model
 from rwkv_cli.sampling import make_generator
 from rwkv_cli.statefile import read_state_file
 from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.statefile import read_state_file
 from tests.support.cli_runner import assert_one_line_error, rwkv, rwkv_ok
 from tests.support.fixtures import rwkv7_tensors, write_pth
@@ -13,6 +16,7 @@ from tests.support.fixtures import rwkv7_tensors, write_pth
 G1 = "BlinkDL/rwkv7-g1"
 OLD = "rwkv7-g1-0.1b-20250307-ctx4096.pth"
 NEW = "rwkv7-g1a-0.1b-20250728-ctx4096.pth"
+PROVENANCE_FIELDS = ("model_path", "model_repo", "model_file", "model_revision")
 
 
 @pytest.fixture
@@ -115,6 +119,28 @@ def test_a_state_records_the_hub_file_and_resumes_offline_without_m(g1, tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout and hub.server.requests == []
+
+
+def test_a_state_written_before_provenance_fields_still_finds_its_pinned_hub_file(
+    g1, tmp_path
+) -> None:
+    hub, commit = g1
+    state = tmp_path / "s.rwkvstate"
+    args = ("-m", "rwkv7-g1-0.1b", "-n", "4", "--temperature", "0", "--save-state", state)
+    assert rwkv("generate", "Hi", *args, env=hub.env()).returncode == 0
+    with safe_open(state, framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    old = {key: value for key, value in metadata.items() if key not in PROVENANCE_FIELDS}
+    assert old["model_resolved"] == f"{G1}:{NEW}@{commit}"
+    save_file(tensors, state, metadata=old)  # the tensors, and so their checksum, unchanged
+    assert read_state_file(state).provenance == Provenance(None, G1, NEW, commit)
+    newer = write_pth(tmp_path / "newer.pth", rwkv7_tensors(seed=9)).read_bytes()
+    hub.server.add_repo(G1, {"rwkv7-g1b-0.1b-20251202-ctx8192.pth": newer})  # the alias moves on
+    hub.server.requests.clear()
+    resumed = rwkv("generate", " there", "--state", state, "-n", "4", env=hub.env())
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout and hub.server.requests == []  # the pinned commit, from the cache
 
 
 def test_models_lists_aliases_and_downloads(g1) -> None:

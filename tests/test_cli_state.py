@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from rwkv_cli.generate import prefill, stream_generate
-from rwkv_cli.runtime import open_model
+from rwkv_cli.loading.open import open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import read_state_file
 from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv, rwkv_ok

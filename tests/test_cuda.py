@@ -35,7 +35,7 @@ from rwkv_cli.kernels.wkv5 import wkv5, wkv5_chunked
 from rwkv_cli.kernels.wkv7 import wkv7, wkv7_chunked
 from rwkv_cli.models import MODEL_CLASSES, decode_graph
 from rwkv_cli.sampling import SamplingParams, make_generator, sample_token, sampling_distribution
-from rwkv_cli.tokenizer import load_world_tokenizer
+from rwkv_cli.tokenizer.world import load_world_tokenizer
 from tests.support.cli_runner import rwkv
 from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors, write_pth
 from tests.support.state_roundtrip import save_and_resume
@@ -297,7 +297,7 @@ def test_graphs_are_kept_per_kernel_choice() -> None:
 
 @pytest.fixture
 def own_stream():
-    """What commands do (runtime.open_model): all GPU work on one stream of rwkv-cli's own."""
+    """What commands do (loading.open.open_model): all GPU work on one stream of rwkv-cli's own."""
     previous = torch.cuda.current_stream()
     use_own_stream(torch.device(GPU, torch.cuda.current_device()))
     yield torch.cuda.current_stream()

@@ -26,13 +26,13 @@ from rwkv_cli.errors import (
     UnsupportedModelError,
 )
 from rwkv_cli.generate import stream_generate
-from rwkv_cli.hub import DEFAULT_MODEL
 from rwkv_cli.kernels import build
-from rwkv_cli.runtime import LoadedModel, open_model, open_start
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.open import open_model, open_start
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.settings import ModelRequest
+from rwkv_cli.settings import DEFAULT_MODEL, ModelRequest
 from rwkv_cli.statefile import save_state_file
-from rwkv_cli.tokenizer import BUNDLED_TOKENIZER_FILE, BPETokenizer, bpe_name
+from rwkv_cli.tokenizer.bpe import BUNDLED_TOKENIZER_FILE, BPETokenizer, bpe_name
 from tests.support.cli_runner import rwkv
 
 HELDOUT_PERPLEXITY = 14.09  # measured on heldout.txt when the model was trained (see train.py)
@@ -140,14 +140,7 @@ def test_heldout_perplexity_stays_under_the_recorded_bound(demo) -> None:
 def test_state_saves_and_resumes(demo, tmp_path) -> None:
     text, session = _complete(demo, "And the LORD spake unto Moses", GREEDY, 0, 10)
     path = tmp_path / "demo.rwkvstate"
-    save_state_file(
-        path,
-        model=demo.model,
-        tokenizer_name=demo.tokenizer.name,
-        session=session,
-        model_spec="demo",
-        model_resolved=demo.resolved,
-    )
+    save_state_file(path, demo, session)
     start = open_start(ModelRequest(), path)  # the model and tokenizer the file names
     assert start.loaded.tokenizer.name == demo.tokenizer.name
     assert torch.equal(start.session.logits, session.logits)
@@ -166,7 +159,7 @@ def test_unreachable_hub_for_the_default_model_suggests_the_demo(monkeypatch) ->
     def unreachable(*args, **kwargs):
         raise HubUnreachableError("cannot reach https://hub.test (refused)", hint="check it")
 
-    monkeypatch.setattr("rwkv_cli.runtime.resolve_model", unreachable)
+    monkeypatch.setattr("rwkv_cli.loading.open.resolve_model", unreachable)
     with pytest.raises(HubUnreachableError) as caught:
         open_model(DEFAULT_MODEL)
     message, hint = caught.value.message, caught.value.hint

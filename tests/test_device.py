@@ -14,8 +14,8 @@ import torch
 
 from rwkv_cli.device import dtype_name, resolve_device, resolve_dtype
 from rwkv_cli.errors import InvalidInputError
+from rwkv_cli.loading.open import open_model
 from rwkv_cli.models import MODEL_CLASSES
-from rwkv_cli.runtime import open_model
 from rwkv_cli.settings import ModelRequest
 from tests.support.cli_runner import assert_one_line_error, rwkv
 from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors

@@ -8,7 +8,7 @@ import torch
 from rwkv_cli.generate import END_OF_TEXT, _StopMatcher, generate, stream_generate
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.state import State
-from rwkv_cli.tokenizer import load_world_tokenizer
+from rwkv_cli.tokenizer.world import load_world_tokenizer
 
 GREEDY = SamplingParams(temperature=0)
 

@@ -22,7 +22,7 @@ from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import constants as hf_constants
 from rich.console import Console
 
-from rwkv_cli import download, fileio, hub
+from rwkv_cli import fileio
 from rwkv_cli.errors import (
     ChecksumMismatchError,
     DiskFullError,
@@ -35,8 +35,12 @@ from rwkv_cli.errors import (
     RepoNotFoundError,
     WriteError,
 )
-from rwkv_cli.hub import DEFAULT_MODEL, CachedModel, cached_models, list_aliases, resolve_model
+from rwkv_cli.loading import download
+from rwkv_cli.loading.hub import CachedModel, cached_models, resolve_model
+from rwkv_cli.loading.provenance import Provenance
+from rwkv_cli.loading.spec import ALIASES, list_aliases
 from rwkv_cli.models import load_model
+from rwkv_cli.settings import DEFAULT_MODEL
 from rwkv_cli.ui import print_models
 from tests.conftest import LocalHub
 from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S
@@ -81,7 +85,7 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), force_terminal=False)
 
 
-def resolve(spec: str, **kwargs: object) -> hub.ResolvedModel:
+def resolve(spec: str, **kwargs: object) -> Provenance:
     kwargs.setdefault("console", quiet())
     return resolve_model(spec, **kwargs)  # type: ignore[arg-type]
 
@@ -168,7 +172,7 @@ def test_aliases_cover_every_family_and_size() -> None:
 
 @pytest.mark.parametrize("case", ALIAS_CASES, ids=lambda case: case.alias)
 def test_alias_patterns_match_official_file_names(case: AliasCase) -> None:
-    alias = hub.ALIASES[case.alias]
+    alias = ALIASES[case.alias]
     assert all(alias.matches(name) for name in case.matches)
     assert not any(alias.matches(name) for name in case.rejects)
 
@@ -641,7 +645,8 @@ def test_environment_variables_are_honoured_in_a_fresh_process(local_hub: LocalH
     """HF_ENDPOINT, HF_HOME, HF_TOKEN and HF_HUB_OFFLINE, read by huggingface_hub at import."""
     local_hub.server.add_repo(G1, G1_FILES, token="hf_secret")
     script = (
-        "import sys; from rwkv_cli.hub import resolve_model; print(resolve_model(sys.argv[1]).path)"
+        "import sys; from rwkv_cli.loading.hub import resolve_model; "
+        "print(resolve_model(sys.argv[1]).path)"
     )
 
     def run(**env: str) -> subprocess.CompletedProcess[str]:

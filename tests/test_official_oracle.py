@@ -11,7 +11,7 @@ import torch
 from rwkv_cli.generate import stream_generate
 from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.tokenizer import load_world_tokenizer
+from rwkv_cli.tokenizer.world import load_world_tokenizer
 
 PROMPT = "The quick brown fox jumps over the lazy dog.\n\n你好，世界！ def f(x): return x ** 2"
 CONTINUATION = 32

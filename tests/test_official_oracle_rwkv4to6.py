@@ -21,8 +21,9 @@ import torch
 from rwkv_cli.generate import stream_generate
 from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.statefile import import_state_tuning
-from rwkv_cli.tokenizer import NEOX_FILE, tokenizer_for_vocab
+from rwkv_cli.statetuning import import_state_tuning
+from rwkv_cli.tokenizer import tokenizer_for_vocab
+from rwkv_cli.tokenizer.bpe import NEOX_FILE
 from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, write_pth
 from tests.support.official_worker import official_environment
 

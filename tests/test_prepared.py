@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rwkv_cli import fileio, prepared
-from rwkv_cli.checkpoint import load_checkpoint
-from rwkv_cli.filerows import FileRows
+from rwkv_cli import fileio
+from rwkv_cli.loading import converted as weights_cache
+from rwkv_cli.loading.checkpoint import load_checkpoint
+from rwkv_cli.loading.converted import load_model_cached, source_hash
+from rwkv_cli.loading.filerows import FileRows
 from rwkv_cli.models import load_model
 from rwkv_cli.paths import converted_dir
-from rwkv_cli.prepared import load_model_cached, source_hash
 from tests.support.fixtures import rwkv7_tensors, write_pth
 
 TOKENS = [1, 500, 2000, 11, 261]
@@ -36,7 +37,7 @@ def test_first_load_converts_and_later_loads_skip_the_checkpoint(home, rwkv7_pth
     first = load_model_cached(rwkv7_pth)
     converted = list(converted_dir().glob("*.safetensors"))
     assert len(converted) == 1
-    assert converted[0].name.endswith(f"-float32-v{prepared.LAYOUT_VERSION}.safetensors")
+    assert converted[0].name.endswith(f"-float32-v{weights_cache.LAYOUT_VERSION}.safetensors")
     umask = os.umask(0o022)
     os.umask(umask)
     assert converted[0].stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' own 0600
@@ -44,7 +45,7 @@ def test_first_load_converts_and_later_loads_skip_the_checkpoint(home, rwkv7_pth
     def no_reading(path):
         raise AssertionError("the checkpoint was read again")
 
-    monkeypatch.setattr(prepared, "load_checkpoint", no_reading)
+    monkeypatch.setattr(weights_cache, "load_checkpoint", no_reading)
     second = load_model_cached(rwkv7_pth)
     direct = load_model(rwkv7_pth)
     assert torch.equal(_logits(second), _logits(direct))
@@ -69,7 +70,7 @@ def test_a_changed_source_file_is_converted_again_replacing_its_copies(home, tmp
 
 
 def test_copies_in_an_older_layout_are_deleted_by_the_next_conversion(home, rwkv7_pth):
-    version = prepared.LAYOUT_VERSION
+    version = weights_cache.LAYOUT_VERSION
     older = converted_dir() / f"{'0' * 64}-float32-v{version - 1}.safetensors"
     newer = converted_dir() / f"{'1' * 64}-float32-v{version + 1}.safetensors"  # a newer install's
     older.parent.mkdir(parents=True)
@@ -81,7 +82,7 @@ def test_copies_in_an_older_layout_are_deleted_by_the_next_conversion(home, rwkv
 
 def test_the_hash_is_computed_once_per_file_version(home, rwkv7_pth, monkeypatch):
     expected = source_hash(rwkv7_pth)
-    monkeypatch.setattr(prepared.hashlib, "sha256", None)  # hashing again would fail
+    monkeypatch.setattr(weights_cache.hashlib, "sha256", None)  # hashing again would fail
     assert source_hash(rwkv7_pth) == expected
 
 
@@ -130,7 +131,7 @@ def test_embedding_rows_are_read_from_the_converted_file(tmp_path) -> None:
 
 
 def test_a_cached_model_reads_its_embedding_rows_from_the_file(rwkv7_pth) -> None:
-    model = prepared.load_model_cached(rwkv7_pth)
+    model = weights_cache.load_model_cached(rwkv7_pth)
     assert isinstance(model.embedding, FileRows)
     expected, _ = load_model(rwkv7_pth).forward([1, 2, 3])
     logits, _ = model.forward([1, 2, 3])
@@ -169,7 +170,7 @@ def test_two_loaders_of_a_new_checkpoint_convert_it_once(home, rwkv7_pth, monkey
         time.sleep(0.5)  # long enough for the other loader to arrive meanwhile
         return load_checkpoint(path)
 
-    monkeypatch.setattr(prepared, "load_checkpoint", slow_read)
+    monkeypatch.setattr(weights_cache, "load_checkpoint", slow_read)
     with ThreadPoolExecutor(2) as pool:  # flock excludes threads too: each opens its own file
         models = list(pool.map(load_model_cached, [rwkv7_pth, rwkv7_pth]))
     assert len(reads) == 1

@@ -8,16 +8,14 @@ import torch
 
 from rwkv_cli.errors import CheckpointError, UnsupportedModelError
 from rwkv_cli.generate import Session, stream_generate
+from rwkv_cli.loading.converted import load_model_cached
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.models import MODEL_CLASSES, load_model
 from rwkv_cli.models.prepare import RESCALE_LAYER
-from rwkv_cli.prepared import load_model_cached
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.statefile import (
-    ModelIdentity,
-    import_state_tuning,
-    read_state_file,
-    save_state_file,
-)
+from rwkv_cli.statefile import ModelIdentity, read_state_file, save_state_file
+from rwkv_cli.statetuning import import_state_tuning
 from rwkv_cli.tokenizer import tokenizer_for_vocab
 from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, write_pth, write_safetensors
 from tests.support.reference_rwkv4to6 import reference_forward
@@ -298,14 +296,8 @@ def test_saved_state_resumes_exactly(tmp_path, generation) -> None:
     uninterrupted, _ = _generate(model, tokenizer, prompt, None, 12)
     first, session = _generate(model, tokenizer, prompt, None, 5)
     path = tmp_path / "state.rwkvstate"
-    save_state_file(
-        path,
-        model=model,
-        tokenizer_name=tokenizer.name,
-        session=session,
-        model_spec="tiny",
-        model_resolved=str(tmp_path / "model.pth"),
-    )
+    loaded = LoadedModel(model, tokenizer, "tiny", Provenance(tmp_path / "model.pth"))
+    save_state_file(path, loaded, session)
     saved = read_state_file(path)
     assert saved.identity.generation == generation
     assert saved.identity.head_size == (0 if generation == "4" else 64)

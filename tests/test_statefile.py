@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -16,15 +17,13 @@ from safetensors.torch import save_file
 from rwkv_cli.errors import StateFileError, WriteError
 from rwkv_cli.fileio import atomic_write_bytes, check_writable
 from rwkv_cli.generate import Session, prefill, stream_generate
-from rwkv_cli.runtime import LoadedModel, open_model
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.open import open_model, open_start
+from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.statefile import (
-    CHECKSUM,
-    data_checksum,
-    import_state_tuning,
-    read_state_file,
-    save_state_file,
-)
+from rwkv_cli.settings import ModelRequest
+from rwkv_cli.statefile import CHECKSUM, data_checksum, read_state_file, save_state_file
+from rwkv_cli.statetuning import import_state_tuning
 from tests.support.fixtures import flip_tensor_bytes, write_pth, write_safetensors
 
 GREEDY = SamplingParams(temperature=0)
@@ -52,15 +51,7 @@ def _run(loaded: LoadedModel, prompt: str, session: Session | None, params, gene
 
 
 def _save(path: Path, loaded: LoadedModel, session: Session, **extra) -> None:
-    save_state_file(
-        path,
-        model=loaded.model,
-        tokenizer_name=loaded.tokenizer.name,
-        session=session,
-        model_spec="tiny",
-        model_resolved=loaded.resolved,
-        **extra,
-    )
+    save_state_file(path, replace(loaded, spec="tiny"), session, **extra)
 
 
 def _assert_sessions_identical(a: Session, b: Session) -> None:
@@ -276,6 +267,31 @@ def test_a_version_1_file_without_a_checksum_still_loads(saved_path, loaded) -> 
     saved = read_state_file(saved_path)
     assert saved.metadata["format_version"] == "1" and CHECKSUM not in saved.metadata
     _assert_sessions_identical(saved.session_for(loaded.model, loaded.tokenizer.name), expected)
+
+
+def test_provenance_is_saved_as_fields(saved_path, loaded) -> None:
+    metadata = read_state_file(saved_path).metadata
+    assert metadata["model_path"] == str(loaded.provenance.path)
+    assert "model_repo" not in metadata and "model_revision" not in metadata  # a local file
+    assert read_state_file(saved_path).provenance == loaded.provenance
+
+
+def test_a_file_from_before_the_provenance_fields_still_opens_its_model(saved_path, loaded) -> None:
+    """Older files name the model in one string, ``model_resolved``: a path or repo:file@commit."""
+    _rewrite(saved_path, metadata={})
+    with safe_open(saved_path, framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    del metadata["model_path"]
+    save_file(tensors, saved_path, metadata=metadata)
+    saved = read_state_file(saved_path)
+    assert saved.provenance == Provenance(loaded.provenance.path)
+    assert saved.model_resolved == loaded.resolved
+    start = open_start(ModelRequest(), saved_path)
+    assert start.loaded.provenance == loaded.provenance and start.loaded.spec == "tiny"
+    pinned = Provenance.from_metadata({"model_resolved": f"A/b:c.pth@{'0' * 40}"}, "alias")
+    assert pinned == Provenance(None, "A/b", "c.pth", "0" * 40)
+    assert Provenance.from_metadata({}, "alias") == Provenance(Path("alias"))  # version 1
 
 
 def test_safetensors_that_is_not_a_state_file(tmp_path) -> None:

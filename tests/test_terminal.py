@@ -15,7 +15,7 @@ import time
 import pytest
 from rich.console import Console
 
-from rwkv_cli.tokenizer import load_world_tokenizer
+from rwkv_cli.tokenizer.world import load_world_tokenizer
 from rwkv_cli.ui import PROGRESS_MIN_TOKENS, activity, prefill_progress
 from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S, rwkv_ok
 

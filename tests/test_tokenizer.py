@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 
 from rwkv_cli.errors import TokenizerError
-from rwkv_cli.tokenizer import (
-    IncrementalDecoder,
-    WorldTokenizer,
-    load_world_tokenizer,
-)
+from rwkv_cli.tokenizer.base import IncrementalDecoder
+from rwkv_cli.tokenizer.world import WorldTokenizer, load_world_tokenizer
 
 LAST_ID = 65529
 PACKAGED_VOCAB = Path(__file__).parents[1] / "rwkv_cli" / "data" / "rwkv_vocab_v20230424.txt"

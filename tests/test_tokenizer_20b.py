@@ -15,17 +15,16 @@ from rwkv_cli.errors import TokenizerError, UnsupportedModelError
 from rwkv_cli.generate import stream_generate
 from rwkv_cli.models.rwkv7 import RWKV7
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.tokenizer import (
+from rwkv_cli.tokenizer import tokenizer_by_name, tokenizer_for_vocab
+from rwkv_cli.tokenizer.base import IncrementalDecoder
+from rwkv_cli.tokenizer.bpe import (
     NEOX_FILE,
     NEOX_PADDED_VOCAB,
     NEOX_TOKEN_COUNT,
-    IncrementalDecoder,
     NeoXTokenizer,
-    WorldTokenizer,
     load_neox_tokenizer,
-    tokenizer_by_name,
-    tokenizer_for_vocab,
 )
+from rwkv_cli.tokenizer.world import WorldTokenizer
 from tests.support.fixtures import rwkv7_tensors
 
 SHA256 = "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"  # as in data/NOTICE

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkv_cli.checkpoint import load_checkpoint
 from rwkv_cli.errors import UnsupportedModelError
+from rwkv_cli.loading.checkpoint import load_checkpoint
+from rwkv_cli.loading.converted import load_model_cached
 from rwkv_cli.models import load_model
-from rwkv_cli.prepared import load_model_cached
 from tests.support.fixtures import legacy_tensors, write_pth, write_transformers_rwkv4
 
 TOKENS = [0, 510, 3158, 8516, 30013, 187, 187, 50276, 12, 1]

@@ -25,8 +25,8 @@ from rwkv_cli.kernels.linear import (
     quantize_int8,
 )
 from rwkv_cli.kernels.selftest import TORCH_REFERENCES, wkv_inputs
+from rwkv_cli.loading.open import open_model
 from rwkv_cli.models import MODEL_CLASSES
-from rwkv_cli.runtime import open_model
 from rwkv_cli.settings import ModelRequest
 from tests.support.fixtures import legacy_tensors, rwkv4_tensors, rwkv7_tensors
 

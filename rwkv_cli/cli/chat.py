@@ -43,7 +43,7 @@ from rwkv_cli.ui import model_line, print_dim, stderr_console
 
 if TYPE_CHECKING:
     from rwkv_cli.chat import Chat
-    from rwkv_cli.runtime import Start
+    from rwkv_cli.loading.open import Start
 
 
 def _known_template(value: str | None) -> str | None:

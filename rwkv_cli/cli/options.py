@@ -27,7 +27,7 @@ from rwkv_cli.settings import (
 from rwkv_cli.textio import require_utf8
 
 if TYPE_CHECKING:
-    from rwkv_cli.runtime import Start
+    from rwkv_cli.loading.open import Start
 
 
 class _HelpInWords:
@@ -312,7 +312,7 @@ def utf8_argument(param: typer.CallbackParam, value: str | None) -> str | None:
 
 def open_requested(ctx: typer.Context, console, state: Path | None, force: bool) -> Start:
     """The model the command's options ask for, and the state to continue from."""
-    from rwkv_cli.runtime import open_start
+    from rwkv_cli.loading.open import open_start
 
     return open_start(model_request(ctx), state, force, console)
 

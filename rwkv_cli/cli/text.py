@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from rwkv_cli.continuation import Continuation
-    from rwkv_cli.runtime import Start
+    from rwkv_cli.loading.open import Start
 
 PromptArgument = Annotated[
     str | None,
@@ -189,11 +189,8 @@ def save_state(
     previous = start.state_file
     save_state_file(
         output,
-        model=start.loaded.model,
-        tokenizer_name=start.loaded.tokenizer.name,
-        session=session,
-        model_spec=start.loaded.spec,
-        model_resolved=start.loaded.resolved,
+        start.loaded,
+        session,
         sampling=previous.sampling if previous else None,
         text_tail=((previous.text_tail if previous else "") + content)[-TEXT_TAIL_CHARS:],
     )

@@ -50,7 +50,7 @@ def bench(
     """Measure load time, prefill and decode speed, and peak memory of a model on this machine."""
     from rwkv_cli.bench import benchmark
     from rwkv_cli.device import resolve_device, resolve_dtype
-    from rwkv_cli.runtime import default_model
+    from rwkv_cli.loading.open import default_model
 
     console = stderr_console()
     spec = model or default_model(console)
@@ -102,13 +102,14 @@ def download(
     ] = False,
 ) -> None:
     """Download a model into the Hugging Face cache and print its local path."""
-    from rwkv_cli.hub import resolve_model
+    from rwkv_cli.loading.hub import resolve_model
 
     typer.echo(resolve_model(spec, revision, console=stderr_console(), again=force).path)
 
 
 def models() -> None:
     """List the model aliases and the checkpoints already downloaded."""
-    from rwkv_cli.hub import cached_models, list_aliases
+    from rwkv_cli.loading.hub import cached_models
+    from rwkv_cli.loading.spec import list_aliases
 
     print_models(list_aliases(), cached_models())

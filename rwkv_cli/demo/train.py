@@ -43,7 +43,7 @@ from rwkv_cli.demo.corpus import (
     split,
 )
 from rwkv_cli.models.rwkv7 import RWKV7
-from rwkv_cli.tokenizer import BUNDLED_TOKENIZER_FILE
+from rwkv_cli.tokenizer.bpe import BUNDLED_TOKENIZER_FILE
 
 END_OF_TEXT = "<|endoftext|>"  # id 0: rwkv-cli's end-of-text id for every vocabulary
 HELDOUT_SAMPLE_BYTES = 4096  # heldout.txt: the first held-out chapters, cut at a verse

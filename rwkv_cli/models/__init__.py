@@ -8,14 +8,14 @@ from typing import Protocol
 
 import torch
 
-from rwkv_cli.checkpoint import (
+from rwkv_cli.errors import UnsupportedModelError
+from rwkv_cli.loading.checkpoint import (
     GENERATION_NAMES,
     Checkpoint,
     load_checkpoint,
     naming_the_file,
     weights_fingerprint,
 )
-from rwkv_cli.errors import UnsupportedModelError
 from rwkv_cli.models.rwkv4 import RWKV4
 from rwkv_cli.models.rwkv5 import RWKV5_0, RWKV5_1, RWKV5_2
 from rwkv_cli.models.rwkv6 import RWKV6

@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from rwkv_cli.checkpoint import GENERATION_NAMES
 from rwkv_cli.kernels.build import kernel_choice
 from rwkv_cli.kernels.decode import is_decode
 from rwkv_cli.kernels.linear import QuantizedMatrix, Weight, linear
+from rwkv_cli.loading.checkpoint import GENERATION_NAMES
 from rwkv_cli.models import decode_graph
 from rwkv_cli.models.prepare import (
     RESCALE_LAYER,

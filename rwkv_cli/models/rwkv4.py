@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv4 import INITIAL_MAX, wkv4
+from rwkv_cli.loading.checkpoint import layer_count
 from rwkv_cli.models.channel_mix import ChannelMixWeights, gated_channel_mix
 from rwkv_cli.models.frame import RecurrentModel
 from rwkv_cli.models.token_shift import lerp_inputs, previous_tokens

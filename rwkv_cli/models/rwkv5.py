@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
 from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv5 import wkv5
+from rwkv_cli.loading.checkpoint import layer_count
 from rwkv_cli.models.channel_mix import ChannelMixWeights, gated_channel_mix
 from rwkv_cli.models.frame import RecurrentModel, WkvLayerState
 from rwkv_cli.models.token_shift import lerp_inputs, previous_tokens

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rwkv_cli.checkpoint import layer_count
 from rwkv_cli.errors import CheckpointError
 from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.time_mix7 import time_mix7
+from rwkv_cli.loading.checkpoint import layer_count
 from rwkv_cli.models.frame import RecurrentModel, WkvLayerState
 from rwkv_cli.models.token_shift import previous_tokens
 from rwkv_cli.models.validate import tensor_shape

@@ -1,6 +1,7 @@
 """A small Hugging Face Hub look-alike for download tests, on 127.0.0.1 only.
 
-It answers the requests huggingface_hub 2.4 and ``rwkv_cli.hub`` make, with the Hub's headers:
+It answers the requests huggingface_hub 2.4 and ``rwkv_cli.loading.hub`` make, with the Hub's
+headers:
 
 - ``GET /api/models/{repo}`` and ``/api/models/{repo}/revision/{rev}``: model info with ``sha`` and
   ``siblings`` (sizes, blob ids and LFS data with ``?blobs=true``);

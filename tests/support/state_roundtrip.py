@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rwkv_cli.generate import Session, prefill
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.statefile import StateFile, read_state_file, save_state_file
+from rwkv_cli.tokenizer.world import load_world_tokenizer
 
 
 def save_and_resume(
@@ -14,13 +17,7 @@ def save_and_resume(
     """Prefill ``tokens`` with ``saver`` (after ``start``), save to ``path``, resume with
     ``resumer``: returns the saver's session, the file as read, and the resumer's session."""
     session = prefill(saver, tokens, start)
-    save_state_file(
-        path,
-        model=saver,
-        tokenizer_name="world",
-        session=session,
-        model_spec="m",
-        model_resolved="m",
-    )
+    tokenizer = load_world_tokenizer()
+    save_state_file(path, LoadedModel(saver, tokenizer, "m", Provenance(Path("m"))), session)
     saved = read_state_file(path)
-    return session, saved, saved.session_for(resumer, "world")
+    return session, saved, saved.session_for(resumer, tokenizer.name)

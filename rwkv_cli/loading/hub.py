@@ -1,6 +1,7 @@
 """Model specs -> local checkpoint files, downloaded from the Hugging Face Hub when needed.
 
-A *spec* is what users pass as ``-m SPEC``. The forms are tried in this order:
+A *spec* is what users pass as ``-m SPEC`` (parsed by :mod:`rwkv_cli.loading.spec`). The forms
+are tried in this order:
 
 1. a path to an existing local file;
 2. ``OWNER/NAME:FILENAME``, one file of a Hub repo;
@@ -9,22 +10,22 @@ A *spec* is what users pass as ``-m SPEC``. The forms are tried in this order:
    new releases are picked up without a code change;
 5. ``demo``: the small demo model shipped with rwkv-cli (:mod:`rwkv_cli.demo`), a local file.
 
-The file is then fetched into the Hugging Face cache by :mod:`rwkv_cli.download` (resumable,
-checked against the Hub's checksum). Before asking the Hub, and when it cannot be reached, the
-cache is looked in for a file the spec already means.
+The file is then fetched into the Hugging Face cache by :mod:`rwkv_cli.loading.download`
+(resumable, checked against the Hub's checksum). Before asking the Hub, and when it cannot be
+reached, the cache is looked in for a file the spec already means. Where the file was found is
+returned as a :class:`~rwkv_cli.loading.provenance.Provenance`.
 
 Settings: huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``
 and ``HF_HUB_DISABLE_PROGRESS_BARS`` once, when it is first imported. This module and
-:mod:`rwkv_cli.download` read the results from ``huggingface_hub.constants`` on every call, so
-set the variables before that import, or patch the constants. ``HF_TOKEN`` is read again for
-each request.
+:mod:`rwkv_cli.loading.download` read the results from ``huggingface_hub.constants`` on every
+call, so set the variables before that import, or patch the constants. ``HF_TOKEN`` is read
+again for each request.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,16 +46,6 @@ from huggingface_hub.errors import (
 )
 
 from rwkv_cli.demo import DEMO_SPEC, demo_checkpoint
-from rwkv_cli.download import (
-    GIT_SHA1,
-    LIBRARY,
-    RemoteFile,
-    download_to_cache,
-    error_reason,
-    notice,
-    repo_folder,
-    require_cache_folder,
-)
 from rwkv_cli.errors import (
     HubAccessError,
     HubUnreachableError,
@@ -65,39 +56,31 @@ from rwkv_cli.errors import (
     RepoNotFoundError,
     RwkvCliError,
 )
-from rwkv_cli.settings import DEFAULT_MODEL
+from rwkv_cli.loading.download import (
+    GIT_SHA1,
+    LIBRARY,
+    RemoteFile,
+    download_to_cache,
+    error_reason,
+    notice,
+    repo_folder,
+    require_cache_folder,
+)
+from rwkv_cli.loading.provenance import Provenance
+from rwkv_cli.loading.spec import (
+    TRANSFORMERS_WEIGHTS,
+    HubSpec,
+    checked_filename,
+    is_checkpoint,
+    is_repo_checkpoint,
+    listed,
+    parse_spec,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
-TRANSFORMERS_WEIGHTS = "pytorch_model.bin"  # transformers' RWKV-4 weights, in a folder
-_HINT_LIST_LIMIT = 8  # file names shown in a hint before "... and N more"
-
-# Alias families: (alias prefix, repo, file-name stem, sizes as written in file names). A file
-# matches if its name is the stem, an optional version ("-v2.8", "-v1-fixed"), "-YYYYMMDD", anything
-# after a "-", then .pth or .safetensors (case-insensitive). Aliases spell sizes in lower case with
-# a point ("1B5" -> "1.5b"). "{size}" in a repo is the size as written, in lower case: RWKV-4 Pile
-# has one repo per size.
-_FAMILIES = (
-    ("rwkv7-g1", "BlinkDL/rwkv7-g1", "rwkv7-g1[a-z0-9]*-{size}", "0.1b 0.4b 1.5b 2.9b 7.2b 13.3b"),
-    ("rwkv7-world", "BlinkDL/rwkv-7-world", "RWKV-x070-World-{size}", "0.1B 0.4B 1.5B 2.9B"),
-    ("rwkv6-world", "BlinkDL/rwkv-6-world", "RWKV-x060-World-{size}", "1B6 3B 7B 14B"),
-    ("rwkv5-world", "BlinkDL/rwkv-5-world", "RWKV-5-World-{size}", "0.1B 0.4B 1B5 3B"),
-    ("rwkv5-world", "RWKV/v5-Eagle-7B-pth", "RWKV-v5-Eagle-World-{size}", "7B"),
-    ("rwkv4-pile", "BlinkDL/rwkv-4-pile-{size}", "RWKV-4-Pile-{size}", "169M 430M 1B5 3B 7B 14B"),
-    ("rwkv4-world", "BlinkDL/rwkv-4-world", "RWKV-4-World-{size}", "0.1B 0.4B 1.5B 3B 7B"),
-)
-_SIZE_POINT = re.compile(r"^(\d+)b(\d+)$")  # "1b5" -> "1.5b"
-_DATED_CHECKPOINT = r"(?:-v[.0-9]+(?:-[a-z]+)?)?-\d{8}(?:-[^/]*)?\.(?:pth|safetensors)"
-
-_REPO_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
-_REPO_FILE_SPEC = re.compile(rf"(?P<repo>{_REPO_ID}):(?P<file>[^:]+)")
-_REPO_SPEC = re.compile(_REPO_ID)
-_DATE = re.compile(r"(?<!\d)\d{8}(?!\d)")
 _SAFE_ETAG = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]*")  # it names a file in blobs/
-_EXPERIMENTAL = ("rwkv7a-", "rwkv7b-")
-_STATE_FILE = re.compile(r"(?:^|[-_.])state(?:[-_.]|$)", re.IGNORECASE)
 
 _OFFLINE_HINT = (
     "check your connection and HF_ENDPOINT; set HF_HUB_OFFLINE=1 to use only cached models, "
@@ -110,36 +93,6 @@ _TOKEN_HINT = (
 
 
 @dataclass(frozen=True)
-class Alias:
-    """A short model name: the newest file in ``repo_id`` whose name fully matches ``pattern``."""
-
-    name: str
-    repo_id: str
-    pattern: str
-
-    def matches(self, filename: str) -> bool:
-        return re.fullmatch(self.pattern, _basename(filename), re.IGNORECASE) is not None
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """Where a spec led: a local file and, for Hub models, the repo, file and commit behind it."""
-
-    spec: str
-    path: Path
-    repo_id: str | None = None
-    filename: str | None = None
-    revision: str | None = None  # the commit sha; None for local files
-
-    @property
-    def resolved(self) -> str:
-        """``repo:file@commit`` for Hub models, the absolute path for local files (for metadata)."""
-        if self.repo_id is None:
-            return str(self.path)
-        return f"{self.repo_id}:{self.filename}@{self.revision}"
-
-
-@dataclass(frozen=True)
 class CachedModel:
     """A checkpoint file in the local Hugging Face cache."""
 
@@ -148,24 +101,6 @@ class CachedModel:
     size: int
     path: Path
     revision: str  # the commit sha of the snapshot holding it
-
-
-def _build_aliases() -> dict[str, Alias]:
-    aliases = {}
-    for prefix, repo, stem, sizes in _FAMILIES:
-        for written in sizes.split():
-            name = prefix + "-" + _SIZE_POINT.sub(r"\1.\2b", written.lower())
-            pattern = stem.replace("{size}", re.escape(written)) + _DATED_CHECKPOINT
-            aliases[name] = Alias(name, repo.replace("{size}", written.lower()), pattern)
-    return aliases
-
-
-ALIASES: dict[str, Alias] = _build_aliases()
-
-
-def list_aliases() -> list[Alias]:
-    """Every alias, in family order."""
-    return list(ALIASES.values())
 
 
 def cached_models() -> list[CachedModel]:
@@ -181,7 +116,7 @@ def cached_models() -> list[CachedModel]:
         for revision in repo.revisions:
             for file in revision.files:
                 name = file.file_path.relative_to(revision.snapshot_path).as_posix()
-                if _is_checkpoint(name):
+                if is_checkpoint(name):
                     key = (repo.repo_id, name, file.blob_path)
                     found.setdefault(
                         key,
@@ -203,7 +138,7 @@ def resolve_model(
     *,
     console: Console | None = None,
     again: bool = False,
-) -> ResolvedModel:
+) -> Provenance:
     """Turn a model spec into a local file, downloading it into the Hugging Face cache if needed.
 
     ``revision`` (a branch, tag or commit) applies to Hub specs. ``progress``: ``None`` shows a bar
@@ -219,13 +154,13 @@ def resolve_model(
         if revision is not None:
             raise InvalidInputError(f"a revision applies to Hub models, not to the file {spec}")
         if local.is_dir():
-            return ResolvedModel(spec, _checkpoint_in(local, console or _stderr_console()))
-        return ResolvedModel(spec, local.resolve())
+            return Provenance(_checkpoint_in(local, console or _stderr_console()))
+        return Provenance(local.resolve())
     if spec.strip().lower() == DEMO_SPEC:
         if revision is not None:
             raise InvalidInputError("a revision applies to Hub models, not to the demo model")
-        return ResolvedModel(spec, demo_checkpoint())
-    target = _parse_spec(spec.strip())
+        return Provenance(demo_checkpoint())
+    target = parse_spec(spec.strip())
     offline = constants.is_offline_mode()
     pinned = revision is not None and GIT_SHA1.fullmatch(revision) is not None
     if offline and again:
@@ -234,7 +169,7 @@ def resolve_model(
             hint="unset HF_HUB_OFFLINE",
         )
     if (offline or pinned) and not again:  # a commit's files never change: a cached copy will do
-        cached = _from_cache(spec, target, revision)
+        cached = _from_cache(target, revision)
         if cached is not None:
             return cached
         if offline:
@@ -248,50 +183,21 @@ def resolve_model(
     try:
         remote = _locate(target, revision)
     except HubUnreachableError as error:
-        cached = None if again else _from_cache(spec, target, revision)
+        cached = None if again else _from_cache(target, revision)
         if cached is None:
             raise
-        notice(console, f"{error.message}; using the cached {cached.repo_id}:{cached.filename}")
+        notice(console, f"{error.message}; using the cached {cached.hub_spec}")
         return cached
     path = download_to_cache(remote, progress=progress, console=console, again=again)
-    return ResolvedModel(spec, path, remote.repo_id, remote.filename, remote.commit)
-
-
-# --- specs -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _HubSpec:
-    """A parsed Hub spec: one named file, the newest match of an alias, or a repo's newest file."""
-
-    repo_id: str
-    filename: str | None = None
-    alias: Alias | None = None
-
-    @property
-    def label(self) -> str:
-        if self.alias is not None:
-            return self.alias.name
-        return f"{self.repo_id}:{self.filename}" if self.filename else self.repo_id
-
-    def choose(self, names: Iterable[str]) -> str | None:
-        """The file this spec means among ``names``, or None."""
-        names = list(names)
-        if self.filename is not None:
-            return self.filename if self.filename in names else None
-        if self.alias is not None:
-            return _newest([name for name in names if self.alias.matches(name)])
-        candidates = [name for name in names if _is_repo_checkpoint(name)]
-        newest = _newest(candidates)
-        return candidates[0] if newest is None and len(candidates) == 1 else newest
+    return Provenance(path, remote.repo_id, remote.filename, remote.commit)
 
 
 def _checkpoint_in(folder: Path, console: Console) -> Path:
     """The checkpoint a local folder holds, chosen like a repo's: the only one, or the newest by
     the date in its name (then a notice says which); else transformers' ``pytorch_model.bin``."""
     names = sorted(path.name for path in folder.iterdir() if path.is_file())
-    chosen = _HubSpec(str(folder)).choose(names)
-    checkpoints = [name for name in names if _is_repo_checkpoint(name)]
+    chosen = HubSpec(str(folder)).choose(names)
+    checkpoints = [name for name in names if is_repo_checkpoint(name)]
     if chosen is not None:
         if len(checkpoints) > 1:
             notice(console, f"Using {chosen}, the newest of {len(checkpoints)} in {folder}")
@@ -299,10 +205,10 @@ def _checkpoint_in(folder: Path, console: Console) -> Path:
     if not checkpoints and TRANSFORMERS_WEIGHTS in names:
         return (folder / TRANSFORMERS_WEIGHTS).resolve()
     if not checkpoints:
-        others = [name for name in names if _is_checkpoint(name)]
+        others = [name for name in names if is_checkpoint(name)]
         if others:
             raise ModelNotFoundError(
-                f"the folder {folder} holds no model checkpoint, only {_listed(others)}",
+                f"the folder {folder} holds no model checkpoint, only {listed(others)}",
                 hint="state-tuning files go with --state; experimental RWKV-7 variants (rwkv7a, "
                 "rwkv7b) do not run",
             )
@@ -311,79 +217,15 @@ def _checkpoint_in(folder: Path, console: Console) -> Path:
             hint="pass the checkpoint file itself",
         )
     raise ModelNotFoundError(
-        f"cannot tell which checkpoint in {folder} to use: {_listed(checkpoints)}",
+        f"cannot tell which checkpoint in {folder} to use: {listed(checkpoints)}",
         hint="pass one of them as the file's path",
     )
-
-
-def _listed(names: list[str]) -> str:
-    """Up to _HINT_LIST_LIMIT names, then how many more."""
-    more = len(names) - _HINT_LIST_LIMIT
-    return ", ".join(names[:_HINT_LIST_LIMIT]) + (f" and {more} more" if more > 0 else "")
-
-
-def _parse_spec(spec: str) -> _HubSpec:
-    if match := _REPO_FILE_SPEC.fullmatch(spec):
-        return _HubSpec(match["repo"], filename=_checked_filename(match["file"]))
-    if spec.lower().endswith(CHECKPOINT_SUFFIXES) or spec.startswith((".", "/", "~", "\\")):
-        raise ModelNotFoundError(
-            f"no such file: {spec}",
-            hint="check the path; a file on the Hub is written OWNER/NAME:FILENAME",
-        )
-    if _REPO_SPEC.fullmatch(spec):
-        return _HubSpec(spec)
-    alias = ALIASES.get(spec.lower())
-    if alias is not None:
-        return _HubSpec(alias.repo_id, alias=alias)
-    close = difflib.get_close_matches(spec.lower(), [*ALIASES, DEMO_SPEC], n=3)
-    suggestion = f"did you mean {' or '.join(close)}? " if close else ""
-    raise ModelNotFoundError(
-        f"unknown model '{spec}': not a local file, a Hub repo (OWNER/NAME[:FILENAME]) "
-        "or a known alias",
-        hint=f"{suggestion}'rwkv models' lists the aliases, e.g. {DEFAULT_MODEL}; "
-        f"{DEMO_SPEC} is a small model that ships with rwkv-cli",
-    )
-
-
-def _checked_filename(filename: str) -> str:
-    """A file name inside a repo, refused if it could point outside the cache folder."""
-    parts = filename.split("/")
-    if filename.startswith("/") or "\\" in filename or any(p in ("", ".", "..") for p in parts):
-        raise ModelNotFoundError(
-            f"invalid file name in a Hub spec: {filename}",
-            hint="write it as in the repo, e.g. OWNER/NAME:folder/model.pth",
-        )
-    return filename
-
-
-def _basename(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
-
-
-def _is_checkpoint(name: str) -> bool:
-    return name.lower().endswith(CHECKPOINT_SUFFIXES)
-
-
-def _is_repo_checkpoint(name: str) -> bool:
-    """A checkpoint a bare repo id may resolve to: not experimental, not a state-tuning file."""
-    base = _basename(name)
-    return (
-        _is_checkpoint(base)
-        and not base.lower().startswith(_EXPERIMENTAL)
-        and _STATE_FILE.search(base.rsplit(".", 1)[0]) is None
-    )
-
-
-def _newest(names: list[str]) -> str | None:
-    """The name with the latest 8-digit date (ties: the last name in sort order)."""
-    dated = [(match.group(), name) for name in names if (match := _DATE.search(_basename(name)))]
-    return max(dated)[1] if dated else None
 
 
 # --- the Hub: finding the file -----------------------------------------------------------------
 
 
-def _locate(target: _HubSpec, revision: str | None) -> RemoteFile:
+def _locate(target: HubSpec, revision: str | None) -> RemoteFile:
     """Ask the Hub which file and commit the spec means; no bytes are downloaded."""
     endpoint = constants.ENDPOINT
     filename, ref = target.filename, revision or constants.DEFAULT_REVISION
@@ -392,7 +234,7 @@ def _locate(target: _HubSpec, revision: str | None) -> RemoteFile:
         filename = target.choose(names)
         if filename is None:
             raise _no_such_file(target, names)
-        filename, ref = _checked_filename(filename), commit or ref
+        filename, ref = checked_filename(filename), commit or ref
     url = f"{endpoint}/{target.repo_id}/resolve/{quote(ref, safe='')}/{quote(filename)}"
     with _hub_errors(target.repo_id, revision):
         try:
@@ -423,7 +265,7 @@ def _list_repo(repo_id: str, revision: str | None) -> tuple[list[str], str | Non
     return [sibling.rfilename for sibling in info.siblings or []], info.sha
 
 
-def _no_such_file(target: _HubSpec, names: list[str]) -> RemoteFileNotFoundError:
+def _no_such_file(target: HubSpec, names: list[str]) -> RemoteFileNotFoundError:
     repo = target.repo_id
     if target.filename is not None:
         message = f"{target.filename} is not in {repo}"
@@ -431,11 +273,11 @@ def _no_such_file(target: _HubSpec, names: list[str]) -> RemoteFileNotFoundError
         message = f"no file in {repo} matches the alias {target.alias.name}"
     else:
         message = f"cannot tell which checkpoint of {repo} to use"
-    checkpoints = sorted(name for name in names if _is_checkpoint(name))
+    checkpoints = sorted(name for name in names if is_checkpoint(name))
     if not checkpoints:
         return RemoteFileNotFoundError(message, hint=f"{repo} has no .pth or .safetensors files")
     return RemoteFileNotFoundError(
-        message, hint=f"pick one as {repo}:FILENAME; its checkpoints: {_listed(checkpoints)}"
+        message, hint=f"pick one as {repo}:FILENAME; its checkpoints: {listed(checkpoints)}"
     )
 
 
@@ -492,7 +334,7 @@ def _translate(error: Exception, repo_id: str, revision: str | None) -> RwkvCliE
 # --- the cache ---------------------------------------------------------------------------------
 
 
-def _from_cache(spec: str, target: _HubSpec, revision: str | None) -> ResolvedModel | None:
+def _from_cache(target: HubSpec, revision: str | None) -> Provenance | None:
     """Resolve from what is cached, without the network: the ref's snapshot first."""
     storage = repo_folder(target.repo_id)
     if not (storage / "snapshots").is_dir():
@@ -502,7 +344,7 @@ def _from_cache(spec: str, target: _HubSpec, revision: str | None) -> ResolvedMo
         names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
         filename = target.choose(names)
         if filename is not None:
-            return ResolvedModel(spec, snapshot / filename, target.repo_id, filename, commit)
+            return Provenance(snapshot / filename, target.repo_id, filename, commit)
     return None
 
 

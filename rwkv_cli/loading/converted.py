@@ -26,7 +26,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from rwkv_cli.checkpoint import load_checkpoint, naming_the_file, weights_fingerprint
 from rwkv_cli.errors import RwkvCliError, WriteError
 from rwkv_cli.fileio import (
     atomic_write,
@@ -35,7 +34,8 @@ from rwkv_cli.fileio import (
     exclusive,
     remove_leftovers,
 )
-from rwkv_cli.filerows import FileRows
+from rwkv_cli.loading.checkpoint import load_checkpoint, naming_the_file, weights_fingerprint
+from rwkv_cli.loading.filerows import FileRows
 from rwkv_cli.models import Model, model_class
 from rwkv_cli.paths import converted_dir
 

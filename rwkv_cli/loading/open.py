@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,40 +20,20 @@ from rwkv_cli.errors import (
     TokenizerError,
 )
 from rwkv_cli.generate import Session
-from rwkv_cli.hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from rwkv_cli.kernels import kernels_to_build, prepare_kernels
 from rwkv_cli.kernels.build import set_kernel_choice
+from rwkv_cli.loading.converted import load_model_cached
+from rwkv_cli.loading.hub import resolve_model
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.models import Model
-from rwkv_cli.prepared import load_model_cached
-from rwkv_cli.settings import ModelRequest
-from rwkv_cli.statefile import (
-    StateFile,
-    import_state_tuning,
-    is_pytorch_file,
-    read_state_file,
-    read_state_tuning,
-)
-from rwkv_cli.tokenizer import (
-    BPETokenizer,
-    Tokenizer,
-    bpe_name,
-    bundled_tokenizer_path,
-    tokenizer_by_name,
-    tokenizer_for_vocab,
-)
+from rwkv_cli.settings import DEFAULT_MODEL, ModelRequest
+from rwkv_cli.statefile import StateFile, is_pytorch_file, read_state_file
+from rwkv_cli.statetuning import import_state_tuning, read_state_tuning
+from rwkv_cli.tokenizer import tokenizer_by_name, tokenizer_for_vocab
+from rwkv_cli.tokenizer.base import Tokenizer
+from rwkv_cli.tokenizer.bpe import BPETokenizer, bpe_name, bundled_tokenizer_path
 from rwkv_cli.ui import activity
-
-_PINNED_HUB_FILE = re.compile(r"^(?P<spec>[^@]+:[^@]+)@(?P<commit>[0-9a-f]{40})$")
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model with its tokenizer, and the names it was asked for and found under."""
-
-    model: Model
-    tokenizer: Tokenizer
-    spec: str  # as the user gave it
-    resolved: str  # where it was found: an absolute path, or repo:file@commit
 
 
 @dataclass(frozen=True)
@@ -96,7 +75,7 @@ def open_model(
     with activity(building, f"Building the compiled kernels ({how_long})"):
         prepare_kernels(target)
     chosen = choose_tokenizer(resolved, model.vocab_size, request.tokenizer, saved_tokenizer)
-    return LoadedModel(model, chosen, spec, resolved.resolved)
+    return LoadedModel(model, chosen, spec, resolved)
 
 
 # How long a first build takes, measured (README "Fast CPU path" and "GPUs").
@@ -104,7 +83,7 @@ _BUILD_TIME = {"cpu": "first use only; a few seconds", "cuda": "first use only; 
 
 
 def choose_tokenizer(
-    resolved: ResolvedModel, vocab_size: int, name: str | None, saved: str | None = None
+    resolved: Provenance, vocab_size: int, name: str | None, saved: str | None = None
 ) -> Tokenizer:
     """The tokenizer of a model with ``vocab_size`` rows.
 
@@ -125,7 +104,7 @@ def choose_tokenizer(
     return tokenizer_by_name(name, vocab_size=vocab_size)
 
 
-def _load(resolved: ResolvedModel, weights: torch.dtype, target: torch.device) -> Model:
+def _load(resolved: Provenance, weights: torch.dtype, target: torch.device) -> Model:
     """The model, through the converted-weights cache, on ``target``. A damaged download's
     error says how to fetch that very file again."""
     try:
@@ -133,14 +112,14 @@ def _load(resolved: ResolvedModel, weights: torch.dtype, target: torch.device) -
     except DamagedFileError as error:
         if resolved.repo_id is None:
             raise
-        again = f"{resolved.repo_id}:{resolved.filename} --revision {resolved.revision} --force"
+        again = f"{resolved.hub_spec} --revision {resolved.revision} --force"
         raise DamagedFileError(
             error.message, hint=f"fetch it again: rwkv download {again}"
         ) from error
     return model.to(target)
 
 
-def _resolve(spec: str, revision: str | None, console: Console | None) -> ResolvedModel:
+def _resolve(spec: str, revision: str | None, console: Console | None) -> Provenance:
     """``resolve_model``; when the default model can be neither found in the cache nor
     downloaded, the error says so and suggests the demo model, which is always there."""
     try:
@@ -208,11 +187,11 @@ def _open_saved_model(
     state_file: StateFile, console: Console | None, request: ModelRequest
 ) -> LoadedModel:
     """The model a state file names: exactly where it was found, else how it was asked for."""
-    pinned = _PINNED_HUB_FILE.match(state_file.model_resolved)
-    if pinned:
-        request = replace(request, spec=pinned["spec"], revision=pinned["commit"])
-    elif Path(state_file.model_resolved).is_file():
-        request = replace(request, spec=state_file.model_resolved, revision=None)
+    found = state_file.provenance
+    if found.hub_spec is not None:
+        request = replace(request, spec=found.hub_spec, revision=found.revision)
+    elif found.path is not None and found.path.is_file():
+        request = replace(request, spec=str(found.path), revision=None)
     else:
         request = replace(request, spec=state_file.model_spec, revision=None)
     try:
@@ -224,4 +203,4 @@ def _open_saved_model(
         raise type(error)(
             f"{state_file.path} was made with a model that is not here: {error.message}", hint
         ) from error
-    return LoadedModel(loaded.model, loaded.tokenizer, state_file.model_spec, loaded.resolved)
+    return replace(loaded, spec=state_file.model_spec)

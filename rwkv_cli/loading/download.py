@@ -1,8 +1,8 @@
 """A resumable, checksum-verified download of one Hub file into the Hugging Face cache.
 
 Files are stored in the cache in its usual layout (``blobs/``, ``snapshots/``, ``refs/``), so
-``huggingface_hub`` and ``hf cache`` see them too. Which file to fetch is :mod:`rwkv_cli.hub`'s
-job; this module only fetches it (:func:`download_to_cache`).
+``huggingface_hub`` and ``hf cache`` see them too. Which file to fetch is
+:mod:`rwkv_cli.loading.hub`'s job; this module only fetches it (:func:`download_to_cache`).
 
 Downloads resume. huggingface_hub 2.4 retries a dropped connection inside one call, but it writes
 to a temporary file whose name is unique to the process and deletes that file when the call fails.
@@ -33,7 +33,6 @@ import httpx2
 from huggingface_hub import constants
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, get_session
 
-from rwkv_cli import __version__
 from rwkv_cli.errors import (
     ChecksumMismatchError,
     DiskFullError,
@@ -42,6 +41,7 @@ from rwkv_cli.errors import (
 )
 from rwkv_cli.fileio import check_free_space, format_size, held_elsewhere
 from rwkv_cli.textio import interactive
+from rwkv_cli.version import __version__
 
 if TYPE_CHECKING:
     from rich.console import Console
