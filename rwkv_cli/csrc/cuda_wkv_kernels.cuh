@@ -26,7 +26,7 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 constexpr int WKV4_THREADS = 128;  // channels per block; RWKV-4 widths are multiples of 128
 
 // RWKV-4: thread c owns channel c and carries its state (aa, bb, pp) through the tokens, in the
-// numerically stable form (shared/DESIGN.md section 4): pp is the largest exponent seen, and
+// numerically stable form (docs/DESIGN.md section 4): pp is the largest exponent seen, and
 // aa, bb are the numerator and denominator scaled by exp(-pp). Reads and writes of one token are
 // coalesced across the threads of a block.
 template <typename Scalar>

@@ -10,7 +10,7 @@ From one layer's projections and the outputs of its low-rank adapters, per token
     y, S = WKV-7(S, r, w, k, v, κ, a)                     the recurrence, kernels/wkv7.py
     out = (GroupNorm(y)·ln_x + (Σ_head r ⊙ k ⊙ r_k)·v) ⊙ gate
 
-(shared/DESIGN.md section 4). ``time_mix7_torch`` computes that for any number of tokens: the
+(docs/DESIGN.md section 4). ``time_mix7_torch`` computes that for any number of tokens: the
 torch twin. ``time_mix7`` runs the compiled CPU kernel instead (csrc/cpu_rwkv7.cpp, through
 kernels/cpu_ops.py) on the one-token path (kernels/decode.py), where it takes the inputs: in
 torch one token's time mixing is some forty small operations, whose fixed costs add up to

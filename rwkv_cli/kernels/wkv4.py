@@ -4,7 +4,7 @@ Per channel, WKV is a decaying weighted average of past values with weights ``e^
 ``wkv_t = (Σ_{i<t} e^{(t-1-i)w + k_i} v_i + e^{u + k_t} v_t) / (same without v)``, with
 ``w = -exp(time_decay) < 0`` and the bonus ``u = time_first`` for the current token. The state
 keeps numerator ``aa`` and denominator ``bb`` scaled by ``e^-pp``, ``pp`` being the largest
-exponent seen, so no ``exp`` ever overflows (shared/DESIGN.md section 4)::
+exponent seen, so no ``exp`` ever overflows (docs/DESIGN.md section 4)::
 
     out:    p = max(pp, u+k);  wkv = (e^(pp-p)·aa + e^(u+k-p)·v) / (e^(pp-p)·bb + e^(u+k-p))
     update: p = max(pp+w, k);  aa = e^(pp+w-p)·aa + e^(k-p)·v;  bb = e^(pp+w-p)·bb + e^(k-p)

@@ -3,7 +3,7 @@
 Two containers are read: BlinkDL's ``.pth`` files (``torch.save`` zip pickles, opened only with
 ``weights_only=True`` so nothing in the file is executed) and ``.safetensors`` files. The container
 is recognised from the file's first bytes, never from its name, and so is the generation: from the
-tensor names (shared/DESIGN.md section 3).
+tensor names (docs/DESIGN.md section 3).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Time mixing is a per-channel WKV: a decaying, key-weighted average of past values, kept
 numerically stable by carrying the largest exponent seen (kernels/wkv4.py). The rest of the model
 is the frame every generation shares (models/frame.py). Sources: BlinkDL/RWKV-LM ``RWKV-v4neo`` and
-the official ``rwkv`` package (shared/DESIGN.md sections 3-4).
+the official ``rwkv`` package (docs/DESIGN.md sections 3-4).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ differ only in data, so one class serves them all, with a subclass per release:
 - 5.2: decay and bonus (``time_faaaa``) per channel, shaped (H, N).
 
 Sources: BlinkDL/RWKV-LM ``RWKV-v5/src/model.py`` and the official ``rwkv`` package
-(shared/DESIGN.md sections 3-4). The rest of the model is the frame every generation shares
+(docs/DESIGN.md sections 3-4). The rest of the model is the frame every generation shares
 (models/frame.py).
 """
 

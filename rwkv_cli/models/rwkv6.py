@@ -4,7 +4,7 @@ RWKV-6 is RWKV-5.2 with data-dependent token shift and decay: a small LoRA (``ti
 computes per-token offsets to the five interpolation weights (w, k, v, r, g), and another
 (``time_decay_w1/w2``) a per-token offset to the decay. Token mixing is written
 ``x + (x_prev - x)·μ``. Sources: BlinkDL/RWKV-LM ``RWKV-v5/src/model.py`` (``x060``) and the
-official ``rwkv`` package (shared/DESIGN.md sections 3-4).
+official ``rwkv`` package (docs/DESIGN.md sections 3-4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """RWKV-7 "Goose" in plain torch.
 
-The math follows shared/DESIGN.md section 4 (sources: BlinkDL/RWKV-LM ``RWKV-v7/rwkv_v7_demo.py``
+The math follows docs/DESIGN.md section 4 (sources: BlinkDL/RWKV-LM ``RWKV-v7/rwkv_v7_demo.py``
 and the official ``rwkv`` package). RWKV-7 runs in the frame all generations share
 (``frame.RecurrentModel``); what is its own: the delta-rule time mixing with its LoRAs
 (``RWKV7.time_mix``, whose math after the projections is kernels/time_mix7.py), the value

@@ -4,7 +4,7 @@ Deliberately independent of rwkv_cli: it reads the raw checkpoint tensors, loops
 heads with explicit vectors and matrices, and writes WKV the textbook way. RWKV-4 keeps the plain
 numerator and denominator (no running maximum: float64 and the fixture's small keys cannot
 overflow). RWKV-5/6 keep each head's state indexed [key, value], as in the papers, so comparing
-it with rwkv_cli's [value, key] state also checks that layout. Formulas: shared/DESIGN.md section
+it with rwkv_cli's [value, key] state also checks that layout. Formulas: docs/DESIGN.md section
 4 and the RWKV-5/6 paper ("Eagle and Finch", arXiv 2404.05892).
 """
 

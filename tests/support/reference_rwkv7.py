@@ -1,7 +1,7 @@
 """A naive float64 RWKV-7, one token at a time, straight from the formulas (the test oracle).
 
 Deliberately independent of rwkv_cli: it reads the raw checkpoint tensors and loops over tokens
-and heads with explicit matrix algebra (shared/DESIGN.md section 4).
+and heads with explicit matrix algebra (docs/DESIGN.md section 4).
 """
 
 from __future__ import annotations

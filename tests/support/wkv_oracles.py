@@ -1,4 +1,4 @@
-"""Naive float64 WKV loops, written from the formulas (shared/DESIGN.md section 4): the oracles
+"""Naive float64 WKV loops, written from the formulas (docs/DESIGN.md section 4): the oracles
 the kernels and their torch twins are both measured against. Same arguments as the references."""
 
 from __future__ import annotations
