@@ -12,15 +12,13 @@ torch.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from rwkv_cli.version import __version__
 
 if TYPE_CHECKING:
     from rwkv_cli.chat import Chat, template_for
-    from rwkv_cli.generate import GenerationChunk, Session, generate, stream_generate
+    from rwkv_cli.generation import GenerationChunk, Session, generate, stream_generate
     from rwkv_cli.loading.loaded import LoadedModel
     from rwkv_cli.loading.open import open_model
     from rwkv_cli.loading.provenance import Provenance
@@ -55,10 +53,10 @@ _EXPORTS = {  # each name of __all__ -> the module that defines it
     "LoadedModel": "rwkv_cli.loading.loaded",
     "ModelRequest": "rwkv_cli.settings",
     "Provenance": "rwkv_cli.loading.provenance",
-    "generate": "rwkv_cli.generate",
-    "stream_generate": "rwkv_cli.generate",
-    "GenerationChunk": "rwkv_cli.generate",
-    "Session": "rwkv_cli.generate",
+    "generate": "rwkv_cli.generation",
+    "stream_generate": "rwkv_cli.generation",
+    "GenerationChunk": "rwkv_cli.generation",
+    "Session": "rwkv_cli.generation",
     "SamplingParams": "rwkv_cli.sampling",
     "make_generator": "rwkv_cli.sampling",
     "Chat": "rwkv_cli.chat",
@@ -83,19 +81,3 @@ def __getattr__(name: str) -> object:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
-
-
-class _Package(types.ModuleType):
-    """This package, whose exported names stay what they are exported as.
-
-    Importing a submodule binds its name in the package: ``rwkv_cli.generate`` would become the
-    module and hide the ``generate`` function. The modules stay importable by their full names.
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from rwkv_cli.device import dtype_name
-from rwkv_cli.generate import prefill
+from rwkv_cli.generation import prefill
 from rwkv_cli.kernels.linear import QuantizedMatrix
 from rwkv_cli.loading.filerows import FileRows
 from rwkv_cli.loading.open import open_model

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from rwkv_cli.generate import END_OF_TEXT, GenerationChunk, Session, prefill, stream_generate
+from rwkv_cli.generation import END_OF_TEXT, GenerationChunk, Session, prefill, stream_generate
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.sampling import SamplingParams
 from rwkv_cli.settings import CHAT_SAMPLING, MAX_REPLY_TOKENS

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rwkv_cli.chat import TEMPLATES, Chat
 from rwkv_cli.errors import InvalidInputError, StateFileError
-from rwkv_cli.generate import Session
+from rwkv_cli.generation import Session
 from rwkv_cli.statefile import (
     TEXT_TAIL_CHARS,
     StateFile,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rwkv_cli.generate import GenerationChunk, Session, stream_generate
+from rwkv_cli.generation import GenerationChunk, Session, stream_generate
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import Start
 from rwkv_cli.sampling import make_generator

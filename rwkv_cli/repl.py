@@ -18,7 +18,7 @@ from rich.markup import escape
 from rwkv_cli.chat import Chat, Message
 from rwkv_cli.chatfile import load_chat, save_chat
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
-from rwkv_cli.generate import GenerationChunk
+from rwkv_cli.generation import GenerationChunk
 from rwkv_cli.lines import Block, LineSource
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.textio import OutputClosedError, StdoutWriter

@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from rwkv_cli.errors import RwkvCliError, StateFileError
 from rwkv_cli.fileio import atomic_write_bytes
-from rwkv_cli.generate import Session
+from rwkv_cli.generation import Session
 from rwkv_cli.loading.checkpoint import (
     GENERATION_NAMES,
     first_non_finite,

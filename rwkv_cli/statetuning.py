@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rwkv_cli.errors import StateFileError
-from rwkv_cli.generate import Session
+from rwkv_cli.generation import Session
 from rwkv_cli.loading.checkpoint import first_non_finite, is_state_tuning
 from rwkv_cli.models import Model
 from rwkv_cli.statefile import not_a_state_file, pth_tensors

@@ -23,7 +23,7 @@ from rwkv_cli.fileio import format_size
 from rwkv_cli.textio import interactive
 
 if TYPE_CHECKING:  # the error boundary shows errors with this module: it must not need torch
-    from rwkv_cli.generate import GenerationChunk
+    from rwkv_cli.generation import GenerationChunk
     from rwkv_cli.models import Model
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rwkv_cli import chat as chat_module
 from rwkv_cli.chat import TEMPLATES, Chat, template_for
 from rwkv_cli.chatfile import load_chat, save_chat
-from rwkv_cli.generate import END_OF_TEXT, Session, prefill
+from rwkv_cli.generation import END_OF_TEXT, Session, prefill
 from rwkv_cli.lines import ScriptLines
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model

@@ -21,7 +21,7 @@ import typer
 from rwkv_cli import entry
 from rwkv_cli.bench import benchmark
 from rwkv_cli.errors import InvalidInputError, WriteError
-from rwkv_cli.generate import generate
+from rwkv_cli.generation import generate
 from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.textio import StdoutWriter, require_utf8

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from rwkv_cli.generate import prefill, stream_generate
+from rwkv_cli.generation import prefill, stream_generate
 from rwkv_cli.loading.open import open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import read_state_file

@@ -10,7 +10,7 @@ from rwkv_cli.chat import TEMPLATES, Chat
 from rwkv_cli.chatfile import check_autosave_target, resume_chat, save_chat
 from rwkv_cli.continuation import Continuation, sampler_for
 from rwkv_cli.errors import InvalidInputError
-from rwkv_cli.generate import Session, stream_generate
+from rwkv_cli.generation import Session, stream_generate
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import Start, open_model
 from rwkv_cli.settings import CHAT_SAMPLING, SamplingParams, choose_sampling

@@ -19,7 +19,7 @@ import torch
 
 from rwkv_cli import sampling
 from rwkv_cli.device import DTYPES, use_own_stream
-from rwkv_cli.generate import generate, prefill
+from rwkv_cli.generation import generate, prefill
 from rwkv_cli.kernels import cuda
 from rwkv_cli.kernels.build import load_extension, set_kernel_choice
 from rwkv_cli.kernels.selftest import (

@@ -25,7 +25,7 @@ from rwkv_cli.errors import (
     TokenizerError,
     UnsupportedModelError,
 )
-from rwkv_cli.generate import stream_generate
+from rwkv_cli.generation import stream_generate
 from rwkv_cli.kernels import build
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model, open_start

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkv_cli.generate import END_OF_TEXT, _StopMatcher, generate, stream_generate
+from rwkv_cli.generation import END_OF_TEXT, _StopMatcher, generate, stream_generate
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.state import State
 from rwkv_cli.tokenizer.world import load_world_tokenizer

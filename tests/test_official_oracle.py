@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from rwkv_cli.generate import stream_generate
+from rwkv_cli.generation import stream_generate
 from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.tokenizer.world import load_world_tokenizer

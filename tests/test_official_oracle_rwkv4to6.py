@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_cli.generate import stream_generate
+from rwkv_cli.generation import stream_generate
 from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statetuning import import_state_tuning

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rwkv_cli.errors import CheckpointError, UnsupportedModelError
-from rwkv_cli.generate import Session, stream_generate
+from rwkv_cli.generation import Session, stream_generate
 from rwkv_cli.loading.converted import load_model_cached
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.provenance import Provenance

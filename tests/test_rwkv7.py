@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkv_cli.generate import prefill
+from rwkv_cli.generation import prefill
 from rwkv_cli.models import load_model
 from rwkv_cli.models.rwkv7 import RWKV7, RWKV7Config
 from tests.support.fixtures import rwkv7_tensors

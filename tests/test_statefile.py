@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from rwkv_cli.errors import StateFileError, WriteError
 from rwkv_cli.fileio import atomic_write_bytes, check_writable
-from rwkv_cli.generate import Session, prefill, stream_generate
+from rwkv_cli.generation import Session, prefill, stream_generate
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model, open_start
 from rwkv_cli.loading.provenance import Provenance

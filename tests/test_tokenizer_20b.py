@@ -12,7 +12,7 @@ import tokenizers
 import torch
 
 from rwkv_cli.errors import TokenizerError, UnsupportedModelError
-from rwkv_cli.generate import stream_generate
+from rwkv_cli.generation import stream_generate
 from rwkv_cli.models.rwkv7 import RWKV7
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.tokenizer import tokenizer_by_name, tokenizer_for_vocab

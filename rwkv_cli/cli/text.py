@@ -168,7 +168,7 @@ def save_state(
       rwkv generate --state FILE
       rwkv load-state FILE
     """
-    from rwkv_cli.generate import prefill
+    from rwkv_cli.generation import prefill
     from rwkv_cli.statefile import TEXT_TAIL_CHARS, save_state_file
 
     stdin = piped_stdin()

@@ -19,7 +19,7 @@ from rwkv_cli.errors import (
     NotCachedError,
     TokenizerError,
 )
-from rwkv_cli.generate import Session
+from rwkv_cli.generation import Session
 from rwkv_cli.kernels import kernels_to_build, prepare_kernels
 from rwkv_cli.kernels.build import set_kernel_choice
 from rwkv_cli.loading.converted import load_model_cached

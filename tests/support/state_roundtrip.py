@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rwkv_cli.generate import Session, prefill
+from rwkv_cli.generation import Session, prefill
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.statefile import StateFile, read_state_file, save_state_file
