@@ -28,7 +28,7 @@ from tests.support.fixtures import (
     write_pth,
     write_safetensors,
 )
-from tests.support.greedy import generated_tokens, greedy_chunks
+from tests.support.generation import generated_tokens, greedy_chunks
 from tests.support.numerics import assert_states_close, relative_error
 
 # Thirteen tokens spread over the vocabulary, its last id included: the Pile vocabulary of the

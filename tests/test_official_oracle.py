@@ -10,7 +10,7 @@ import torch
 
 from rwkv_cli.models import load_model
 from rwkv_cli.tokenizer.world import load_world_tokenizer
-from tests.support.greedy import ORACLE_CONTINUATION, ORACLE_PROMPT, assert_greedy_continuation
+from tests.support.generation import ORACLE_CONTINUATION, ORACLE_PROMPT, assert_greedy_continuation
 from tests.support.numerics import relative_error
 
 

@@ -23,7 +23,7 @@ from rwkv_cli.statetuning import import_state_tuning
 from rwkv_cli.tokenizer import tokenizer_for_vocab
 from rwkv_cli.tokenizer.bpe import NEOX_FILE
 from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, write_pth
-from tests.support.greedy import ORACLE_CONTINUATION, ORACLE_PROMPT, assert_greedy_continuation
+from tests.support.generation import ORACLE_CONTINUATION, ORACLE_PROMPT, assert_greedy_continuation
 from tests.support.numerics import relative_error
 from tests.support.official_worker import official_environment
 

@@ -25,6 +25,7 @@ from rwkv_cli.settings import ModelRequest
 from rwkv_cli.statefile import CHECKSUM, data_checksum, read_state_file, save_state_file
 from rwkv_cli.statetuning import import_state_tuning
 from tests.support.fixtures import flip_tensor_bytes, write_pth, write_safetensors
+from tests.support.generation import completed_text
 from tests.support.numerics import assert_states_close
 
 GREEDY = SamplingParams(temperature=0)
@@ -37,18 +38,7 @@ def loaded(rwkv7_pth) -> LoadedModel:
 
 
 def _run(loaded: LoadedModel, prompt: str, session: Session | None, params, generator, n=12):
-    chunks = list(
-        stream_generate(
-            loaded.model,
-            loaded.tokenizer,
-            prompt,
-            params=params,
-            generator=generator,
-            max_tokens=n,
-            session=session,
-        )
-    )
-    return "".join(chunk.text for chunk in chunks), chunks[-1].session
+    return completed_text(loaded, prompt, session, params, generator, n)
 
 
 def _save(path: Path, loaded: LoadedModel, session: Session, **extra) -> None:

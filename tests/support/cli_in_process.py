@@ -1,10 +1,11 @@
 """Run the ``rwkv`` command inside the test process: for option parsing and validation, which
 need no process of their own (signals, pipes, terminals and exit-on-signal do: cli_runner.py).
 
-``rwkv_in_process`` calls ``rwkv_cli.cli.main``, the console script's error boundary, with
-``sys.argv``, stdin, stdout and stderr replaced as a process would have them, so usage errors reach
-stderr through the same code as in a real run. Its result has the attributes of the
-``CompletedProcess`` that ``cli_runner.rwkv`` returns, so ``assert_one_line_error`` checks both.
+``rwkv_in_process`` calls ``rwkv_cli.cli.main``, the error boundary that the console script
+(``rwkv_cli.entry.main``) runs, with ``sys.argv``, stdin, stdout and stderr replaced as a process
+would have them, so usage errors reach stderr through the same code as in a real run. Its result
+has the attributes of the ``CompletedProcess`` that ``cli_runner.rwkv`` returns, so
+``assert_one_line_error`` checks both.
 """
 
 from __future__ import annotations
