@@ -1,4 +1,5 @@
-"""The ``rwkv`` command end to end, as a real process: stdout and stderr asserted separately."""
+"""The ``rwkv`` command end to end, as a real process: stdout and stderr asserted separately.
+Option parsing and usage errors, which need no process of their own, are in test_cli_options.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import inspect
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,7 +16,6 @@ import types
 from pathlib import Path
 
 import pytest
-import typer
 
 from rwkv_cli import entry
 from rwkv_cli.bench import benchmark
@@ -179,46 +178,6 @@ def test_command_line_text_checks() -> None:
         require_utf8("a\ud800", "PROMPT")  # a surrogate that stands for no byte
 
 
-@pytest.mark.parametrize(
-    ("option", "value", "fragment", "hint"),
-    [
-        ("--top-p", "1.5", "top-p", "use 1 to turn nucleus sampling off"),
-        ("--temperature", "-1", "temperature", "use 0 for greedy decoding"),
-        ("--top-k", "-2", "top-k", "use 0 to turn top-k filtering off"),
-        ("--penalty-decay", "0", "penalty decay", "use 1 to count every earlier token"),
-        ("--temperature", "warm", "--temperature", "see 'rwkv generate --help'"),
-        ("--max-tokens", "-1", "--max-tokens", "see 'rwkv generate --help'"),
-        ("--seed", "-5", "--seed", "see 'rwkv generate --help'"),
-        ("--seed", str(2**64), "--seed", "see 'rwkv generate --help'"),
-    ],
-)
-def test_invalid_option_values_are_usage_errors(rwkv7_pth, option, value, fragment, hint) -> None:
-    result = rwkv("generate", "x", "-m", rwkv7_pth, option, value)
-    assert_one_line_error(result, 2, fragment)
-    assert f"Hint: {hint}" in result.stderr.decode()
-
-
-@pytest.mark.parametrize(
-    ("args", "fragment", "hint"),
-    [
-        (["generate", "x", "--device", "foo"], "'--device': unknown device 'foo'", "use one of"),
-        (["generate", "x", "--tokenizer", "bogus"], "unknown tokenizer 'bogus'", "choose one of"),
-        (["generate", "x", "-m", ""], "'--model': empty", "see 'rwkv generate --help'"),
-        (["bench", "-m", " "], "'--model': empty", "see 'rwkv bench --help'"),
-        (["generate", "x", "--stop", "a", "--stop", ""], "'--stop': empty", "see 'rwkv"),
-        (["load-state", "s.rwkvstate", "--json"], "'--json': it goes with --info", "see 'rwkv"),
-    ],
-)
-def test_bad_names_and_empty_values_are_usage_errors(args, fragment, hint) -> None:
-    result = rwkv(*args)
-    assert_one_line_error(result, 2, fragment)
-    assert f"Hint: {hint}" in result.stderr.decode()
-
-
-def test_unknown_option_is_a_usage_error() -> None:
-    assert_one_line_error(rwkv("generate", "x", "--frobnicate"), 2, "--frobnicate")
-
-
 def test_without_a_model_the_default_is_used() -> None:
     result = rwkv("generate", "x")  # offline with an empty cache in the tests
     stderr = result.stderr.decode()
@@ -232,39 +191,6 @@ def test_debug_variable_shows_the_traceback(tmp_path) -> None:
     result = rwkv("generate", "x", "-m", tmp_path / "missing.pth", env={"RWKV_CLI_DEBUG": "1"})
     assert result.returncode == 1
     assert "Traceback" in result.stderr.decode()
-
-
-def test_version_and_help() -> None:
-    version = rwkv("--version")
-    assert version.returncode == 0 and version.stdout.decode().startswith("rwkv-cli ")
-    help_text = rwkv("generate", "--help")
-    assert help_text.returncode == 0 and "--max-tokens" in help_text.stdout.decode()
-    bare = rwkv()  # the help, and no empty "Error:" line after it
-    assert bare.returncode == 2 and "generate" in bare.stdout.decode()
-    assert bare.stderr == b""
-
-
-def test_no_help_labels_a_value_with_a_python_type() -> None:
-    from rwkv_cli.cli import app
-
-    commands = [[], *([name] for name in typer.main.get_command(app).commands)]
-    assert len(commands) == 9
-    for command in commands:
-        result = rwkv(*command, "--help", env={"COLUMNS": "200"})
-        text = result.stdout.decode()
-        assert result.returncode == 0 and "--help" in text
-        assert re.findall(r"<[a-z][^>]*>", text) == [], command  # <bool>, <str>, <list[str]> ...
-    generate = rwkv("generate", "--help", env={"COLUMNS": "200"}).stdout.decode()
-    assert all(word in generate for word in ("MODEL", "FILE", "TEXT", "SEED"))
-
-
-def test_an_option_of_rwkv_itself_after_the_command_says_where_it_goes() -> None:
-    result = rwkv("bench", "--threads", "2")
-    assert_one_line_error(result, 2, "No such option: --threads")
-    assert "put it first, 'rwkv --threads ... bench'" in result.stderr.decode()
-    missing = rwkv("--threads")  # in its place, but without a value: the usual hint
-    assert_one_line_error(missing, 2, "--threads")
-    assert "Hint: see 'rwkv --help'" in missing.stderr.decode()
 
 
 def test_each_command_summary_is_one_line() -> None:

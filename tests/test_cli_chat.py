@@ -163,16 +163,6 @@ def test_commands_report_problems_and_carry_on(rwkv7_pth) -> None:
     assert "Traceback" not in stderr
 
 
-def test_unknown_template_is_a_usage_error(rwkv7_pth) -> None:
-    result = rwkv("chat", "-m", rwkv7_pth, "--template", "klingon")
-    assert result.returncode == 2 and b"world, g1, pile" in result.stderr
-
-
-def test_a_reply_of_no_tokens_is_a_usage_error(rwkv7_pth) -> None:
-    result = rwkv("chat", "-m", rwkv7_pth, "--max-tokens", "0")  # as /set max_tokens 0 is refused
-    assert result.returncode == 2 and b"--max-tokens" in result.stderr
-
-
 # --- a real terminal ---------------------------------------------------------------------------
 
 

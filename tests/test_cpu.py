@@ -6,23 +6,12 @@ import pytest
 
 from rwkv_cli.cpu import MAX_THREADS, configure_cpu
 from rwkv_cli.entry import sleep_while_waiting
-from tests.support.cli_runner import assert_one_line_error, rwkv
 
 
 @pytest.mark.parametrize("threads", [0, MAX_THREADS + 1, 100_000])
 def test_a_thread_count_out_of_bounds_is_refused(threads) -> None:
     with pytest.raises(ValueError, match=f"from 1 to {MAX_THREADS}"):
         configure_cpu(threads)
-
-
-def test_too_many_threads_on_the_command_line_is_a_usage_error() -> None:
-    result = rwkv("--threads", "100000", "models")
-    assert_one_line_error(result, 2, "--threads", str(MAX_THREADS))
-
-
-def test_too_many_threads_in_the_environment_is_a_usage_error() -> None:
-    result = rwkv("models", env={"RWKV_CLI_THREADS": str(MAX_THREADS + 1)})
-    assert_one_line_error(result, 2, "RWKV_CLI_THREADS")
 
 
 def test_openmp_threads_sleep_while_waiting_by_default() -> None:

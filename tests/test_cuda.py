@@ -27,7 +27,6 @@ from rwkv_cli.kernels.selftest import (
     TORCH_REFERENCES,
     compare_with_torch,
     cuda_self_test,
-    relative_error,
     wkv_inputs,
 )
 from rwkv_cli.kernels.wkv4 import wkv4
@@ -37,7 +36,8 @@ from rwkv_cli.models import MODEL_CLASSES, decode_graph
 from rwkv_cli.sampling import SamplingParams, make_generator, sample_token, sampling_distribution
 from rwkv_cli.tokenizer.world import load_world_tokenizer
 from tests.support.cli_runner import rwkv
-from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors, write_pth
+from tests.support.fixtures import GENERATIONS, generation_tensors, write_pth
+from tests.support.numerics import assert_states_close, relative_error
 from tests.support.state_roundtrip import save_and_resume
 from tests.support.wkv_oracles import ORACLES, as_oracle_state
 
@@ -48,7 +48,6 @@ pytestmark = [
 
 GPU = "cuda"
 WRAPPERS = {"4": cuda.wkv4, "5": cuda.wkv5, "7": cuda.wkv7}
-GENERATIONS = (*LEGACY_GENERATIONS, "7")
 GREEDY = SamplingParams(temperature=0)
 PROMPT = [0, 33, 261, 11, 17, 17, 17, 250, 2, 1000, 4000, 5, 6, 7, 8, 9, 10, 300, 12]
 
@@ -140,7 +139,7 @@ def test_a_wrong_device_or_type_is_a_clear_error() -> None:
 
 
 def _model(generation: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    tensors = rwkv7_tensors() if generation == "7" else legacy_tensors(generation)
+    tensors = generation_tensors(generation)
     return MODEL_CLASSES[generation].from_tensors(tensors, dtype=dtype).to(device)
 
 
@@ -258,9 +257,7 @@ def test_one_token_graphs_equal_the_plain_step(generation, dtype, monkeypatch) -
         assert relative_error(got, want) < 1e-5
     for got, want in zip(states, expected_states, strict=True):  # every step's state kept intact
         assert got.packed is not None
-        for got_tensor, want_tensor in zip(got.tensors(), want.tensors(), strict=True):
-            assert got_tensor.dtype == want_tensor.dtype
-            assert relative_error(got_tensor, want_tensor) < 1e-5
+        assert_states_close(got, want, 1e-5)
 
 
 def test_a_graph_resumes_from_any_earlier_state() -> None:
@@ -314,8 +311,7 @@ def test_graphs_are_captured_on_the_commands_own_stream(own_stream) -> None:
     assert decode_graph._capture_stream(model.device) == own_stream
     expected, expected_state = model.step_ids(torch.tensor([5], device=GPU), state)  # no graph
     assert relative_error(logits, expected) < 1e-5
-    for got, want in zip(new_state.tensors(), expected_state.tensors(), strict=True):
-        assert relative_error(got, want) < 1e-5
+    assert_states_close(new_state, expected_state, 1e-5)
 
 
 def test_a_graph_that_cannot_be_captured_warns_once_and_decoding_goes_on(monkeypatch) -> None:
@@ -362,7 +358,7 @@ torch.save({"prompt": logits.float().cpu(), "next": after.float().cpu()}, out)
 @pytest.mark.parametrize("generation", ["4", "5.2", "6", "7"])
 def test_matches_the_official_cuda_kernels(generation, dtype, tmp_path: Path) -> None:
     """BlinkDL's package with RWKV_CUDA_ON=1 and strategy 'cuda fp16/bf16', same checkpoint."""
-    tensors = rwkv7_tensors() if generation == "7" else legacy_tensors(generation)
+    tensors = generation_tensors(generation)
     checkpoint = write_pth(tmp_path / "model.pth", tensors)
     env = {name: value for name, value in os.environ.items() if not name.startswith("RWKV_")}
     env |= {"RWKV_V7_ON": "1" if generation == "7" else "0", "RWKV_JIT_ON": "0"}

@@ -19,7 +19,8 @@ import torch
 
 from rwkv_cli.kernels import cuda
 from rwkv_cli.kernels.build import SOURCE_DIR
-from rwkv_cli.kernels.selftest import compare_with_torch, relative_error, wkv_inputs
+from rwkv_cli.kernels.selftest import compare_with_torch, wkv_inputs
+from tests.support.numerics import relative_error
 from tests.support.wkv_oracles import ORACLES, as_oracle_state
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

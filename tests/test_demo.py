@@ -25,7 +25,6 @@ from rwkv_cli.errors import (
     TokenizerError,
     UnsupportedModelError,
 )
-from rwkv_cli.generation import stream_generate
 from rwkv_cli.kernels import build
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model, open_start
@@ -34,6 +33,7 @@ from rwkv_cli.settings import DEFAULT_MODEL, ModelRequest
 from rwkv_cli.statefile import save_state_file
 from rwkv_cli.tokenizer.bpe import BUNDLED_TOKENIZER_FILE, BPETokenizer, bpe_name
 from tests.support.cli_runner import rwkv
+from tests.support.generation import completed_text
 
 HELDOUT_PERPLEXITY = 14.09  # measured on heldout.txt when the model was trained (see train.py)
 PERPLEXITY_BOUND = 14.5  # what the test allows: a little above the measured value
@@ -47,18 +47,7 @@ def demo() -> LoadedModel:
 
 
 def _complete(loaded: LoadedModel, prompt: str, params, seed: int, n: int, session=None):
-    chunks = list(
-        stream_generate(
-            loaded.model,
-            loaded.tokenizer,
-            prompt,
-            params=params,
-            generator=make_generator(seed)[0],
-            max_tokens=n,
-            session=session,
-        )
-    )
-    return "".join(chunk.text for chunk in chunks), chunks[-1].session
+    return completed_text(loaded, prompt, session, params, make_generator(seed)[0], n)
 
 
 def test_demo_loads_with_its_own_tokenizer(demo) -> None:

@@ -223,10 +223,6 @@ def test_cli_kernel_compiled_without_a_usable_build_is_an_error(rwkv7_pth, tmp_p
     assert_one_line_error(result, 1, "kernels")
 
 
-def test_cli_unknown_kernel_choice_is_a_usage_error() -> None:
-    assert_one_line_error(rwkv("--kernel", "fast", "models"), 2, "--kernel")
-
-
 def test_the_self_test_comparison_catches_a_wrong_kernel() -> None:
     def off_by_a_bit(*inputs):
         y, state = wkv7_sequential(*inputs)

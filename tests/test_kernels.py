@@ -10,6 +10,7 @@ import torch
 from rwkv_cli.kernels.wkv5 import CHUNK_LEN as WKV5_CHUNK_LEN
 from rwkv_cli.kernels.wkv5 import wkv5, wkv5_chunked, wkv5_sequential
 from rwkv_cli.kernels.wkv7 import wkv7, wkv7_chunked, wkv7_sequential
+from tests.support.numerics import relative_error
 
 EXP_MINUS_HALF = 0.6065306597126334
 
@@ -28,18 +29,14 @@ def _inputs(tokens: int, heads: int = 3, size: int = 64, decay_spread: float = 3
     return randn(heads, size, size), randn(*shape), w, randn(*shape), randn(*shape), kappa, a
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected).norm() / expected.norm()).item()
-
-
 @pytest.mark.parametrize("chunk_len", [1, 7, 64])
 @pytest.mark.parametrize("tokens", [1, 100, 129])
 def test_chunked_equals_sequential_in_float64(chunk_len, tokens) -> None:
     inputs = _inputs(tokens)
     expected_y, expected_state = wkv7_sequential(*inputs)
     y, state = wkv7_chunked(*inputs, chunk_len=chunk_len)
-    assert _relative_error(y, expected_y) < 1e-12
-    assert _relative_error(state, expected_state) < 1e-12
+    assert relative_error(y, expected_y) < 1e-12
+    assert relative_error(state, expected_state) < 1e-12
 
 
 @pytest.mark.parametrize("chunk_len", [1, 7, 64, 128])
@@ -48,8 +45,8 @@ def test_chunked_float32_stays_close_to_the_float64_oracle(chunk_len) -> None:
     expected_y, expected_state = wkv7_sequential(*inputs)
     y, state = wkv7_chunked(*(x.float() for x in inputs), chunk_len=chunk_len)
     assert y.dtype == state.dtype == torch.float32
-    assert _relative_error(y, expected_y) < 1e-5
-    assert _relative_error(state, expected_state) < 1e-5
+    assert relative_error(y, expected_y) < 1e-5
+    assert relative_error(state, expected_state) < 1e-5
 
 
 def test_the_strongest_decay_stays_finite_over_long_chunks() -> None:
@@ -58,7 +55,7 @@ def test_the_strongest_decay_stays_finite_over_long_chunks() -> None:
     expected_y, _ = wkv7_sequential(*inputs)
     y, state = wkv7_chunked(*(x.float() for x in inputs), chunk_len=128)
     assert torch.isfinite(y).all() and torch.isfinite(state).all()
-    assert _relative_error(y, expected_y) < 1e-5
+    assert relative_error(y, expected_y) < 1e-5
 
 
 def test_inputs_are_not_modified_and_outputs_are_contiguous() -> None:
@@ -102,7 +99,7 @@ def _wkv5_inputs(tokens: int, heads: int = 3, size: int = 64, seed: int = 0, dec
 def _assert_close(actual: tuple, expected: tuple, tolerance: float) -> None:
     """Each of the outputs (y, state) within ``tolerance`` relative error of the expected one."""
     for got, want in zip(actual, expected, strict=True):
-        assert _relative_error(got, want) < tolerance
+        assert relative_error(got, want) < tolerance
 
 
 @pytest.mark.parametrize("chunk_len", [1, 7, 64])
@@ -166,7 +163,7 @@ def test_wkv5_chunked_gradients_equal_the_loops() -> None:
     inputs = (state, r, w.clamp(min=0.05), k, v, u)  # no decay below the floor: all exact
     chunked = _wkv5_gradients(partial(wkv5_chunked, chunk_len=7), inputs)
     for got, want in zip(chunked, _wkv5_gradients(wkv5_sequential, inputs), strict=True):
-        assert _relative_error(got, want) < 1e-12
+        assert relative_error(got, want) < 1e-12
 
 
 def test_wkv5_chunked_gradients_stay_finite_for_decays_of_zero() -> None:

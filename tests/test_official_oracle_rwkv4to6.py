@@ -18,31 +18,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_cli.generation import stream_generate
 from rwkv_cli.models import load_model
-from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statetuning import import_state_tuning
 from rwkv_cli.tokenizer import tokenizer_for_vocab
 from rwkv_cli.tokenizer.bpe import NEOX_FILE
 from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, write_pth
+from tests.support.generation import ORACLE_CONTINUATION, ORACLE_PROMPT, assert_greedy_continuation
+from tests.support.numerics import relative_error
 from tests.support.official_worker import official_environment
 
-PROMPT = "The quick brown fox jumps over the lazy dog.\n\n你好，世界！ def f(x): return x ** 2"
-CONTINUATION = 32
 FIXTURE_SEED = 1  # a seed whose models do not end the text within the greedy continuation
 TUNED = ("5.2", "6")  # generations the official package loads state-tuning states for
 TOKENIZER_TEXTS = [
-    PROMPT,
+    ORACLE_PROMPT,
     "Hello world!\n\n    indented     runs of spaces\t and a tab",
     "Emoji 😀🎉, accents café naïve, CJK 日本語のテキスト, Cyrillic Привет",
     " leading space and trailing newline\n",
 ]
 WORKER = Path(__file__).parent / "support" / "official_worker.py"
 NEOX_JSON = Path(__file__).parents[1] / "rwkv_cli" / "data" / NEOX_FILE
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def _tuning_states(generation: str) -> dict[str, torch.Tensor]:
@@ -69,7 +63,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _prompt_tokens(path: Path) -> list[int]:
     model = load_model(path)
-    return tokenizer_for_vocab(model.vocab_size).encode(PROMPT)
+    return tokenizer_for_vocab(model.vocab_size).encode(ORACLE_PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,11 @@ def official(models, tmp_path_factory) -> dict[tuple[str, str], dict]:
         fp32 = {name: tensor.float() for name, tensor in tensors.items()}
         copy = write_pth(directory / f"rwkv-{generation}-fp32.pth", fp32)
         tokens = _prompt_tokens(path)
-        job = {"model": str(copy.with_suffix("")), "tokens": tokens, "continuation": CONTINUATION}
+        job = {
+            "model": str(copy.with_suffix("")),
+            "tokens": tokens,
+            "continuation": ORACLE_CONTINUATION,
+        }
         if generation == "4":
             job |= {"tokenizer": str(NEOX_JSON), "texts": TOKENIZER_TEXTS}
         jobs.append(job)
@@ -121,43 +119,30 @@ def test_prompt_logits_and_state_match(official, models, generation) -> None:
     expected = official[(generation, "fp32")]
     model = load_model(models[generation])
     logits, state = model.forward(_prompt_tokens(models[generation]))
-    assert _relative_error(logits, expected["logits"]) < 1e-5
+    assert relative_error(logits, expected["logits"]) < 1e-5
     per_layer = len(expected["state"]) // len(state.layers)
     for index, layer in enumerate(state.layers):
         theirs = expected["state"][per_layer * index : per_layer * (index + 1)]
-        assert _relative_error(layer.att_shift, theirs[0]) < 1e-5
-        assert _relative_error(layer.ffn_shift, theirs[-1]) < 1e-5
+        assert relative_error(layer.att_shift, theirs[0]) < 1e-5
+        assert relative_error(layer.ffn_shift, theirs[-1]) < 1e-5
         if generation == "4":  # [att_xx, aa, bb, pp, ffn_xx]
-            assert _relative_error(layer.att_aa, theirs[1]) < 1e-5
-            assert _relative_error(layer.att_bb, theirs[2]) < 1e-5
+            assert relative_error(layer.att_aa, theirs[1]) < 1e-5
+            assert relative_error(layer.att_bb, theirs[2]) < 1e-5
             assert (layer.att_pp - theirs[3]).abs().max() < 1e-4
         else:  # [att_xx, att_kv, ffn_xx]; the package's att_kv is [head, key, value]
-            assert _relative_error(layer.att_wkv, theirs[1].transpose(1, 2)) < 1e-5
+            assert relative_error(layer.att_wkv, theirs[1].transpose(1, 2)) < 1e-5
 
 
 def test_bf16_file_differs_only_by_the_packages_bf16_embedding(official, models, generation):
     logits, _ = load_model(models[generation]).forward(_prompt_tokens(models[generation]))
-    assert _relative_error(logits, official[(generation, "bf16")]["logits"]) < 1e-2
+    assert relative_error(logits, official[(generation, "bf16")]["logits"]) < 1e-2
 
 
 def test_greedy_continuation_matches(official, models, generation) -> None:
     expected = official[(generation, "fp32")]["greedy"]
     model = load_model(models[generation])
     tokenizer = tokenizer_for_vocab(model.vocab_size)
-    chunks = list(
-        stream_generate(
-            model,
-            tokenizer,
-            PROMPT,
-            params=SamplingParams(temperature=0),
-            generator=make_generator(0)[0],
-            max_tokens=CONTINUATION,
-        )
-    )
-    ours = [chunk.token for chunk in chunks if chunk.token is not None]
-    assert 0 not in expected, "the fixture model should not end the text this early"
-    assert ours == expected
-    assert "".join(chunk.text for chunk in chunks) == tokenizer.decode(expected)
+    assert_greedy_continuation(model, tokenizer, ORACLE_PROMPT, ORACLE_CONTINUATION, expected)
 
 
 @pytest.mark.parametrize("tuned_generation", TUNED)
@@ -168,7 +153,7 @@ def test_state_tuning_file_matches(official, models, tmp_path, tuned_generation)
     tuning = write_pth(tmp_path / "tuned-state.pth", _tuning_states(tuned_generation))
     session = import_state_tuning(tuning, model)
     logits, _ = model.forward(_prompt_tokens(models[tuned_generation]), session.state)
-    assert _relative_error(logits, official[(tuned_generation, "tuned")]["logits"]) < 1e-5
+    assert relative_error(logits, official[(tuned_generation, "tuned")]["logits"]) < 1e-5
 
 
 def test_20b_tokenizer_matches_the_official_pipeline(official, models) -> None:

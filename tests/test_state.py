@@ -9,14 +9,12 @@ import torch
 
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.state import State, StateLayout
-from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
-
-GENERATIONS = (*LEGACY_GENERATIONS, "7")
+from tests.support.fixtures import GENERATIONS, generation_tensors
+from tests.support.numerics import assert_states_close
 
 
 def _model(generation: str, dtype: torch.dtype = torch.float32):
-    tensors = rwkv7_tensors() if generation == "7" else legacy_tensors(generation)
-    return MODEL_CLASSES[generation].from_tensors(tensors, dtype=dtype)
+    return MODEL_CLASSES[generation].from_tensors(generation_tensors(generation), dtype=dtype)
 
 
 def _packed(state: State) -> State:
@@ -51,8 +49,7 @@ def test_a_model_continues_from_a_packed_state(generation) -> None:
     expected, expected_state = model.forward([8, 9], state)
     logits, new_state = model.forward([8, 9], _packed(state))
     assert torch.equal(logits, expected)
-    for got, want in zip(new_state.tensors(), expected_state.tensors(), strict=True):
-        assert torch.equal(got, want)
+    assert_states_close(new_state, expected_state, 0.0)
 
 
 def test_layer_records_are_made_once_and_share_the_buffer() -> None:
@@ -71,8 +68,7 @@ def test_copies_of_a_packed_state_are_independent() -> None:
     packed = _packed(state)
     clone = packed.clone()
     packed.packed.zero_()
-    for got, want in zip(clone.tensors(), state.tensors(), strict=True):
-        assert torch.equal(got, want)
+    assert_states_close(clone, state, 0.0)
 
 
 def test_a_layout_aligns_every_tensor_and_counts_its_bytes() -> None:

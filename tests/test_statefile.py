@@ -25,6 +25,8 @@ from rwkv_cli.settings import ModelRequest
 from rwkv_cli.statefile import CHECKSUM, data_checksum, read_state_file, save_state_file
 from rwkv_cli.statetuning import import_state_tuning
 from tests.support.fixtures import flip_tensor_bytes, write_pth, write_safetensors
+from tests.support.generation import completed_text
+from tests.support.numerics import assert_states_close
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, presence_penalty=0.3, frequency_penalty=0.2)
@@ -36,18 +38,7 @@ def loaded(rwkv7_pth) -> LoadedModel:
 
 
 def _run(loaded: LoadedModel, prompt: str, session: Session | None, params, generator, n=12):
-    chunks = list(
-        stream_generate(
-            loaded.model,
-            loaded.tokenizer,
-            prompt,
-            params=params,
-            generator=generator,
-            max_tokens=n,
-            session=session,
-        )
-    )
-    return "".join(chunk.text for chunk in chunks), chunks[-1].session
+    return completed_text(loaded, prompt, session, params, generator, n)
 
 
 def _save(path: Path, loaded: LoadedModel, session: Session, **extra) -> None:
@@ -57,9 +48,7 @@ def _save(path: Path, loaded: LoadedModel, session: Session, **extra) -> None:
 def _assert_sessions_identical(a: Session, b: Session) -> None:
     assert torch.equal(a.logits, b.logits)
     assert a.tokens_consumed == b.tokens_consumed
-    named_a, named_b = a.state.named_tensors(), b.state.named_tensors()
-    assert named_a.keys() == named_b.keys()
-    assert all(torch.equal(named_a[name], named_b[name]) for name in named_a)
+    assert_states_close(a.state, b.state, 0.0)
 
 
 def test_round_trip_keeps_every_tensor_and_field(tmp_path, loaded) -> None:

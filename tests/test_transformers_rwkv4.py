@@ -11,12 +11,9 @@ from rwkv_cli.loading.checkpoint import load_checkpoint
 from rwkv_cli.loading.converted import load_model_cached
 from rwkv_cli.models import load_model
 from tests.support.fixtures import legacy_tensors, write_pth, write_transformers_rwkv4
+from tests.support.numerics import assert_states_close, relative_error
 
 TOKENS = [0, 510, 3158, 8516, 30013, 187, 187, 50276, 12, 1]
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +40,10 @@ def test_transformers_files_equal_the_pth(tmp_path, tensors, pth, safetensors) -
     logits, state = theirs.forward(TOKENS)
     # The same values, but safetensors' tensors may sit at other memory alignments, so SIMD sums
     # can round differently in the last bit: not bit-equal, equal to float32 precision.
-    assert _relative_error(logits, expected) < 1e-6
-    named, expected_named = state.named_tensors(), expected_state.named_tensors()
-    for name, tensor in named.items():
-        if name.endswith(".pp"):
-            assert (tensor - expected_named[name]).abs().max() < 1e-5, name
-        else:
-            assert _relative_error(tensor, expected_named[name]) < 1e-6, name
+    assert relative_error(logits, expected) < 1e-6
+    assert_states_close(state, expected_state, 1e-6)  # att.pp, an exponent: within 1e-5
     cached, _ = load_model_cached(weights).forward(TOKENS)
-    assert _relative_error(cached, expected) < 1e-6
+    assert relative_error(cached, expected) < 1e-6
 
 
 def test_transformers_model_is_a_second_oracle(tmp_path, tensors, pth) -> None:
@@ -65,14 +57,14 @@ def test_transformers_model_is_a_second_oracle(tmp_path, tensors, pth) -> None:
     state = None
     for position, token in enumerate(TOKENS):
         logits, state = model.forward([token], state)
-        assert _relative_error(logits, output.logits[0, position]) < 1e-5, position
+        assert relative_error(logits, output.logits[0, position]) < 1e-5, position
     # transformers keeps (ffn shift, att shift, aa, bb, pp), each (batch, C, layer)
     ffn_shift, att_shift, aa, bb, pp = (tensor[0] for tensor in output.state)
     for index, layer in enumerate(state.layers):
-        assert _relative_error(layer.ffn_shift, ffn_shift[:, index]) < 1e-5
-        assert _relative_error(layer.att_shift, att_shift[:, index]) < 1e-5
-        assert _relative_error(layer.att_aa, aa[:, index]) < 1e-5
-        assert _relative_error(layer.att_bb, bb[:, index]) < 1e-5
+        assert relative_error(layer.ffn_shift, ffn_shift[:, index]) < 1e-5
+        assert relative_error(layer.att_shift, att_shift[:, index]) < 1e-5
+        assert relative_error(layer.att_aa, aa[:, index]) < 1e-5
+        assert relative_error(layer.att_bb, bb[:, index]) < 1e-5
         assert (layer.att_pp - pp[:, index]).abs().max() < 1e-4
 
 

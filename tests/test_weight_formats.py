@@ -29,6 +29,7 @@ from rwkv_cli.loading.open import open_model
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.settings import ModelRequest
 from tests.support.fixtures import legacy_tensors, rwkv4_tensors, rwkv7_tensors
+from tests.support.numerics import relative_error
 
 SHAPES = [(37, 45), (768, 768), (3072, 768), (768, 3072)]  # (out, in); odd sizes hit the tails
 HELDOUT_TOKENS = 256
@@ -41,10 +42,6 @@ def ops() -> cpu_ops.CpuKernels:
     return cpu_ops.CpuKernels(build.load_extension(cpu_ops.EXTENSION))
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gemv_equals_torch_for_float_weights(ops, shape, dtype) -> None:
@@ -52,7 +49,7 @@ def test_gemv_equals_torch_for_float_weights(ops, shape, dtype) -> None:
     weight = torch.randn(shape, generator=generator).to(dtype)
     x = torch.randn(1, shape[1], generator=generator)
     expected = F.linear(x.double(), weight.double())
-    assert _relative_error(ops.gemv(x, weight, None).double(), expected) < 1e-6
+    assert relative_error(ops.gemv(x, weight, None).double(), expected) < 1e-6
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -62,7 +59,7 @@ def test_gemv_equals_torch_for_int8_weights(ops, shape) -> None:
     x = torch.randn(3, shape[1], generator=generator)  # several rows: one product each
     expected = F.linear(x.double(), quantized.dequantize(torch.float64))
     actual = ops.gemv(x, quantized.values, quantized.scale).double()
-    assert _relative_error(actual, expected) < 1e-6
+    assert relative_error(actual, expected) < 1e-6
 
 
 def test_gemv_rejects_bad_arguments(ops) -> None:
@@ -117,7 +114,7 @@ def test_linear_gives_the_same_with_and_without_the_compiled_kernel(dtype) -> No
         finally:
             build.set_kernel_choice("auto")
     assert compiled.shape == plain.shape == (300,)
-    assert _relative_error(compiled, plain) < 1e-6
+    assert relative_error(compiled, plain) < 1e-6
 
 
 CHECKPOINTS = {
@@ -151,7 +148,7 @@ def test_compiled_kernels_give_what_the_torch_path_gives(generation, dtype) -> N
         plain = run()
     finally:
         build.set_kernel_choice("auto")
-    assert _relative_error(compiled, plain) < 1e-5
+    assert relative_error(compiled, plain) < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +205,7 @@ def test_compiled_wkv_recurrences_equal_the_sequential_references(ops, tokens) -
         expected = TORCH_REFERENCES[generation](*(x.double() for x in inputs))
         for got, want in zip(compiled(*inputs), expected, strict=True):
             assert torch.isfinite(got).all()
-            assert _relative_error(got.double(), want) < 1e-5
+            assert relative_error(got.double(), want) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])

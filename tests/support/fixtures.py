@@ -319,6 +319,19 @@ def legacy_tensors(generation: str, **options) -> dict[str, torch.Tensor]:
     return rwkv5_tensors(version=generation, **options)
 
 
+# --- every generation --------------------------------------------------------------------------
+
+GENERATIONS = (*LEGACY_GENERATIONS, "7")
+
+
+def generation_tensors(generation: str, **options) -> dict[str, torch.Tensor]:
+    """The fixture of any generation in ``GENERATIONS``: ``rwkv7_tensors`` or ``legacy_tensors``
+    (both take n_layer, n_embd, vocab_size, seed and dtype)."""
+    if generation == "7":
+        return rwkv7_tensors(**options)
+    return legacy_tensors(generation, **options)
+
+
 # transformers' RwkvForCausalLM names (its converter only renames; values are unchanged).
 _TRANSFORMERS_NAMES = (
     ("emb.", "embeddings."),
