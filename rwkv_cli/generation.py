@@ -91,13 +91,6 @@ def prefill(
     return Session(state, logits, session.counts, session.tokens_consumed + len(tokens))
 
 
-def _advance(model: Model, session: Session, token: int, decay: float) -> Session:
-    """The session after one generated token (counted for penalties)."""
-    logits, state = model.forward([token], session.state)
-    counts = update_counts(_counts(session, model.vocab_size), token, decay)
-    return Session(state, logits, counts, session.tokens_consumed + 1)
-
-
 def _counts(session: Session, vocab_size: int) -> torch.Tensor:
     """The session's penalty counts; zeros, where its logits are, before any token was sampled."""
     if session.counts is not None:
@@ -169,6 +162,118 @@ class _Rollback:
         return session, (*ids[:base_tokens], *remainder)
 
 
+class TokenStream:
+    """One generation after its prompt was read, a token at a time: sample from the session's
+    logits, release text, then move on once the caller has run the model on the token.
+
+    The forward pass is the caller's, so that many streams can share one (batching/generate.py);
+    ``stream_generate`` is one stream running the model itself. Start one with ``start``.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        session: Session,
+        *,
+        params: SamplingParams,
+        generator: torch.Generator,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        ban: Sequence[int] = (),
+        prompt_tokens: int = 0,
+        prompt_seconds: float = 0.0,
+    ) -> None:
+        self.model, self.tokenizer, self.session = model, tokenizer, session
+        self.params, self.generator, self.max_tokens = params, generator, max_tokens
+        self.prompt_tokens, self.prompt_seconds = prompt_tokens, prompt_seconds
+        device = session.logits.device  # sampling works where the logits are (sampling.py)
+        self._never_sample = torch.zeros(model.vocab_size, device=device)
+        self._never_sample[tokenizer.token_count :] = -torch.inf  # padding decodes to nothing
+        self._never_sample[list(ban)] = -torch.inf
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._matcher = _StopMatcher(stop)
+        self._rollback = _Rollback(session)
+        self.ids: list[int] = []
+        self._text, self._released_chars = "", 0
+        self._started = time.perf_counter()
+
+    @classmethod
+    def start(
+        cls,
+        model: Model,
+        tokenizer: Tokenizer,
+        prompt: str,
+        session: Session | None = None,
+        on_prefill: Callable[[int, int], None] | None = None,
+        **options,
+    ) -> TokenStream:
+        """Read ``prompt`` after ``session`` (see ``stream_generate``); ``options`` are the
+        constructor's sampling and stopping options."""
+        session = session or Session()
+        tokens = tokenizer.encode(prompt)
+        if not tokens and session.logits is None:
+            tokens = [END_OF_TEXT]
+        started = time.perf_counter()
+        session = prefill(model, tokens, session, on_progress=on_prefill)
+        seconds = time.perf_counter() - started
+        return cls(
+            model, tokenizer, session, prompt_tokens=len(tokens), prompt_seconds=seconds, **options
+        )
+
+    def next_chunk(self) -> GenerationChunk:
+        """Sample the next token and return its record. A record with a finish reason is the
+        last; after any other, call ``advance`` with the model's output for its token."""
+        ids = self.ids
+        if len(ids) >= self.max_tokens:
+            return self._final("length", self.session, tuple(ids))
+        counts = _counts(self.session, self.model.vocab_size)
+        logits = apply_penalties(self.session.logits, counts, self.params)
+        logits = logits + self._never_sample.to(logits.device)  # a resumed session may be elsewhere
+        token = sample_token(logits, self.params, self.generator)
+        if token == END_OF_TEXT:
+            return self._final("eos", self.session, tuple(ids))
+        ids.append(token)
+        decoded = self._decoder.feed(token)
+        self._text += decoded
+        released, stopped = self._matcher.push(decoded)
+        self._released_chars += len(released)
+        if stopped:
+            cut = self._rollback.cut(
+                self.model, self.tokenizer, self._text, ids, self._released_chars
+            )
+            return self._record(released, token, "stop", *cut)
+        return self._record(released, token)
+
+    def advance(self, logits: torch.Tensor, state: State) -> None:
+        """Take the model's output after the last sampled token: its logits (V,) and state."""
+        token = self.ids[-1]
+        counts = update_counts(
+            _counts(self.session, self.model.vocab_size), token, self.params.penalty_decay
+        )
+        self.session = Session(state, logits, counts, self.session.tokens_consumed + 1)
+        if not self._decoder.holding_back:
+            self._rollback.add(len(self._text), len(self.ids), self.session)
+        self._rollback.prune(self._released_chars)
+
+    def _final(self, reason: str, session: Session, kept: tuple[int, ...]) -> GenerationChunk:
+        text = self._matcher.flush() + self._decoder.flush()
+        return self._record(text, None, reason, session, kept)
+
+    def _record(self, text, token, finish=None, final=None, kept=None) -> GenerationChunk:
+        return GenerationChunk(
+            text=text,
+            token=token,
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=len(self.ids),
+            prompt_seconds=self.prompt_seconds,
+            generation_seconds=time.perf_counter() - self._started,
+            finish_reason=finish,
+            session=final,
+            kept_tokens=kept,
+        )
+
+
 def stream_generate(
     model: Model,
     tokenizer: Tokenizer,
@@ -188,60 +293,24 @@ def stream_generate(
     i.e. a fresh document. Tokens in ``ban`` are never sampled (chat bans end-of-text).
     ``on_prefill(done, total)`` follows the reading of the prompt (see ``prefill``).
     """
-    session = session or Session()
-    prompt_tokens = tokenizer.encode(prompt)
-    if not prompt_tokens and session.logits is None:
-        prompt_tokens = [END_OF_TEXT]
-    started = time.perf_counter()
-    session = prefill(model, prompt_tokens, session, on_progress=on_prefill)
-    prompt_seconds = time.perf_counter() - started
-
-    device = session.logits.device  # sampling works where the logits are (sampling.py)
-    never_sample = torch.zeros(model.vocab_size, device=device)
-    never_sample[tokenizer.token_count :] = -torch.inf  # vocabulary padding decodes to nothing
-    never_sample[list(ban)] = -torch.inf
-    decoder = IncrementalDecoder(tokenizer)
-    matcher = _StopMatcher(stop)
-    rollback = _Rollback(session)
-    ids: list[int] = []
-    text_so_far, released_chars = "", 0
-    started = time.perf_counter()
-
-    def record(text: str, token: int | None, finish=None, final=None, kept=None):
-        return GenerationChunk(
-            text=text,
-            token=token,
-            prompt_tokens=len(prompt_tokens),
-            generated_tokens=len(ids),
-            prompt_seconds=prompt_seconds,
-            generation_seconds=time.perf_counter() - started,
-            finish_reason=finish,
-            session=final,
-            kept_tokens=kept,
-        )
-
-    while len(ids) < max_tokens:
-        logits = apply_penalties(session.logits, _counts(session, model.vocab_size), params)
-        logits = logits + never_sample.to(logits.device)  # a resumed session may be elsewhere
-        token = sample_token(logits, params, generator)
-        if token == END_OF_TEXT:
-            yield record(matcher.flush() + decoder.flush(), None, "eos", session, tuple(ids))
+    stream = TokenStream.start(
+        model,
+        tokenizer,
+        prompt,
+        session,
+        on_prefill,
+        params=params,
+        generator=generator,
+        max_tokens=max_tokens,
+        stop=stop,
+        ban=ban,
+    )
+    while True:
+        chunk = stream.next_chunk()
+        yield chunk
+        if chunk.finish_reason is not None:
             return
-        ids.append(token)
-        decoded = decoder.feed(token)
-        text_so_far += decoded
-        released, stopped = matcher.push(decoded)
-        released_chars += len(released)
-        if stopped:
-            kept, kept_ids = rollback.cut(model, tokenizer, text_so_far, ids, released_chars)
-            yield record(released, token, "stop", kept, kept_ids)
-            return
-        yield record(released, token)
-        session = _advance(model, session, token, params.penalty_decay)
-        if not decoder.holding_back:
-            rollback.add(len(text_so_far), len(ids), session)
-        rollback.prune(released_chars)
-    yield record(matcher.flush() + decoder.flush(), None, "length", session, tuple(ids))
+        stream.advance(*model.forward([chunk.token], stream.session.state))
 
 
 def generate(

@@ -14,6 +14,11 @@ forward, or an operation within it, takes the decode path exactly when it has on
   else chunked (``wkv5_chunked``, ``wkv7_chunked``);
 - a whole forward on a GPU: replayed as one CUDA graph (models/decode_graph.py, models/frame.py).
 
+A batch of sequences decoding together (``RecurrentModel.forward_batch``) has B rows of one
+token each: its projections are one matrix product for all B rows (each weight read once), and
+its recurrences, whose inputs then carry a leading batch dimension (``is_batched``), run their
+torch twins token by token: the compiled kernels take one sequence.
+
 The compiled kernels among those run only where they take the inputs (float32 CPU tensors for
 the CPU kernels, no gradient asked for, a build that succeeded); elsewhere one token goes through
 the op's torch twin, with the same result up to rounding.
@@ -21,9 +26,20 @@ the op's torch twin, with the same result up to rounding.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 DECODE_TOKENS = 1
 
 
 def is_decode(tokens: int) -> bool:
     """Whether ``tokens`` tokens take the one-token (decode) path."""
     return tokens == DECODE_TOKENS
+
+
+def is_batched(state: torch.Tensor, sequence_dims: int) -> bool:
+    """Whether an op's ``state``, of ``sequence_dims`` dimensions for one sequence, holds a batch
+    of sequences (a leading batch dimension); such inputs take the op's torch twin."""
+    return state.dim() > sequence_dims

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_cli.kernels import cpu_ops
-from rwkv_cli.kernels.decode import is_decode
+from rwkv_cli.kernels.decode import is_batched, is_decode
 from rwkv_cli.kernels.wkv7 import wkv7
 
 EXP_MINUS_HALF = 0.6065306597126334  # exp(-0.5): decay w = exp(-exp(-0.5)·σ(·)) in (0.545, 1)
@@ -41,10 +41,10 @@ def time_mix7(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Time mixing over T tokens: the compiled CPU kernel on the one-token path
     (kernels/decode.py) where it takes the inputs, else ``time_mix7_torch``; arguments (the
-    layer's by name) and results as ``time_mix7_torch``."""
+    layer's by name) and results as ``time_mix7_torch``; a batch of sequences runs the twin."""
     inputs = (state, r, k, v, gate, decay_lora, iclr_lora)
     tensors = [*inputs, *(x for x in layer.values() if isinstance(x, torch.Tensor))]
-    if is_decode(r.shape[0]) and cpu_ops.usable(*tensors):
+    if not is_batched(state, 3) and is_decode(r.shape[0]) and cpu_ops.usable(*tensors):
         return cpu_ops.kernels().time_mix7(*inputs, **layer)
     return time_mix7_torch(*inputs, **layer)
 
@@ -84,21 +84,24 @@ def time_mix7_torch(
             value gate adapter's output (T, C) and its bias (C,). None in the first layer,
             whose values are not mixed.
 
+    A batch of B sequences has state (B, H, N, N) and (B, T, C) inputs and output.
+
     Returns:
         The output projection's input (T, C) in r's dtype, and the new (H, N, N) state.
     """
-    t, (h, n) = r.shape[0], state.shape[:2]
+    h, n = state.shape[-3:-1]
+    heads = (*r.shape[:-1], h, n)  # (..., T, H, N)
     w = torch.exp(-EXP_MINUS_HALF * torch.sigmoid((w0 + decay_lora).float()))
     a = torch.sigmoid(a0 + iclr_lora)  # in-context learning rate
-    kappa = F.normalize((k * k_k).view(t, h, n), dim=-1)  # removal key, unit per head
+    kappa = F.normalize((k * k_k).view(heads), dim=-1)  # removal key, unit per head
     k = k * (1 + (a - 1) * k_a)
     if v_first is not None:
         v = v + (v_first - v) * torch.sigmoid(v0 + value_gate_lora)
 
-    heads = (t, h, n)
     y, state = wkv7(
         state, r.view(heads), w.view(heads), k.view(heads), v.view(heads), kappa, a.view(heads)
     )
-    y = F.group_norm(y.view(t, h * n).to(r.dtype), h, ln_x_weight, ln_x_bias, eps=eps)
+    # GroupNorm takes (rows, C): one row per token of every sequence.
+    y = F.group_norm(y.reshape(-1, h * n).to(r.dtype), h, ln_x_weight, ln_x_bias, eps=eps)
     bonus = (r * k * r_k.reshape(-1)).view(heads).sum(-1, keepdim=True) * v.view(heads)
-    return (y + bonus.view(t, h * n)) * gate, state
+    return (y.view(r.shape) + bonus.view(r.shape)) * gate, state

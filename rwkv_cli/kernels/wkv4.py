@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_cli.kernels import cpu_ops, cuda
+from rwkv_cli.kernels.decode import is_batched
 
 INITIAL_MAX = -1e30  # pp of an empty state: "no exponent seen yet", e^(pp - p) is then 0
 
@@ -33,7 +34,10 @@ def wkv4(
     k: torch.Tensor,
     v: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The recurrence over T tokens (arguments and results as ``wkv4_torch``)."""
+    """The recurrence over T tokens (arguments and results as ``wkv4_torch``); a batch of
+    sequences runs ``wkv4_torch``."""
+    if is_batched(aa, 1):
+        return wkv4_torch(aa, bb, pp, w, u, k, v)
     if cuda.usable(aa, bb, pp, w, u, k, v):
         return cuda.wkv4(aa, bb, pp, w, u, k, v)
     if cpu_ops.usable(aa, bb, pp, w, u):
@@ -56,11 +60,12 @@ def wkv4_torch(
         aa, bb, pp: (C,) float32 state (scaled numerator, denominator, exponent); not modified.
         w: (C,) float32 decay ``-exp(time_decay)``; u: (C,) float32 bonus ``time_first``.
         k, v: (T, C) keys and values.
+        For a batch of B sequences the state is (B, C) and k, v are (B, T, C).
 
     Returns:
-        y: (T, C) float32 outputs, and the new aa, bb, pp.
+        y: (T, C) float32 outputs (batched: (B, T, C)), and the new aa, bb, pp.
     """
-    k, v = k.float(), v.float()
+    k, v = k.float().movedim(-2, 0), v.float().movedim(-2, 0)  # time first: (T, ..., C)
     y = torch.empty_like(k)
     for t in range(k.shape[0]):
         kt, vt = k[t], v[t]
@@ -74,4 +79,4 @@ def wkv4_torch(
         aa = past * aa + now * vt
         bb = past * bb + now
         pp = top
-    return y, aa, bb, pp
+    return y.movedim(0, -2), aa, bb, pp

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_cli.kernels import cpu_ops, cuda
-from rwkv_cli.kernels.decode import is_decode
+from rwkv_cli.kernels.decode import is_batched, is_decode
 
 CHUNK_LEN = 6  # tokens per chunk: among the fastest on a 2-core CPU for 12 and 32 heads of 64
 # Median ms for 512 tokens (benchmarks/bench_wkv5.py: 2 threads, RWKV-6-like decays):
@@ -84,9 +84,13 @@ def wkv5(
         r, w, k, v: (T, H, N) receptance, decay (in [0, 1]), key and value.
         u: (H, N) bonus for the current token.
 
+    A batch of B sequences, state (B, H, N, N) and r, w, k, v (B, T, H, N), runs ``wkv5_torch``.
+
     Returns:
-        y: (T, H, N) float32 outputs, and the new (H, N, N) state.
+        y: (T, H, N) float32 outputs (batched: (B, T, H, N)), and the new (H, N, N) state.
     """
+    if is_batched(state, 3):
+        return wkv5_torch(state, r, w, k, v, u)
     if cuda.usable(state, r, w, k, v, u, head_size=r.shape[-1]):
         return cuda.wkv5(state, r, w, k, v, u)
     if cpu_ops.usable(state):
@@ -103,8 +107,8 @@ def wkv5_torch(
     u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In plain torch (same arguments and results as ``wkv5``): sequential on the one-token
-    path (kernels/decode.py), else chunked."""
-    if is_decode(r.shape[0]):
+    path (kernels/decode.py), else chunked (one sequence only)."""
+    if is_decode(r.shape[-3]):
         return wkv5_sequential(state, r, w, k, v, u)
     return wkv5_chunked(state, r, w, k, v, u)
 
@@ -117,9 +121,12 @@ def wkv5_sequential(
     v: torch.Tensor,
     u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token by token (same arguments and results as ``wkv5``); computes in ``state``'s dtype."""
-    r, w, k, v, u = (x.to(state.dtype) for x in (r, w, k, v, u))
-    bonus = (r * u * k).sum(-1, keepdim=True) * v  # (T, H, N): the current token's own term
+    """Token by token (same arguments and results as ``wkv5``, batched too); computes in
+    ``state``'s dtype."""
+    u = u.to(state.dtype)
+    # Time first, (T, ..., H, N), so that row t is one token of every sequence.
+    r, w, k, v = (x.to(state.dtype).movedim(-3, 0) for x in (r, w, k, v))
+    bonus = (r * u * k).sum(-1, keepdim=True) * v  # (T, ..., H, N): the current token's own term
     decay = w.unsqueeze(-2)  # (T, H, 1, N): decays along the key index
     values = v.unsqueeze(-1)  # (T, H, N, 1)
     keys = k.unsqueeze(-2)  # (T, H, 1, N)
@@ -129,7 +136,7 @@ def wkv5_sequential(
     for t in range(r.shape[0]):
         y[t] = (state @ receptance[t]).squeeze(-1) + bonus[t]
         state = state * decay[t] + values[t] @ keys[t]
-    return y, state
+    return y.movedim(0, -3), state
 
 
 def wkv5_chunked(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_cli.kernels import cuda
-from rwkv_cli.kernels.decode import is_decode
+from rwkv_cli.kernels.decode import is_batched, is_decode
 
 CHUNK_LEN = 64  # tokens per chunk: fastest on a 2-core AVX2 CPU (see README), accurate to ~1e-6
 
@@ -52,10 +52,12 @@ def wkv7(
         r, w, k, v, kappa, a: (T, H, N) receptance, decay (in (0, 1)), key, value,
             normalised removal key and in-context learning rate.
 
+    A batch of B sequences, state (B, H, N, N) and the rest (B, T, H, N), runs ``wkv7_torch``.
+
     Returns:
-        y: (T, H, N) float32 outputs, and the new (H, N, N) state.
+        y: (T, H, N) float32 outputs (batched: (B, T, H, N)), and the new (H, N, N) state.
     """
-    if cuda.usable(state, r, w, k, v, kappa, a, head_size=r.shape[-1]):
+    if not is_batched(state, 3) and cuda.usable(state, r, w, k, v, kappa, a, head_size=r.shape[-1]):
         return cuda.wkv7(state, r, w, k, v, kappa, a)
     return wkv7_torch(state, r, w, k, v, kappa, a)
 
@@ -70,8 +72,8 @@ def wkv7_torch(
     a: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In plain torch (same arguments and results as ``wkv7``): sequential on the one-token
-    path (kernels/decode.py), else chunked."""
-    if is_decode(r.shape[0]):
+    path (kernels/decode.py), else chunked (one sequence only)."""
+    if is_decode(r.shape[-3]):
         return wkv7_sequential(state, r, w, k, v, kappa, a)
     return wkv7_chunked(state, r, w, k, v, kappa, a)
 
@@ -85,8 +87,10 @@ def wkv7_sequential(
     kappa: torch.Tensor,
     a: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token by token (same arguments and results as ``wkv7``); computes in ``state``'s dtype."""
-    r, w, k, v, kappa, a = (x.to(state.dtype) for x in (r, w, k, v, kappa, a))
+    """Token by token (same arguments and results as ``wkv7``, batched too); computes in
+    ``state``'s dtype."""
+    # Time first, (T, ..., H, N), so that row t is one token of every sequence.
+    r, w, k, v, kappa, a = (x.to(state.dtype).movedim(-3, 0) for x in (r, w, k, v, kappa, a))
     removal = (-kappa).unsqueeze(-1)  # (T, H, N, 1)
     replacement = (kappa * a).unsqueeze(-2)  # (T, H, 1, N)
     decay = w.unsqueeze(-2)  # (T, H, 1, N): decays along the key index
@@ -99,7 +103,7 @@ def wkv7_sequential(
         removed = (state @ removal[t]) @ replacement[t]  # (H, N, N)
         state = state * decay[t] + removed + values[t] @ keys[t]
         y[t] = (state @ receptance[t]).squeeze(-1)
-    return y, state
+    return y.movedim(0, -3), state
 
 
 def wkv7_chunked(

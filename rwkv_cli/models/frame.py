@@ -7,6 +7,10 @@ residual blocks (ln1 -> time mixing, ln2 -> channel mixing), ln_out and the head
 rescaling of RWKV-4 to 6, moving the weights between devices, and the one-token step as a CUDA
 graph on a GPU (models/decode_graph.py). A generation module supplies its config, weight groups,
 per-layer state and the two mixings.
+
+Activations are (T, C) for one sequence. ``forward_batch`` steps B sequences by one token each:
+activations are then (B, 1, C) and every state tensor has a leading batch dimension (B, ...).
+The mixings take either, as the ops they call do (kernels/decode.py says which paths run).
 """
 
 from __future__ import annotations
@@ -259,6 +263,20 @@ class RecurrentModel:
             return graph(int(tokens[0]), state)
         return self.step_ids(torch.as_tensor(tokens, device=self.device), state)
 
+    @torch.inference_mode()
+    def forward_batch(self, tokens: Sequence[int], state: State) -> tuple[torch.Tensor, State]:
+        """One token for each of B sequences at once: ``tokens[b]`` follows row b of ``state``.
+
+        ``state`` is a batched state: every tensor of it has a leading batch dimension of B rows
+        (batching/states.py stacks and splits them). Returns the next-token logits (B, V) and
+        the new batched state; the input state is left untouched. Each row's logits equal those
+        of its own ``forward`` up to float rounding (the products are summed in another order).
+        """
+        check_tokens(tokens, self.vocab_size)
+        ids = torch.as_tensor(tokens, device=self.device).unsqueeze(-1)  # (B, 1)
+        x, new_state = self._run_ids(ids, state)  # (B, 1, C)
+        return self._logits(x[:, -1]), new_state
+
     def step_ids(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         """``forward`` for token ids already in a 1-D tensor on the model's device, unchecked."""
         x, new_state = self._run_ids(ids, state)
@@ -284,9 +302,10 @@ class RecurrentModel:
         return self._graphs[choice]
 
     def _run_ids(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        """The final residual stream (T, C) and the new state after the token ids ``ids``."""
+        """The final residual stream (T, C) and the new state after the token ids ``ids`` (T,);
+        for a batch, ids (B, T), residual stream (B, T, C) and a batched ``state``."""
         state = state if state is not None else self.new_state()
-        x = self.embedding[ids].to(device=self.device, dtype=self.dtype)  # (T, C)
+        x = self.embedding[ids].to(device=self.device, dtype=self.dtype)  # (..., T, C)
         v_first = None  # RWKV-7's value residual: the first layer's values (see time_mix)
         new_layers = []
         for index, (block, layer_state) in enumerate(zip(self.blocks, state.layers, strict=True)):
@@ -310,6 +329,9 @@ class RecurrentModel:
         ffn_normed = F.layer_norm(x, size, block.norms.ln2_weight, block.norms.ln2_bias)
         x = x + self.channel_mix(block.ffn, ffn_normed, state.ffn_shift)
         # Clones, so the state does not keep the whole (T, C) activations alive.
-        shifts = {"att_shift": normed[-1].clone(), "ffn_shift": ffn_normed[-1].clone()}
+        shifts = {
+            "att_shift": normed[..., -1, :].clone(),
+            "ffn_shift": ffn_normed[..., -1, :].clone(),
+        }
         new_state = dataclasses.replace(state, **shifts, **att_state)
         return x, new_state, v_first

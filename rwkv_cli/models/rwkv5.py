@@ -90,11 +90,18 @@ def wkv_output(
 ) -> torch.Tensor:
     """GroupNorm per head (``ln_x``), the optional gate ``silu(gate · xg)``, then ``output``.
 
-    ``y`` is the (T, H, N) float32 WKV output; returns (T, C) in ``dtype``.
+    ``y`` is the (T, H, N) float32 WKV output; returns (T, C) in ``dtype`` (batched: (B, T, ...)).
     """
-    t = y.shape[0]
-    y = F.group_norm(y.reshape(t, -1), n_head, att.ln_x_weight, att.ln_x_bias, eps=GROUP_NORM_EPS)
-    y = y.to(dtype)
+    rows = y.flatten(-2)  # (..., T, C)
+    # GroupNorm takes (rows, C): one row per token of every sequence.
+    y = F.group_norm(
+        rows.reshape(-1, rows.shape[-1]),
+        n_head,
+        att.ln_x_weight,
+        att.ln_x_bias,
+        eps=GROUP_NORM_EPS,
+    )
+    y = y.view(rows.shape).to(dtype)
     if xg is not None:
         y = y * F.silu(linear(xg, att.gate_weight))
     return linear(y, att.output_weight)
@@ -148,12 +155,12 @@ class RWKV5(RecurrentModel):
     def time_mix(
         self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState, v_first: None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], None]:
-        t, h, n = x.shape[0], self.config.n_head, self.config.head_size
+        h, n = self.config.n_head, self.config.head_size
         mixes = (att.time_mix_k, att.time_mix_v, att.time_mix_r)
         if self.has_gate:
             mixes += (att.time_mix_g,)
         xk, xv, xr, *gate_input = lerp_inputs(x, previous_tokens(x, state.att_shift), mixes)
-        heads = (t, h, n)
+        heads = (*x.shape[:-1], h, n)  # (..., T, H, N)
         r = linear(xr, att.receptance_weight).view(heads)
         k = linear(xk, att.key_weight).view(heads)
         v = linear(xv, att.value_weight).view(heads)

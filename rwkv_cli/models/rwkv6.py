@@ -19,7 +19,7 @@ from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.wkv5 import wkv5
 from rwkv_cli.models.frame import WkvLayerState
 from rwkv_cli.models.rwkv5 import RWKV5, RWKV5Config, wkv_output
-from rwkv_cli.models.token_shift import previous_tokens
+from rwkv_cli.models.token_shift import in_front, previous_tokens
 from rwkv_cli.models.validate import tensor_shape
 from rwkv_cli.models.weight_groups import WeightGroup
 
@@ -124,13 +124,14 @@ class RWKV6(RWKV5):
     def time_mix(
         self, att: TimeMixWeights, x: torch.Tensor, state: WkvLayerState, v_first: None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], None]:
-        t, h, n = x.shape[0], self.config.n_head, self.config.head_size
-        delta = previous_tokens(x, state.att_shift) - x  # (T, C)
-        lora = torch.tanh((x + delta * att.time_maa_x) @ att.time_maa_w1)  # (T, 5·D)
-        lora = lora.view(t, MIXED_INPUTS, -1).transpose(0, 1)  # (5, T, D)
-        offsets = torch.bmm(lora, att.time_maa_w2)  # (5, T, C)
-        xw, xk, xv, xr, xg = torch.addcmul(x, delta, offsets + att.mixes.unsqueeze(1))
-        heads = (t, h, n)
+        h, n = self.config.n_head, self.config.head_size
+        delta = previous_tokens(x, state.att_shift) - x  # (..., T, C)
+        lora = torch.tanh((x + delta * att.time_maa_x) @ att.time_maa_w1)  # (..., T, 5·D)
+        # (5, R, D): one row per token of every sequence
+        lora = lora.view(-1, MIXED_INPUTS, self.config.mix_lora).transpose(0, 1)
+        offsets = torch.bmm(lora, att.time_maa_w2).view(MIXED_INPUTS, *x.shape)  # (5, ..., T, C)
+        xw, xk, xv, xr, xg = torch.addcmul(x, delta, offsets + in_front(att.mixes, x))
+        heads = (*x.shape[:-1], h, n)  # (..., T, H, N)
         r = linear(xr, att.receptance_weight).view(heads)
         k = linear(xk, att.key_weight).view(heads)
         v = linear(xv, att.value_weight).view(heads)

@@ -20,7 +20,7 @@ from rwkv_cli.kernels.linear import linear
 from rwkv_cli.kernels.time_mix7 import time_mix7
 from rwkv_cli.loading.checkpoint import layer_count
 from rwkv_cli.models.frame import RecurrentModel, WkvLayerState
-from rwkv_cli.models.token_shift import previous_tokens
+from rwkv_cli.models.token_shift import in_front, previous_tokens
 from rwkv_cli.models.validate import tensor_shape
 from rwkv_cli.models.weight_groups import WeightGroup
 
@@ -184,7 +184,7 @@ class RWKV7(RecurrentModel):
         residual) and returns them unchanged.
         """
         delta = previous_tokens(x, state.att_shift) - x  # (T, C)
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x, delta, att.mixes.unsqueeze(1))  # 6 x (T, C)
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x, delta, in_front(att.mixes, x))  # 6 x (T, C)
         r = linear(xr, att.receptance_weight)
         k = linear(xk, att.key_weight)
         v = linear(xv, att.value_weight)
