@@ -1,1 +1,13 @@
-"""Batched inference: many sequences decoding together."""
+"""Batched inference: many sequences decoding together, each weight read once per step for all.
+
+- batching/states.py: batched states, a sequence's per-layer tensors stacked with others';
+- batching/engine.py: :class:`Batch`, a running batch that sequences join and leave between
+  steps, as plain sessions;
+- batching/generate.py: ``generate_batch``, many requests through one batch (continuous
+  batching), each with its own sampling, stop strings and seed.
+"""
+
+from rwkv_cli.batching.engine import Batch
+from rwkv_cli.batching.generate import BatchRequest, BatchResult, generate_batch, stream_batch
+
+__all__ = ["Batch", "BatchRequest", "BatchResult", "generate_batch", "stream_batch"]

@@ -20,6 +20,11 @@ def stack_states(states: Sequence[State]) -> State:
     return _combine(states, torch.stack)
 
 
+def as_batch(state: State) -> State:
+    """``state`` as a batch of one, as views into it."""
+    return _combine((state,), lambda one: one[0].unsqueeze(0))
+
+
 def append_row(batched: State, state: State) -> State:
     """``batched`` with ``state`` as a new last row (a new batched state; inputs untouched)."""
     return _combine((batched, state), lambda pair: torch.cat((pair[0], pair[1].unsqueeze(0))))

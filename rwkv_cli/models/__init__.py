@@ -56,6 +56,8 @@ class Model(Protocol):
         self, tokens: Sequence[int], state: State | None = None
     ) -> tuple[torch.Tensor, State]: ...
 
+    def forward_batch(self, tokens: Sequence[int], state: State) -> tuple[torch.Tensor, State]: ...
+
 
 MODEL_CLASSES = {
     model.generation: model for model in (RWKV4, RWKV5_0, RWKV5_1, RWKV5_2, RWKV6, RWKV7)

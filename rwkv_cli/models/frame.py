@@ -305,7 +305,8 @@ class RecurrentModel:
         """The final residual stream (T, C) and the new state after the token ids ``ids`` (T,);
         for a batch, ids (B, T), residual stream (B, T, C) and a batched ``state``."""
         state = state if state is not None else self.new_state()
-        x = self.embedding[ids].to(device=self.device, dtype=self.dtype)  # (..., T, C)
+        rows = self.embedding[ids.reshape(-1)]  # filerows.FileRows takes 1-D indices only
+        x = rows.view(*ids.shape, -1).to(device=self.device, dtype=self.dtype)  # (..., T, C)
         v_first = None  # RWKV-7's value residual: the first layer's values (see time_mix)
         new_layers = []
         for index, (block, layer_state) in enumerate(zip(self.blocks, state.layers, strict=True)):

@@ -1,0 +1,147 @@
+"""Many completions at once: continuous batching in the library.
+
+``stream_batch`` runs requests through one :class:`~rwkv_cli.batching.engine.Batch` of at most
+``max_batch`` sequences. A request joins as soon as there is room: its prompt is read alone, in
+chunks (``generate.prefill``), then it decodes together with the others, one token each per
+step. A finished sequence leaves at once, and the next waiting request takes its place.
+
+Each request samples with its own parameters, penalty counts, stop strings and seeded
+generator, row by row from the batch's logits (``generate.TokenStream``, the same code that
+``stream_generate`` runs). So a request gives the tokens it gives alone, whatever else is in
+the batch: exactly when greedy or seeded, with one caveat. Two or more sequences step through
+a batched matrix product whose float32 sums are ordered differently from the one-token kernels
+(relative differences of order 1e-7 in the logits). Where two candidates' scores are that
+close (a near-tie under greedy decoding, or a seeded draw that lands that close to the edge
+between two tokens), a batched run can choose the other one, and from there the texts differ.
+A batch of one runs the one-sequence path, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from rwkv_cli.batching.engine import Batch
+from rwkv_cli.generate import GenerationChunk, Session, TokenStream
+from rwkv_cli.models import Model
+from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.tokenizer import Tokenizer
+
+DEFAULT_MAX_BATCH = 16  # sequences decoding together; issue #19's targets are measured at 16
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One completion to generate: continue ``prompt`` after ``session`` (None: a fresh
+    document; a saved session, e.g. a system prompt read once, is shared, never changed).
+
+    ``seed`` None draws a fresh one (reported in the result). ``ban`` lists token ids never
+    sampled. The other fields mean what ``generate.stream_generate``'s options do.
+    """
+
+    prompt: str
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    session: Session | None = None
+    ban: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A finished request: ``index`` is its position among the requests."""
+
+    index: int
+    text: str
+    finish_reason: str  # "stop" (a stop string), "length" (max_tokens) or "eos" (end of text)
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    session: Session  # after exactly ``text``: saves as a state file, resumes exactly
+
+
+def stream_batch(
+    model: Model,
+    tokenizer: Tokenizer,
+    requests: Iterable[BatchRequest],
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> Iterator[tuple[int, GenerationChunk, int]]:
+    """Generate every request, ``max_batch`` at a time; yield ``(index, chunk, seed)`` for each
+    record of each request as it comes (``generate.GenerationChunk``: the last of a request has
+    its finish reason and final session). Requests are read lazily, as room frees up."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    waiting = enumerate(requests)
+    batch = Batch(model)
+    running: dict[int, tuple[int, TokenStream, int]] = {}  # slot -> (index, stream, seed)
+    while True:
+        while len(running) < max_batch and (joining := next(waiting, None)) is not None:
+            index, request = joining
+            stream, seed = _start(model, tokenizer, request)
+            running[batch.add(stream.session)] = (index, stream, seed)
+        if not running:
+            return
+        tokens = {}
+        for slot, (index, stream, seed) in list(running.items()):
+            chunk = stream.next_chunk()
+            yield index, chunk, seed
+            if chunk.finish_reason is None:
+                tokens[slot] = chunk.token
+            else:
+                batch.remove(slot)
+                del running[slot]
+        if tokens:
+            logits = batch.step(tokens)
+            for slot, row in zip(batch.slots, logits, strict=True):
+                running[slot][1].advance(row, batch.session(slot).state)
+
+
+def generate_batch(
+    model: Model,
+    tokenizer: Tokenizer,
+    requests: Iterable[BatchRequest],
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> Iterator[BatchResult]:
+    """Generate every request (see ``stream_batch``); yield each one's result as it finishes,
+    so in the order they finish, not the order given (``index`` says which request it is)."""
+    texts: dict[int, list[str]] = {}
+    for index, chunk, seed in stream_batch(model, tokenizer, requests, max_batch):
+        texts.setdefault(index, []).append(chunk.text)
+        if chunk.finish_reason is not None:
+            yield BatchResult(
+                index=index,
+                text="".join(texts.pop(index)),
+                finish_reason=chunk.finish_reason,
+                prompt_tokens=chunk.prompt_tokens,
+                completion_tokens=chunk.generated_tokens,
+                seed=seed,
+                session=_own(chunk.session),
+            )
+
+
+def _start(model: Model, tokenizer: Tokenizer, request: BatchRequest) -> tuple[TokenStream, int]:
+    """A request's stream after its prompt was read alone, and its seed."""
+    generator, seed = make_generator(request.seed)
+    stream = TokenStream.start(
+        model,
+        tokenizer,
+        request.prompt,
+        request.session,
+        params=request.params,
+        generator=generator,
+        max_tokens=request.max_tokens,
+        stop=request.stop,
+        ban=request.ban,
+    )
+    return stream, seed
+
+
+def _own(session: Session) -> Session:
+    """``session`` with tensors of its own, not views that keep a whole batch's alive."""
+    return Session(
+        session.state.clone(),
+        session.logits.clone(),
+        None if session.counts is None else session.counts.clone(),
+        session.tokens_consumed,
+    )
