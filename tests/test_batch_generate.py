@@ -1,0 +1,176 @@
+"""Generating many requests through one batch (``batching.generate_batch``) on the demo model:
+each request gives the text it gives alone, with its own sampling, stop strings and seed.
+
+Alone means ``generate.stream_generate``, the one-sequence path. A batch of two or more computes
+logits that differ from it by float32 rounding (relative 1e-7), so a near-tie between the two
+best tokens (greedy), or a seeded draw landing that close to the edge between two tokens, could
+choose differently; none does for these prompts, and a batch of one is bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rwkv_cli.batching import Batch, BatchRequest, generate_batch, stream_batch
+from rwkv_cli.batching import engine as batching_engine
+from rwkv_cli.generate import Session, prefill, stream_generate
+from rwkv_cli.kernels.selftest import relative_error
+from rwkv_cli.runtime import LoadedModel, open_model
+from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.statefile import read_state_file, save_state_file
+
+PROMPTS = [
+    "Once upon a time",
+    "The cat",
+    "In the beginning there was",
+    "A",
+    "And the LORD said unto Moses,",
+    "",
+    "Hello, my name is",
+    "The weather today",
+]
+GREEDY = SamplingParams(temperature=0)
+SAMPLED = SamplingParams(temperature=1.0, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def demo() -> LoadedModel:
+    return open_model("demo")
+
+
+def _alone(demo: LoadedModel, request: BatchRequest, seed: int) -> tuple[str, str, Session]:
+    """The request run by ``stream_generate``: text, finish reason, final session."""
+    chunks = list(
+        stream_generate(
+            demo.model,
+            demo.tokenizer,
+            request.prompt,
+            params=request.params,
+            generator=make_generator(seed)[0],
+            max_tokens=request.max_tokens,
+            stop=request.stop,
+            session=request.session,
+        )
+    )
+    return "".join(c.text for c in chunks), chunks[-1].finish_reason, chunks[-1].session
+
+
+def _in_batch(demo: LoadedModel, requests: list[BatchRequest], max_batch: int):
+    results = list(generate_batch(demo.model, demo.tokenizer, requests, max_batch))
+    assert sorted(result.index for result in results) == list(range(len(requests)))
+    return sorted(results, key=lambda result: result.index)
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 8])
+def test_greedy_text_is_the_same_alone_and_in_a_batch(demo, max_batch) -> None:
+    requests = [BatchRequest(prompt, max_tokens=20, params=GREEDY) for prompt in PROMPTS]
+    for request, result in zip(requests, _in_batch(demo, requests, max_batch), strict=True):
+        text, reason, _ = _alone(demo, request, 0)
+        assert (result.text, result.finish_reason) == (text, reason), request.prompt
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(demo) -> None:
+    requests = [
+        BatchRequest(prompt, max_tokens=16, params=SAMPLED, seed=100 + index)
+        for index, prompt in enumerate(PROMPTS)
+    ]
+    results = _in_batch(demo, requests, max_batch=5)
+    for request, result in zip(requests, results, strict=True):
+        assert result.seed == request.seed
+        assert result.text == _alone(demo, request, request.seed)[0], request.prompt
+    assert len({result.text for result in results}) == len(results)
+
+
+def test_each_request_keeps_its_own_parameters_and_stop_strings(demo) -> None:
+    greedy = _alone(demo, BatchRequest("The cat", max_tokens=30, params=GREEDY), 0)[0]
+    stop = greedy[10:13]  # a stop string the greedy text is known to reach
+    requests = [
+        BatchRequest("The cat", max_tokens=30, params=GREEDY, stop=(stop,)),
+        BatchRequest("The cat", max_tokens=5, params=GREEDY),
+        BatchRequest("The cat", max_tokens=30, params=SAMPLED, seed=7),
+        BatchRequest(
+            "The cat",
+            max_tokens=30,
+            params=SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=1.0),
+        ),
+    ]
+    results = _in_batch(demo, requests, max_batch=4)
+    assert results[0].finish_reason == "stop"
+    assert results[0].text == greedy[: greedy.index(stop)]
+    assert results[1].finish_reason == "length" and results[1].completion_tokens == 5
+    for request, result in zip(requests, results, strict=True):
+        text, reason, session = _alone(demo, request, request.seed or 0)
+        assert (result.text, result.finish_reason) == (text, reason)
+        assert result.session.tokens_consumed == session.tokens_consumed
+        assert relative_error(result.session.logits, session.logits) < 1e-5
+    assert len({result.text for result in results}) == len(results)
+
+
+def test_results_count_tokens_and_carry_a_session_that_resumes(demo, tmp_path) -> None:
+    request = BatchRequest("Once upon a time", max_tokens=8, params=GREEDY)
+    other = BatchRequest("The cat", max_tokens=12, params=GREEDY)
+    result = _in_batch(demo, [request, other], max_batch=2)[0]
+    prompt_tokens = len(demo.tokenizer.encode(request.prompt))
+    assert (result.prompt_tokens, result.completion_tokens) == (prompt_tokens, 8)
+    assert result.session.tokens_consumed == prompt_tokens + 8
+
+    path = tmp_path / "result.rwkvstate"
+    save_state_file(
+        path,
+        model=demo.model,
+        tokenizer_name=demo.tokenizer.name,
+        session=result.session,
+        model_spec="demo",
+        model_resolved=demo.resolved,
+    )
+    resumed = read_state_file(path).session_for(demo.model, demo.tokenizer.name)
+    longer = _alone(demo, BatchRequest(request.prompt, max_tokens=20, params=GREEDY), 0)[0]
+    rest = _in_batch(demo, [BatchRequest("", 12, params=GREEDY, session=resumed), other], 2)[0]
+    assert result.text + rest.text == longer
+
+
+def test_requests_can_share_a_starting_session(demo) -> None:
+    system = prefill(demo.model, demo.tokenizer.encode("The book of Genesis.\n\n"))
+    requests = [
+        BatchRequest(prompt, max_tokens=10, params=GREEDY, session=system) for prompt in PROMPTS[:4]
+    ]
+    for request, result in zip(requests, _in_batch(demo, requests, 4), strict=True):
+        assert result.text == _alone(demo, request, 0)[0]
+        assert result.session.tokens_consumed > system.tokens_consumed
+
+
+def test_waiting_requests_join_as_finished_ones_leave(demo, monkeypatch) -> None:
+    sizes = []
+    step = batching_engine.Batch.step
+
+    def recording(self: Batch, tokens):
+        sizes.append(len(tokens))
+        return step(self, tokens)
+
+    monkeypatch.setattr(batching_engine.Batch, "step", recording)
+    requests = [
+        BatchRequest(prompt, max_tokens=3 + 2 * index, params=GREEDY)
+        for index, prompt in enumerate(PROMPTS)
+    ]
+    finished = [result.index for result in generate_batch(demo.model, demo.tokenizer, requests, 3)]
+    assert max(sizes) == 3 and sizes[-1] == 1
+    assert sorted(finished) == list(range(len(PROMPTS)))
+    assert finished[:2] == [0, 1]  # the shortest finish first, and others take their places
+
+
+def test_stream_records_come_with_their_request_index(demo) -> None:
+    requests = [BatchRequest(prompt, max_tokens=4, params=GREEDY) for prompt in PROMPTS[:3]]
+    records = list(stream_batch(demo.model, demo.tokenizer, requests, max_batch=2))
+    for index in range(3):
+        own = [chunk for i, chunk, _ in records if i == index]
+        assert [chunk.finish_reason for chunk in own] == [None] * 4 + ["length"]
+        assert [chunk.generated_tokens for chunk in own] == [1, 2, 3, 4, 4]
+
+
+def test_a_batch_size_below_one_is_refused(demo) -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        list(generate_batch(demo.model, demo.tokenizer, [BatchRequest("A", 2)], max_batch=0))
+
+
+def test_an_empty_request_list_gives_no_results(demo) -> None:
+    assert list(generate_batch(demo.model, demo.tokenizer, [], max_batch=4)) == []
