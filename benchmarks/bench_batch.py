@@ -1,0 +1,78 @@
+"""Aggregate decode speed of the batched engine by batch size (issue #19).
+
+Builds a random RWKV-7 with the shape of the 0.1B release (L12 D768, World vocabulary, LoRAs of
+64) in memory, reads a short prompt into each of B sequences, then decodes ``--tokens`` tokens
+per sequence with ``batching.Batch`` (B sequences per step; B = 1 is the one-sequence path) and
+prints the aggregate decode tok/s (B x tokens / seconds) and the time per step. Tokens are
+chosen greedily, so every step does the work a real decode does, sampling excepted.
+
+    python benchmarks/bench_batch.py [--sizes 1 2 4 8 16] [--tokens 32] [--dtype fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+PROMPT_TOKENS = 16  # per sequence, read before timing starts
+WARM_UP_STEPS = 2  # per batch size, not timed
+
+
+def decode_speed(model, size: int, tokens: int) -> tuple[float, float]:
+    """Aggregate decode tok/s and milliseconds per step for ``size`` sequences."""
+    from rwkv_cli.batching import Batch
+    from rwkv_cli.generate import prefill
+
+    batch = Batch(model)
+    for sequence in range(size):
+        prompt = [(1000 + 37 * sequence + i) % model.vocab_size for i in range(PROMPT_TOKENS)]
+        batch.add(prefill(model, prompt))
+    logits = None
+    started = 0.0
+    for step in range(WARM_UP_STEPS + tokens):
+        if step == WARM_UP_STEPS:
+            started = time.perf_counter()
+        chosen = [1] * size if logits is None else logits.argmax(-1).tolist()
+        logits = batch.step(dict(zip(batch.slots, chosen, strict=True)))
+    seconds = time.perf_counter() - started
+    return size * tokens / seconds, 1000 * seconds / tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--tokens", type=int, default=32, help="decoded per sequence")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--width", type=int, default=768)
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from rwkv_cli.device import DTYPES
+    from rwkv_cli.kernels import prepare_kernels
+    from rwkv_cli.models.rwkv7 import RWKV7
+    from tests.support.fixtures import rwkv7_tensors
+
+    tensors = rwkv7_tensors(n_layer=args.layers, n_embd=args.width, lora=64)
+    prepared = RWKV7.prepare(tensors, DTYPES[args.dtype])
+    model = RWKV7.from_prepared(prepared, compute_dtype=torch.float32)
+    del tensors
+    prepare_kernels(torch.device("cpu"))
+    print(
+        f"RWKV-7 L{args.layers} D{args.width}, {args.dtype} weights, CPU, "
+        f"{torch.get_num_threads()} threads; {args.tokens} tokens decoded per sequence"
+    )
+    print(f"{'B':>4} {'aggregate tok/s':>16} {'ms per step':>12} {'vs B=1':>8}")
+    single = None
+    for size in args.sizes:
+        speed, step_ms = decode_speed(model, size, args.tokens)
+        single = single or speed
+        print(f"{size:>4} {speed:>16.1f} {step_ms:>12.1f} {speed / single:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
