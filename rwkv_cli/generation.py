@@ -3,8 +3,8 @@
 ``stream_generate`` yields :class:`GenerationChunk` records (new text, token, counts, timings,
 finish reason); ``generate`` joins them. Text is released only when it is whole UTF-8 and cannot
 turn out to be the start of a stop string, so callers can print every chunk as it comes.
-``stream_generate`` runs a :class:`TokenStream`, one generation's sampling without the forward pass,
-which is how a batch (rwkv_cli/batching/) runs many generations with one forward per step.
+``stream_generate`` runs a :class:`TokenStream`: one generation's sampling without the forward
+pass, which is how a batch (rwkv_cli/batching/) runs many generations with one forward a step.
 
 A :class:`Session` is where a text stream stands. The last record of a generation carries the
 session after exactly the text that was released (a stop string is cut from the state too), so a
