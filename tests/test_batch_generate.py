@@ -162,7 +162,7 @@ def test_stream_records_come_with_their_request_index(demo) -> None:
     requests = [BatchRequest(prompt, max_tokens=4, params=GREEDY) for prompt in PROMPTS[:3]]
     records = list(stream_batch(demo.model, demo.tokenizer, requests, max_batch=2))
     for index in range(3):
-        own = [chunk for i, chunk, _ in records if i == index]
+        own = [record.chunk for record in records if record.index == index]
         assert [chunk.finish_reason for chunk in own] == [None] * 4 + ["length"]
         assert [chunk.generated_tokens for chunk in own] == [1, 2, 3, 4, 4]
 

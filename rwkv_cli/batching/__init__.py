@@ -8,6 +8,12 @@
 """
 
 from rwkv_cli.batching.engine import Batch
-from rwkv_cli.batching.generate import BatchRequest, BatchResult, generate_batch, stream_batch
+from rwkv_cli.batching.generate import (
+    BatchChunk,
+    BatchRequest,
+    BatchResult,
+    generate_batch,
+    stream_batch,
+)
 
-__all__ = ["Batch", "BatchRequest", "BatchResult", "generate_batch", "stream_batch"]
+__all__ = ["Batch", "BatchChunk", "BatchRequest", "BatchResult", "generate_batch", "stream_batch"]

@@ -49,6 +49,15 @@ class BatchRequest:
 
 
 @dataclass(frozen=True)
+class BatchChunk:
+    """One record of one request: ``index`` is the request's position among the requests."""
+
+    index: int
+    seed: int  # the request's seed (drawn, when it gave none)
+    chunk: GenerationChunk  # the last of a request has its finish reason and final session
+
+
+@dataclass(frozen=True)
 class BatchResult:
     """A finished request: ``index`` is its position among the requests."""
 
@@ -66,10 +75,9 @@ def stream_batch(
     tokenizer: Tokenizer,
     requests: Iterable[BatchRequest],
     max_batch: int = DEFAULT_MAX_BATCH,
-) -> Iterator[tuple[int, GenerationChunk, int]]:
-    """Generate every request, ``max_batch`` at a time; yield ``(index, chunk, seed)`` for each
-    record of each request as it comes (``generate.GenerationChunk``: the last of a request has
-    its finish reason and final session). Requests are read lazily, as room frees up."""
+) -> Iterator[BatchChunk]:
+    """Generate every request, ``max_batch`` at a time; yield each record of each request as it
+    comes. Requests are read lazily, as room frees up."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     waiting = enumerate(requests)
@@ -85,7 +93,7 @@ def stream_batch(
         tokens = {}
         for slot, (index, stream, seed) in list(running.items()):
             chunk = stream.next_chunk()
-            yield index, chunk, seed
+            yield BatchChunk(index, seed, chunk)
             if chunk.finish_reason is None:
                 tokens[slot] = chunk.token
             else:
@@ -106,7 +114,8 @@ def generate_batch(
     """Generate every request (see ``stream_batch``); yield each one's result as it finishes,
     so in the order they finish, not the order given (``index`` says which request it is)."""
     texts: dict[int, list[str]] = {}
-    for index, chunk, seed in stream_batch(model, tokenizer, requests, max_batch):
+    for record in stream_batch(model, tokenizer, requests, max_batch):
+        index, chunk = record.index, record.chunk
         texts.setdefault(index, []).append(chunk.text)
         if chunk.finish_reason is not None:
             yield BatchResult(
@@ -115,7 +124,7 @@ def generate_batch(
                 finish_reason=chunk.finish_reason,
                 prompt_tokens=chunk.prompt_tokens,
                 completion_tokens=chunk.generated_tokens,
-                seed=seed,
+                seed=record.seed,
                 session=_own(chunk.session),
             )
 
