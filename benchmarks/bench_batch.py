@@ -4,7 +4,9 @@ Builds a random RWKV-7 with the shape of the 0.1B release (L12 D768, World vocab
 64) in memory, reads a short prompt into each of B sequences, then decodes ``--tokens`` tokens
 per sequence with ``batching.Batch`` (B sequences per step; B = 1 is the one-sequence path) and
 prints the aggregate decode tok/s (B x tokens / seconds) and the time per step. Tokens are
-chosen greedily, so every step does the work a real decode does, sampling excepted.
+chosen greedily, so every step does the work a real decode does, sampling excepted. OpenMP
+threads sleep while they wait, as under ``rwkv`` (rwkv_cli/entry.py), unless the environment
+chooses otherwise.
 
     python benchmarks/bench_batch.py [--sizes 1 2 4 8 16] [--tokens 32] [--dtype fp32]
 """
@@ -12,6 +14,7 @@ chosen greedily, so every step does the work a real decode does, sampling except
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +53,9 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from rwkv_cli.entry import sleep_while_waiting
+
+    sleep_while_waiting(os.environ)  # as `rwkv` does, before torch loads OpenMP (entry.py)
     import torch
 
     from rwkv_cli.device import DTYPES
