@@ -15,7 +15,8 @@ from rwkv_cli.batching import Batch, BatchRequest, generate_batch, stream_batch
 from rwkv_cli.batching import engine as batching_engine
 from rwkv_cli.generate import Session, prefill, stream_generate
 from rwkv_cli.kernels.selftest import relative_error
-from rwkv_cli.runtime import LoadedModel, open_model
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.open import open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import read_state_file, save_state_file
 
@@ -115,14 +116,7 @@ def test_results_count_tokens_and_carry_a_session_that_resumes(demo, tmp_path) -
     assert result.session.tokens_consumed == prompt_tokens + 8
 
     path = tmp_path / "result.rwkvstate"
-    save_state_file(
-        path,
-        model=demo.model,
-        tokenizer_name=demo.tokenizer.name,
-        session=result.session,
-        model_spec="demo",
-        model_resolved=demo.resolved,
-    )
+    save_state_file(path, demo, result.session)
     resumed = read_state_file(path).session_for(demo.model, demo.tokenizer.name)
     longer = _alone(demo, BatchRequest(request.prompt, max_tokens=20, params=GREEDY), 0)[0]
     rest = _in_batch(demo, [BatchRequest("", 12, params=GREEDY, session=resumed), other], 2)[0]

@@ -11,6 +11,8 @@ is compared bit for bit.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,8 +20,11 @@ from rwkv_cli.batching import Batch
 from rwkv_cli.batching.states import stack_states, state_row
 from rwkv_cli.generate import Session, prefill
 from rwkv_cli.kernels.selftest import TORCH_REFERENCES, relative_error, wkv_inputs
+from rwkv_cli.loading.loaded import LoadedModel
+from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.statefile import read_state_file, save_state_file
+from rwkv_cli.tokenizer.world import load_world_tokenizer
 from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
 
 GENERATIONS = (*LEGACY_GENERATIONS, "7")
@@ -126,15 +131,9 @@ def test_sequences_join_and_leave_a_running_batch(model) -> None:
 
 def _save(path, model, session: Session) -> Session:
     """Save ``session`` to a state file at ``path`` and read it back for ``model``."""
-    save_state_file(
-        path,
-        model=model,
-        tokenizer_name="world",
-        session=session,
-        model_spec="tiny",
-        model_resolved="tiny",
-    )
-    return read_state_file(path).session_for(model, "world")
+    tokenizer = load_world_tokenizer()
+    save_state_file(path, LoadedModel(model, tokenizer, "tiny", Provenance(Path("tiny"))), session)
+    return read_state_file(path).session_for(model, tokenizer.name)
 
 
 def test_a_sequence_taken_out_saves_and_resumes_alone(model, tmp_path) -> None:

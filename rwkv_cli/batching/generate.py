@@ -25,7 +25,7 @@ from rwkv_cli.batching.engine import Batch
 from rwkv_cli.generate import GenerationChunk, Session, TokenStream
 from rwkv_cli.models import Model
 from rwkv_cli.sampling import SamplingParams, make_generator
-from rwkv_cli.tokenizer import Tokenizer
+from rwkv_cli.tokenizer.base import Tokenizer
 
 DEFAULT_MAX_BATCH = 16  # sequences decoding together; issue #19's targets are measured at 16
 
