@@ -26,7 +26,7 @@ WARM_UP_STEPS = 2  # per batch size, not timed
 def decode_speed(model, size: int, tokens: int) -> tuple[float, float]:
     """Aggregate decode tok/s and milliseconds per step for ``size`` sequences."""
     from rwkv_cli.batching import Batch
-    from rwkv_cli.generate import prefill
+    from rwkv_cli.generation import prefill
 
     batch = Batch(model)
     for sequence in range(size):

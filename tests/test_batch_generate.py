@@ -13,12 +13,13 @@ import pytest
 
 from rwkv_cli.batching import Batch, BatchRequest, generate_batch, stream_batch
 from rwkv_cli.batching import engine as batching_engine
-from rwkv_cli.generate import Session, prefill, stream_generate
-from rwkv_cli.kernels.selftest import relative_error
+from rwkv_cli.generation import Session, prefill, stream_generate
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.statefile import read_state_file, save_state_file
+from tests.support.generation import GREEDY
+from tests.support.numerics import relative_error
 
 PROMPTS = [
     "Once upon a time",
@@ -30,7 +31,6 @@ PROMPTS = [
     "Hello, my name is",
     "The weather today",
 ]
-GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9)
 
 

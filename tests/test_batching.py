@@ -11,23 +11,18 @@ is compared bit for bit.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from rwkv_cli.batching import Batch
 from rwkv_cli.batching.states import stack_states, state_row
-from rwkv_cli.generate import Session, prefill
-from rwkv_cli.kernels.selftest import TORCH_REFERENCES, relative_error, wkv_inputs
-from rwkv_cli.loading.loaded import LoadedModel
-from rwkv_cli.loading.provenance import Provenance
+from rwkv_cli.generation import Session, prefill
+from rwkv_cli.kernels.selftest import TORCH_REFERENCES, wkv_inputs
 from rwkv_cli.models import MODEL_CLASSES
-from rwkv_cli.statefile import read_state_file, save_state_file
-from rwkv_cli.tokenizer.world import load_world_tokenizer
-from tests.support.fixtures import LEGACY_GENERATIONS, legacy_tensors, rwkv7_tensors
+from tests.support.fixtures import GENERATIONS, generation_tensors
+from tests.support.numerics import assert_states_close, relative_error
+from tests.support.state_roundtrip import save_and_resume
 
-GENERATIONS = (*LEGACY_GENERATIONS, "7")
 TOLERANCE = 1e-5  # relative error of a batched row against the sequence's own run
 PROMPTS = [[11, 12, 13], [7], [20, 21, 22, 23, 24, 25, 26], [5, 5], [30, 31, 32, 33, 34]]
 
@@ -35,10 +30,7 @@ PROMPTS = [[11, 12, 13], [7], [20, 21, 22, 23, 24, 25, 26], [5, 5], [30, 31, 32,
 def _model(generation: str, dtype: torch.dtype = torch.float32):
     """A tiny model of ``generation`` with ``dtype`` weights and float32 activations (as the
     CPU runs every weight type)."""
-    if generation == "7":
-        tensors = rwkv7_tensors(n_layer=2, seed=5)
-    else:
-        tensors = legacy_tensors(generation, n_layer=2, seed=5)
+    tensors = generation_tensors(generation, n_layer=2, seed=5)
     cls = MODEL_CLASSES[generation]
     return cls.from_prepared(cls.prepare(tensors, dtype), compute_dtype=torch.float32)
 
@@ -69,15 +61,6 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> No
     assert error < TOLERANCE, f"{what}: relative error {error:.1e}"
 
 
-def _assert_states_close(actual, expected, what: str) -> None:
-    named = expected.named_tensors()
-    for name, tensor in actual.named_tensors().items():
-        if name.endswith(".pp"):  # RWKV-4's running maximum: an exponent, compared absolutely
-            assert (tensor - named[name]).abs().max() < TOLERANCE * 10, f"{what} {name}"
-        else:
-            _assert_close(tensor, named[name], f"{what} {name}")
-
-
 @pytest.mark.parametrize("size", [1, 2, 5])
 def test_every_sequence_in_a_batch_follows_its_own_run(model, size) -> None:
     steps = 4
@@ -98,7 +81,7 @@ def test_every_sequence_in_a_batch_follows_its_own_run(model, size) -> None:
                 assert torch.equal(got, want), f"step {step}: a batch of one is bit for bit"
             else:
                 _assert_close(got, want, f"sequence {row}, step {step}")
-        _assert_states_close(taken.state, session.state, f"sequence {row}")
+        assert_states_close(taken.state, session.state, TOLERANCE)
         assert taken.tokens_consumed == session.tokens_consumed
     assert len(batch) == 0
 
@@ -126,14 +109,12 @@ def test_sequences_join_and_leave_a_running_batch(model) -> None:
         expected, session = _alone(model, sequence, steps_done[sequence])
         for step, (actual, want) in enumerate(zip(logits, expected[1:], strict=True)):
             _assert_close(actual, want, f"sequence {sequence}, step {step}")
-        _assert_states_close(final[sequence].state, session.state, f"sequence {sequence}")
+        assert_states_close(final[sequence].state, session.state, TOLERANCE)
 
 
 def _save(path, model, session: Session) -> Session:
     """Save ``session`` to a state file at ``path`` and read it back for ``model``."""
-    tokenizer = load_world_tokenizer()
-    save_state_file(path, LoadedModel(model, tokenizer, "tiny", Provenance(Path("tiny"))), session)
-    return read_state_file(path).session_for(model, tokenizer.name)
+    return save_and_resume(model, model, [], path, session)[2]
 
 
 def test_a_sequence_taken_out_saves_and_resumes_alone(model, tmp_path) -> None:
@@ -143,7 +124,7 @@ def test_a_sequence_taken_out_saves_and_resumes_alone(model, tmp_path) -> None:
     taken = batch.remove(slots[1])
     resumed = _save(tmp_path / "taken.rwkvstate", model, taken)
     assert torch.equal(resumed.logits, taken.logits)
-    _assert_states_close(resumed.state, taken.state, "saved")
+    assert_states_close(resumed.state, taken.state, 0)  # a state file keeps it exactly
     assert resumed.tokens_consumed == taken.tokens_consumed == len(PROMPTS[1]) + 1
 
     alone, _ = model.forward([_token(1, 1)], resumed.state)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from rwkv_cli.batching.states import append_row, as_batch, state_row, take_rows
-from rwkv_cli.generate import Session
+from rwkv_cli.generation import Session
 from rwkv_cli.models import Model
 from rwkv_cli.state import State
 

@@ -2,11 +2,11 @@
 
 ``stream_batch`` runs requests through one :class:`~rwkv_cli.batching.engine.Batch` of at most
 ``max_batch`` sequences. A request joins as soon as there is room: its prompt is read alone, in
-chunks (``generate.prefill``), then it decodes together with the others, one token each per
+chunks (``generation.prefill``), then it decodes together with the others, one token each per
 step. A finished sequence leaves at once, and the next waiting request takes its place.
 
 Each request samples with its own parameters, penalty counts, stop strings and seeded
-generator, row by row from the batch's logits (``generate.TokenStream``, the same code that
+generator, row by row from the batch's logits (``generation.TokenStream``, the same code that
 ``stream_generate`` runs). So a request gives the tokens it gives alone, whatever else is in
 the batch: exactly when greedy or seeded, with one caveat. Two or more sequences step through
 a batched matrix product whose float32 sums are ordered differently from the one-token kernels
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from rwkv_cli.batching.engine import Batch
-from rwkv_cli.generate import GenerationChunk, Session, TokenStream
+from rwkv_cli.generation import GenerationChunk, Session, TokenStream
 from rwkv_cli.models import Model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.tokenizer.base import Tokenizer
@@ -36,7 +36,7 @@ class BatchRequest:
     document; a saved session, e.g. a system prompt read once, is shared, never changed).
 
     ``seed`` None draws a fresh one (reported in the result). ``ban`` lists token ids never
-    sampled. The other fields mean what ``generate.stream_generate``'s options do.
+    sampled. The other fields mean what ``generation.stream_generate``'s options do.
     """
 
     prompt: str
