@@ -3,7 +3,8 @@
 The Python API (README, "Python API") is importable from here: ``open_model`` loads a model as
 the ``rwkv`` command does (a local file, a Hub file, an alias or ``"demo"``, through the
 converted-weights cache, with its tokenizer); ``generate``/``stream_generate`` continue a prompt;
-``Chat`` holds a conversation; ``save_state_file``/``load_state_file`` keep a session on disk.
+``Chat`` holds a conversation; ``generate_batch`` runs many prompts together;
+``save_state_file``/``load_state_file`` keep a session on disk.
 
 The names are imported on first use, so ``rwkv --help`` and ``rwkv --version`` start without
 torch.
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from rwkv_cli.version import __version__
 
 if TYPE_CHECKING:
+    from rwkv_cli.batching import BatchRequest, BatchResult, generate_batch
     from rwkv_cli.chat import Chat, template_for
     from rwkv_cli.generation import GenerationChunk, Session, generate, stream_generate
     from rwkv_cli.loading.loaded import LoadedModel
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from rwkv_cli.statefile import StateFile, load_state_file, read_state_file, save_state_file
 
 __all__ = [
+    "BatchRequest",
+    "BatchResult",
     "Chat",
     "GenerationChunk",
     "LoadedModel",
@@ -39,6 +43,7 @@ __all__ = [
     "StateFile",
     "__version__",
     "generate",
+    "generate_batch",
     "load_state_file",
     "make_generator",
     "open_model",
@@ -62,6 +67,9 @@ _EXPORTS = {  # each name of __all__ -> the module that defines it
     "Chat": "rwkv_cli.chat",
     "template_for": "rwkv_cli.chat",
     "State": "rwkv_cli.state",
+    "BatchRequest": "rwkv_cli.batching",
+    "BatchResult": "rwkv_cli.batching",
+    "generate_batch": "rwkv_cli.batching",
     "StateFile": "rwkv_cli.statefile",
     "save_state_file": "rwkv_cli.statefile",
     "load_state_file": "rwkv_cli.statefile",
