@@ -25,6 +25,7 @@ from rwkv_cli.models import load_model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.textio import StdoutWriter, require_utf8
 from rwkv_cli.tokenizer.world import WorldTokenizer, load_world_tokenizer
+from tests.support.cli_in_process import rwkv_in_process
 from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error, rwkv
 from tests.support.fixtures import write_pth
 
@@ -116,20 +117,20 @@ def test_zero_tokens_prints_nothing(rwkv7_pth) -> None:
 
 
 def test_missing_model_file(tmp_path) -> None:
-    result = rwkv("generate", "x", "-m", tmp_path / "missing.pth")
+    result = rwkv_in_process("generate", "x", "-m", tmp_path / "missing.pth")
     assert_one_line_error(result, 1, "no such file", "missing.pth")
 
 
 def test_file_that_is_not_a_checkpoint(tmp_path) -> None:
     path = tmp_path / "notes.pth"
     path.write_text("just some text, not a model\n" * 20)
-    assert_one_line_error(rwkv("generate", "x", "-m", path), 1, "is not a checkpoint")
+    assert_one_line_error(rwkv_in_process("generate", "x", "-m", path), 1, "is not a checkpoint")
 
 
 def test_truncated_checkpoint(tmp_path, rwkv7_pth) -> None:
     path = tmp_path / "cut.pth"
     path.write_bytes(rwkv7_pth.read_bytes()[:100_000])
-    assert_one_line_error(rwkv("generate", "x", "-m", path), 1, "truncated or corrupt")
+    assert_one_line_error(rwkv_in_process("generate", "x", "-m", path), 1, "truncated or corrupt")
 
 
 def test_corrupt_checkpoint_of_a_detected_generation(tmp_path) -> None:
@@ -141,7 +142,7 @@ def test_corrupt_checkpoint_of_a_detected_generation(tmp_path) -> None:
     }
     path = write_pth(tmp_path / "rwkv6.pth", tensors)
     assert_one_line_error(
-        rwkv("generate", "x", "-m", path), 1, "corrupt RWKV-6 checkpoint", "emb.weight"
+        rwkv_in_process("generate", "x", "-m", path), 1, "corrupt RWKV-6 checkpoint", "emb.weight"
     )
 
 
@@ -168,7 +169,7 @@ def test_non_utf8_command_line_text(rwkv7_pth, command, source) -> None:
 
 
 def test_a_file_name_that_is_not_utf8_shows_in_errors_as_a_replacement_character() -> None:
-    result = rwkv("generate", "x", "-m", os.fsdecode(b"mod\xe9l.pth"))
+    result = rwkv_in_process("generate", "x", "-m", os.fsdecode(b"mod\xe9l.pth"))
     assert_one_line_error(result, 1, "no such file: mod\ufffdl.pth")
 
 
@@ -179,7 +180,7 @@ def test_command_line_text_checks() -> None:
 
 
 def test_without_a_model_the_default_is_used() -> None:
-    result = rwkv("generate", "x")  # offline with an empty cache in the tests
+    result = rwkv_in_process("generate", "x")  # offline with an empty cache in the tests
     stderr = result.stderr.decode()
     assert result.returncode == 1 and result.stdout == b""
     assert stderr.startswith("No model given: using the default, rwkv7-g1-0.1b")
