@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -37,7 +39,7 @@ from rwkv_cli.textio import OutputClosedError, unescape
 from rwkv_cli.ui import lines_progress, stderr_console
 
 if TYPE_CHECKING:
-    from rwkv_cli.batching.jobs import JobDefaults
+    from rwkv_cli.batching.jobs import BatchSummary, JobDefaults, RecordFile
     from rwkv_cli.loading.open import Start
 
 
@@ -112,36 +114,44 @@ def batch(
       rwkv batch prompts.jsonl -o results.jsonl -m model.pth --temperature 0
       cat prompts.jsonl | rwkv batch - -o - > results.jsonl
     """
-    from rwkv_cli.batching.jobs import (
-        count_lines,
-        input_lines,
-        output_records,
-        read_jobs,
-        run_jobs,
-        write_records,
-    )
+    from rwkv_cli.batching.jobs import count_lines, input_lines, output_records
 
     console = stderr_console()
     with input_lines(input_file) as lines:
         total = count_lines(input_file)
         start = open_requested(ctx, console, state, force)
-        jobs_defaults = _defaults(ctx, start)
         with output_records(output) as (records, done):
-            jobs = read_jobs(lines, start.loaded, jobs_defaults, skip=done)
-            with lines_progress(console, total, min(len(done), total or 0)) as advance:
-                try:
-                    summary = write_records(
-                        run_jobs(start.loaded, jobs, max_batch),
-                        records,
-                        lambda record: advance(record.get("completion_tokens", 0)),
-                    )
-                except OutputClosedError:  # `-o - | head`: the reader has all it wanted
-                    raise typer.Exit() from None
+            progress = lines_progress(console, total, min(len(done), total or 0))
+            summary = _run(start, _defaults(ctx, start), lines, records, done, progress, max_batch)
     if summary.failed:
         raise RwkvCliError(
             f"{summary.failed} of {summary.failed + summary.finished} lines failed",
             hint=f"see the error records in {'stdout' if str(output) == '-' else output}",
         )
+
+
+def _run(
+    start: Start,
+    defaults: JobDefaults,
+    lines: Iterator[bytes],
+    records: RecordFile,
+    done: set[str],
+    progress: AbstractContextManager[Callable[[int], None]],
+    max_batch: int,
+) -> BatchSummary:
+    """Every line not ``done`` yet, its record written to ``records`` as it finishes."""
+    from rwkv_cli.batching.jobs import read_jobs, run_jobs, write_records
+
+    jobs = read_jobs(lines, start.loaded, defaults, skip=done)
+    with progress as advance:
+        try:
+            return write_records(
+                run_jobs(start.loaded, jobs, max_batch),
+                records,
+                lambda record: advance(record.get("completion_tokens", 0)),
+            )
+        except OutputClosedError:  # `-o - | head`: the reader has all it wanted
+            raise typer.Exit() from None
 
 
 def _defaults(ctx: typer.Context, start: Start) -> JobDefaults:
