@@ -21,7 +21,7 @@ from rwkv_cli.batching.jobs import (
 )
 from rwkv_cli.chat import Chat
 from rwkv_cli.errors import InvalidInputError
-from rwkv_cli.generation import END_OF_TEXT, generate
+from rwkv_cli.generation import END_OF_TEXT, generate, prefill
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model
 from rwkv_cli.sampling import make_generator
@@ -49,11 +49,14 @@ def _jobs(demo: LoadedModel, *lines: dict | str, defaults=None, skip=frozenset()
 
 
 def test_a_prompt_line_takes_the_run_defaults(demo) -> None:
-    (job,) = _jobs(demo, {"id": "a", "prompt": "Once"}, defaults=_defaults(stop=("\n",), seed=None))
+    shared = prefill(demo.model, demo.tokenizer.encode("A system prompt."))
+    defaults = _defaults(stop=("\n",), seed=None, session=shared)
+    (job,) = _jobs(demo, {"id": "a", "prompt": "Once"}, defaults=defaults)
     assert (job.line, job.id, job.error) == (1, "a", None)
     request = job.request
     assert request.prompt == "Once" and request.max_tokens == 8 and request.stop == ("\n",)
     assert request.params == SamplingParams() and request.seed is None
+    assert request.session is shared  # every line starts after the shared state
 
 
 def test_fields_of_a_line_override_the_defaults(demo) -> None:

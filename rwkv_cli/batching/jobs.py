@@ -203,7 +203,7 @@ def _messages(value: Any) -> list[tuple[str, str]]:
 
 @dataclass
 class BatchSummary:
-    """How a run went: lines finished, failed (error records) and skipped (finished before)."""
+    """How a run went: lines finished and failed (error records), tokens generated."""
 
     finished: int = 0
     failed: int = 0
@@ -213,8 +213,9 @@ class BatchSummary:
 def run_jobs(
     loaded: LoadedModel, jobs: Iterable[Job], max_batch: int = DEFAULT_MAX_BATCH
 ) -> Iterator[dict[str, Any]]:
-    """Run ``jobs`` through one batch; yield each line's record as it finishes (so in the order
-    they finish; a line that cannot run yields its error record soon after it is read)."""
+    """Run ``jobs`` through one batch; yield each line's record as it finishes, so in the order
+    they finish (a line that cannot run has its error record yielded with the next result, or
+    at the end)."""
     ids: list[str | int] = []
     failed: list[dict[str, Any]] = []
 
