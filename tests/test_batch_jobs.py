@@ -99,6 +99,7 @@ def test_a_line_without_a_seed_under_a_run_seed_gets_one_from_the_seed_and_its_i
     [
         ('{"id": 1, "prompt": "x"', None, "not JSON"),
         ("[1, 2]", None, "not a JSON object"),
+        ('{"id": 1, "prompt": "a\\ud800b"}', None, "lone surrogate"),
         ('{"prompt": "x"}', None, '"id"'),
         ('{"id": true, "prompt": "x"}', None, '"id"'),
         ('{"id": 1}', 1, '"prompt" or "messages"'),

@@ -115,6 +115,10 @@ def _parse(raw: bytes) -> dict[str, Any]:
         raise _LineError(f"not JSON: {error.msg} (column {error.colno})") from None
     if not isinstance(fields, dict):
         raise _LineError('not a JSON object: give {"id": ..., "prompt": ...}')
+    try:  # JSON may spell a lone surrogate (\ud800), which no text holds
+        json.dumps(fields, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _LineError("a string holds a lone surrogate escape (\\ud800 to \\udfff)") from None
     return fields
 
 
