@@ -20,7 +20,7 @@ from rwkv_cli.batching.jobs import (
     write_records,
 )
 from rwkv_cli.chat import Chat
-from rwkv_cli.errors import InvalidInputError
+from rwkv_cli.errors import InvalidInputError, WriteError
 from rwkv_cli.generation import END_OF_TEXT, generate, prefill
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model
@@ -192,6 +192,15 @@ def test_records_are_appended_as_whole_lines_and_counted(tmp_path) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["id"] for line in lines] == [0, 1, 2]
     assert "é" in lines[1]  # UTF-8, not \\u escapes
+
+
+def test_two_runs_never_append_to_one_output_at_once(tmp_path) -> None:
+    path = tmp_path / "out.jsonl"
+    first = RecordFile.append_to(path)
+    with pytest.raises(WriteError, match="another run is writing"):
+        RecordFile.append_to(path)
+    first.close()
+    RecordFile.append_to(path).close()  # free again once the first has finished
 
 
 def test_finished_ids_are_the_results_not_the_errors_and_a_torn_line_goes(tmp_path) -> None:

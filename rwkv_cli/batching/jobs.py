@@ -31,6 +31,7 @@ from typing import Any
 
 from rwkv_cli.batching.generate import BatchRequest, BatchResult, generate_batch
 from rwkv_cli.errors import InvalidInputError, RwkvCliError, WriteError
+from rwkv_cli.fileio import lock_now
 from rwkv_cli.generation import END_OF_TEXT, Session
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.settings import DEFAULT_MAX_BATCH, MAX_SEED, SamplingParams
@@ -293,10 +294,18 @@ class RecordFile:
 
     @classmethod
     def append_to(cls, path: Path) -> RecordFile:
+        """``path`` opened to append to, locked: two runs never write one output at once."""
         try:
             descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as error:
             raise WriteError(f"cannot write {path}: {error.strerror or error}") from error
+        if not lock_now(descriptor):
+            os.close(descriptor)
+            raise WriteError(
+                f"another run is writing {path}",
+                hint="wait for it to end (a rerun then skips what it finished), or choose "
+                "another output file",
+            )
         return cls(descriptor, str(path), owned=True)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -371,8 +380,12 @@ def output_records(path: Path) -> Iterator[tuple[RecordFile, set[str]]]:
         sys.stdout.flush()
         output, done = RecordFile(sys.stdout.fileno(), "stdout", owned=False), set()
     else:
-        done = finished_ids(path)
-        output = RecordFile.append_to(path)
+        output = RecordFile.append_to(path)  # locked first: no other run appends as we read
+        try:
+            done = finished_ids(path)
+        except BaseException:
+            output.close()
+            raise
     try:
         yield output, done
     finally:
