@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,10 @@ def line_seed(run_seed: int, line_id: str | int) -> int:
 
 
 def read_jobs(
-    lines: Iterable[bytes], loaded: LoadedModel, defaults: JobDefaults, skip: set[str] = frozenset()
+    lines: Iterable[bytes],
+    loaded: LoadedModel,
+    defaults: JobDefaults,
+    skip: Collection[str] = frozenset(),
 ) -> Iterator[Job]:
     """A job per non-blank input line, lazily; lines whose id is in ``skip`` (``id_key``s of
     records already finished) are left out. A later line with an id seen before is an error."""
