@@ -118,6 +118,20 @@ def exclusive(lock_file: Path) -> Iterator[bool]:
             return
 
 
+def lock_now(descriptor: int) -> bool:
+    """Take the flock of an open file without waiting: False if another process (or another
+    open of the file) holds it. True where there are no flocks: nothing can guard it there."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _lock(handle: IO) -> bool:
     """Wait for ``handle``'s flock; False where there are no flocks."""
     if fcntl is None:

@@ -205,15 +205,15 @@ class TokenStream:
         cls,
         model: Model,
         tokenizer: Tokenizer,
-        prompt: str,
+        prompt: str | Sequence[int],
         session: Session | None = None,
         on_prefill: Callable[[int, int], None] | None = None,
         **options,
     ) -> TokenStream:
-        """Read ``prompt`` after ``session`` (see ``stream_generate``); ``options`` are the
-        constructor's sampling and stopping options."""
+        """Read ``prompt`` (text, or token ids already encoded) after ``session`` (see
+        ``stream_generate``); ``options`` are the constructor's sampling and stopping options."""
         session = session or Session()
-        tokens = tokenizer.encode(prompt)
+        tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens and session.logits is None:
             tokens = [END_OF_TEXT]
         started = time.perf_counter()

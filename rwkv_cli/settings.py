@@ -58,6 +58,7 @@ MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 # torch.Generator.manual_seed accepts any value that fits in an unsigned 64-bit integer.
 MAX_SEED = 2**64 - 1
+DEFAULT_MAX_BATCH = 16  # sequences decoding together; issue #19's targets are measured at 16
 
 # Below this a temperature is greedy in all but name, and far below it (1e-38) dividing float32
 # logits by it overflows to inf and NaN: such values are refused rather than quietly broken.

@@ -9,6 +9,7 @@ and the server render the turns.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _BLANK_LINES = re.compile(r"\n{2,}")  # a blank line ends a turn, so user text may not hold one
@@ -36,6 +37,18 @@ class Template:
 
     def reply_end(self) -> str:
         return "\n\n"
+
+    def turns(self, messages: Sequence[tuple[str, str]], think: bool = False) -> list[str]:
+        """A conversation given as (role, text) pairs written out as ``Chat`` writes it, in the
+        pieces it encodes one by one: a system prompt, user messages (each opening the reply),
+        and replies as the model wrote them (the text after ``Assistant:``, e.g. " Hello")
+        followed by their end."""
+        writers = {
+            "system": lambda text: [self.system_turn(text)],
+            "user": lambda text: [self.user_turn(text, think)],
+            "assistant": lambda text: [text, self.reply_end()],
+        }
+        return [piece for role, text in messages for piece in writers[role](text)]
 
     @property
     def stops(self) -> tuple[str, ...]:

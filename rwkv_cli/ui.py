@@ -8,6 +8,7 @@ codes when stderr is not a terminal; spinners are shown only on a terminal. ``--
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -82,6 +83,36 @@ def prefill_progress(console: Console) -> Iterator[Callable[[int, int], None]]:
     finally:
         if shown:
             shown[0].stop()
+
+
+@contextlib.contextmanager
+def lines_progress(
+    console: Console, total: int | None, done: int = 0
+) -> Iterator[Callable[[int], None]]:
+    """Yields ``update(tokens)``, called once per finished line with the tokens it generated:
+    a bar of lines done out of ``total`` (None: unknown) and the tokens per second generated
+    since the start, on a terminal only."""
+    if not interactive(console):
+        yield lambda tokens: None
+        return
+    columns = (
+        TextColumn("Lines"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("lines", total=total, completed=done, rate="")
+        started, generated = time.perf_counter(), [0]
+
+        def update(tokens: int) -> None:
+            generated[0] += tokens
+            seconds = time.perf_counter() - started
+            rate = f"{generated[0] / seconds:.1f} tok/s" if seconds > 0 else ""
+            progress.update(task, advance=1, rate=rate)
+
+        yield update
 
 
 def print_state_info(details: dict) -> None:

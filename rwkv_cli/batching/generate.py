@@ -25,21 +25,21 @@ from rwkv_cli.batching.engine import Batch
 from rwkv_cli.generation import GenerationChunk, Session, TokenStream
 from rwkv_cli.models import Model
 from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.settings import DEFAULT_MAX_BATCH
 from rwkv_cli.tokenizer.base import Tokenizer
-
-DEFAULT_MAX_BATCH = 16  # sequences decoding together; issue #19's targets are measured at 16
 
 
 @dataclass(frozen=True)
 class BatchRequest:
-    """One completion to generate: continue ``prompt`` after ``session`` (None: a fresh
-    document; a saved session, e.g. a system prompt read once, is shared, never changed).
+    """One completion to generate: continue ``prompt`` (text, or token ids already encoded, as
+    a chat's turns are) after ``session`` (None: a fresh document; a saved session, e.g. a
+    system prompt read once, is shared, never changed).
 
     ``seed`` None draws a fresh one (reported in the result). ``ban`` lists token ids never
     sampled. The other fields mean what ``generation.stream_generate``'s options do.
     """
 
-    prompt: str
+    prompt: str | tuple[int, ...]
     max_tokens: int
     params: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
