@@ -51,6 +51,17 @@ inline float sum8(__m256 v) {
 }
 #endif
 
+// a * b + c, rounded once where the CPU has a fused multiply-add. Written out because contracting
+// `a * b + c` is the compiler's choice, which could differ between the instantiations of dot4 for
+// one row and for many, and then a row would not get the same bits alone as in a batch.
+inline float multiply_add(float a, float b, float c) {
+#ifdef FP_FAST_FMAF
+  return std::fmaf(a, b, c);
+#else
+  return a * b + c;  // no fused instruction: nothing to contract either
+#endif
+}
+
 // Input rows a pass over the weights takes (more are taken in groups of this many): their
 // partial sums, 4 x 16 vectors, stay in L1 with a column chunk of their inputs (below).
 constexpr int64_t kMaxRows = 16;
@@ -122,9 +133,7 @@ void dot4(const W* weight_rows, int64_t n, const float* x, int64_t rows, float* 
   for (int64_t b = 0; b < rows; ++b) {
     const float* xb = x + b * n;
     for (int64_t i = vectorized; i < n; ++i) {
-      // fmaf, not a * b + c: contracting that is the compiler's choice, and could differ
-      // between the instantiations for one row and for many
-      for (int r = 0; r < 4; ++r) sums[b][r] = std::fmaf(to_float(w[r][i]), xb[i], sums[b][r]);
+      for (int r = 0; r < 4; ++r) sums[b][r] = multiply_add(to_float(w[r][i]), xb[i], sums[b][r]);
     }
     for (int r = 0; r < 4; ++r) out[b * out_stride + r] = sums[b][r];
   }
