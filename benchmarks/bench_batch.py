@@ -8,7 +8,9 @@ chosen greedily, so every step does the work a real decode does, sampling except
 threads sleep while they wait, as under ``rwkv`` (rwkv_cli/entry.py), unless the environment
 chooses otherwise.
 
-    python benchmarks/bench_batch.py [--sizes 1 2 4 8 16] [--tokens 32] [--dtype fp32]
+    python benchmarks/bench_batch.py [--sizes 1 2 4 8 16] [--tokens 32] [--dtype fp32 bf16 int8]
+
+With several weight formats it builds and measures one model per format, in turn.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--tokens", type=int, default=32, help="decoded per sequence")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
+    parser.add_argument(
+        "--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16", "int8"]
+    )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768)
     args = parser.parse_args()
@@ -64,20 +68,20 @@ def main() -> None:
     from tests.support.fixtures import rwkv7_tensors
 
     tensors = rwkv7_tensors(n_layer=args.layers, n_embd=args.width, lora=64)
-    prepared = RWKV7.prepare(tensors, DTYPES[args.dtype])
-    model = RWKV7.from_prepared(prepared, compute_dtype=torch.float32)
-    del tensors
     prepare_kernels(torch.device("cpu"))
-    print(
-        f"RWKV-7 L{args.layers} D{args.width}, {args.dtype} weights, CPU, "
-        f"{torch.get_num_threads()} threads; {args.tokens} tokens decoded per sequence"
-    )
-    print(f"{'B':>4} {'aggregate tok/s':>16} {'ms per step':>12} {'vs B=1':>8}")
-    single = None
-    for size in args.sizes:
-        speed, step_ms = decode_speed(model, size, args.tokens)
-        single = single or speed
-        print(f"{size:>4} {speed:>16.1f} {step_ms:>12.1f} {speed / single:>7.2f}x")
+    for dtype in args.dtype:
+        model = RWKV7.from_prepared(RWKV7.prepare(tensors, DTYPES[dtype]), torch.float32)
+        print(
+            f"RWKV-7 L{args.layers} D{args.width}, {dtype} weights, CPU, "
+            f"{torch.get_num_threads()} threads; {args.tokens} tokens decoded per sequence"
+        )
+        print(f"{'B':>4} {'aggregate tok/s':>16} {'ms per step':>12} {'vs B=1':>8}")
+        single = None
+        for size in args.sizes:
+            speed, step_ms = decode_speed(model, size, args.tokens)
+            single = single or speed
+            print(f"{size:>4} {speed:>16.1f} {step_ms:>12.1f} {speed / single:>7.2f}x")
+        del model
 
 
 if __name__ == "__main__":

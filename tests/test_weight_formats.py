@@ -19,12 +19,13 @@ from rwkv_cli.bench import weight_bytes
 from rwkv_cli.demo import HELDOUT_FILE, demo_dir
 from rwkv_cli.device import DTYPES
 from rwkv_cli.kernels import build, cpu_ops
+from rwkv_cli.kernels.decode import SMALL_BATCH_ROWS
 from rwkv_cli.kernels.linear import (
     QuantizedMatrix,
     linear,
     quantize_int8,
 )
-from rwkv_cli.kernels.selftest import TORCH_REFERENCES, wkv_inputs
+from rwkv_cli.kernels.selftest import GEMV_ROWS, TORCH_REFERENCES, wkv_inputs
 from rwkv_cli.loading.open import open_model
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.settings import ModelRequest
@@ -44,22 +45,40 @@ def ops() -> cpu_ops.CpuKernels:
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gemv_equals_torch_for_float_weights(ops, shape, dtype) -> None:
+@pytest.mark.parametrize("rows", GEMV_ROWS)
+def test_gemv_equals_torch_for_float_weights(ops, shape, dtype, rows) -> None:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=generator).to(dtype)
-    x = torch.randn(1, shape[1], generator=generator)
+    x = torch.randn(rows, shape[1], generator=generator)
     expected = F.linear(x.double(), weight.double())
     assert relative_error(ops.gemv(x, weight, None).double(), expected) < 1e-6
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gemv_equals_torch_for_int8_weights(ops, shape) -> None:
+@pytest.mark.parametrize("rows", GEMV_ROWS)
+def test_gemv_equals_torch_for_int8_weights(ops, shape, rows) -> None:
     generator = torch.Generator().manual_seed(1)
     quantized = quantize_int8(torch.randn(shape, generator=generator))
-    x = torch.randn(3, shape[1], generator=generator)  # several rows: one product each
+    x = torch.randn(rows, shape[1], generator=generator)
     expected = F.linear(x.double(), quantized.dequantize(torch.float64))
     actual = ops.gemv(x, quantized.values, quantized.scale).double()
     assert relative_error(actual, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+def test_gemv_gives_each_row_the_same_bits_alone_as_in_a_batch(ops, dtype) -> None:
+    """A sequence decoded in a batch gets the projections it gets alone, not just close ones."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(101, 203, generator=generator)  # odd sizes: every tail is taken
+    values, scale = (
+        (quantize_int8(weight).values, quantize_int8(weight).scale)
+        if dtype == torch.int8
+        else (weight.to(dtype), None)
+    )
+    x = torch.randn(17, 203, generator=generator)
+    together = ops.gemv(x, values, scale)
+    alone = torch.cat([ops.gemv(row.unsqueeze(0), values, scale) for row in x])
+    assert torch.equal(together, alone)
 
 
 def test_gemv_rejects_bad_arguments(ops) -> None:
@@ -115,6 +134,46 @@ def test_linear_gives_the_same_with_and_without_the_compiled_kernel(dtype) -> No
             build.set_kernel_choice("auto")
     assert compiled.shape == plain.shape == (300,)
     assert relative_error(compiled, plain) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "takes_kernel"),
+    [
+        ((200,), True),  # one token
+        ((1, 200), True),
+        ((5, 1, 200), True),  # one token of each of 5 sequences (forward_batch)
+        ((16, 200), True),  # the head over 16 sequences' last tokens
+        ((SMALL_BATCH_ROWS + 1, 1, 200), False),  # more rows: a GEMM
+        ((64, 200), False),  # a prefill chunk
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+def test_linear_takes_the_small_batch_kernel_for_up_to_16_rows(
+    monkeypatch, x_shape, takes_kernel, dtype
+) -> None:
+    calls = []
+    gemv = cpu_ops.CpuKernels.gemv
+
+    def spy(self, x, weight, scale=None):
+        calls.append(x.shape)
+        return gemv(self, x, weight, scale)
+
+    monkeypatch.setattr(cpu_ops.CpuKernels, "gemv", spy)
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(30, 200, generator=generator)
+    weight = quantize_int8(weight) if dtype == torch.int8 else weight.to(dtype)
+    x = torch.randn(x_shape, generator=generator)
+    with torch.inference_mode():
+        y = linear(x, weight)
+    rows = x.numel() // 200
+    assert calls == ([(rows, 200)] if takes_kernel else [])
+    assert y.shape == (*x_shape[:-1], 30)
+    expected = F.linear(x.double(), _dense(weight).double())
+    assert relative_error(y.double(), expected) < 1e-6
+
+
+def _dense(weight: torch.Tensor | QuantizedMatrix) -> torch.Tensor:
+    return weight.dequantize() if isinstance(weight, QuantizedMatrix) else weight.float()
 
 
 CHECKPOINTS = {

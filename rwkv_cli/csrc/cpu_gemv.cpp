@@ -1,10 +1,14 @@
-// Matrix-vector products for one-token decoding on the CPU, with weights in float32, bfloat16,
-// float16 or int8 (one float32 scale per output row). Weights are stored (out, in): every output
-// is the dot product of one contiguous weight row with the input, so each thread streams its own
-// rows from memory exactly once and the input vector stays in L1. Decoding reads every weight
-// once per token, so its speed is memory bandwidth divided by bytes per weight: this is what
-// makes 16-bit and 8-bit weights pay on CPUs where torch has no fast path for them.
+// Matrix products with a few input rows, for decoding on the CPU (one token, or one token of each
+// of B sequences stepping together), with weights in float32, bfloat16, float16 or int8 (one
+// float32 scale per output row). Weights are stored (out, in): every output is the dot product
+// of one contiguous weight row with an input row, so each thread streams its own weight rows from
+// memory once for all the input rows, which stay in cache. Decoding reads every weight once per
+// step, so its speed is memory bandwidth divided by bytes per weight: this is what makes 16-bit
+// and 8-bit weights pay on CPUs where torch has no fast path for them, and what lets B sequences
+// step for little more than the price of one.
 #include "cpu_kernels.h"
+
+#include <cmath>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -47,34 +51,92 @@ inline float sum8(__m256 v) {
 }
 #endif
 
-// Dot products of four consecutive weight rows with x.
-template <typename W>
-void dot4(const W* rows, int64_t n, const float* x, float* out) {
-  const W* r0 = rows;
-  const W* r1 = rows + n;
-  const W* r2 = rows + 2 * n;
-  const W* r3 = rows + 3 * n;
-  int64_t i = 0;
-  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#ifdef RWKV_CLI_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    __m256 xv = _mm256_loadu_ps(x + i);
-    a0 = _mm256_fmadd_ps(load8(r0 + i), xv, a0);
-    a1 = _mm256_fmadd_ps(load8(r1 + i), xv, a1);
-    a2 = _mm256_fmadd_ps(load8(r2 + i), xv, a2);
-    a3 = _mm256_fmadd_ps(load8(r3 + i), xv, a3);
-  }
-  s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
+// a * b + c, rounded once where the CPU has a fused multiply-add. Written out because contracting
+// `a * b + c` is the compiler's choice, which could differ between the instantiations of dot4 for
+// one row and for many, and then a row would not get the same bits alone as in a batch.
+inline float multiply_add(float a, float b, float c) {
+#ifdef FP_FAST_FMAF
+  return std::fmaf(a, b, c);
+#else
+  return a * b + c;  // no fused instruction: nothing to contract either
 #endif
-  for (; i < n; ++i) {
-    s0 += to_float(r0[i]) * x[i];
-    s1 += to_float(r1[i]) * x[i];
-    s2 += to_float(r2[i]) * x[i];
-    s3 += to_float(r3[i]) * x[i];
+}
+
+// Input rows a pass over the weights takes (more are taken in groups of this many): their
+// partial sums, 4 x 16 vectors, stay in L1 with a column chunk of their inputs (below).
+constexpr int64_t kMaxRows = 16;
+// Columns per chunk: 16 input rows x 256 float32 is 16 KB, which stays in L1 while a group of
+// four weight rows is multiplied with each input row in turn.
+constexpr int64_t kChunkColumns = 256;
+
+#ifdef RWKV_CLI_AVX2
+// Input rows taken together in the innermost loop: 4 x 2 sums, 4 widened weight vectors and an
+// input vector use 13 of the 16 AVX2 registers (3 rows would need 17).
+constexpr int64_t kRowsPerPass = 2;
+
+// Columns [begin, end) (multiples of 8) of four weight rows w times kRows input rows (the next
+// x_stride further on), added to the lane sums acc[b][r] of input row b and weight row r. The
+// weight vectors are widened once and used for every input row.
+template <int kRows, typename W>
+void dot4_columns(const W* const w[4], int64_t begin, int64_t end, const float* x,
+                  int64_t x_stride, __m256 (*acc)[4]) {
+  __m256 sums[kRows][4];
+  for (int b = 0; b < kRows; ++b) {
+    for (int r = 0; r < 4; ++r) sums[b][r] = acc[b][r];
   }
-  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+  for (int64_t i = begin; i < end; i += 8) {
+    const __m256 w0 = load8(w[0] + i), w1 = load8(w[1] + i);
+    const __m256 w2 = load8(w[2] + i), w3 = load8(w[3] + i);
+    for (int b = 0; b < kRows; ++b) {
+      const __m256 xv = _mm256_loadu_ps(x + b * x_stride + i);
+      sums[b][0] = _mm256_fmadd_ps(w0, xv, sums[b][0]);
+      sums[b][1] = _mm256_fmadd_ps(w1, xv, sums[b][1]);
+      sums[b][2] = _mm256_fmadd_ps(w2, xv, sums[b][2]);
+      sums[b][3] = _mm256_fmadd_ps(w3, xv, sums[b][3]);
+    }
+  }
+  for (int b = 0; b < kRows; ++b) {
+    for (int r = 0; r < 4; ++r) acc[b][r] = sums[b][r];
+  }
+}
+#endif
+
+// Four consecutive weight rows (each n long) times `rows` (at most kCapacity) input rows:
+// out[b * out_stride + r] for input row b and weight row r. The weights are read from memory
+// once for all input rows, chunk by chunk (re-read from L1 for each pair of input rows). Each
+// sum takes its terms in the same order (8 lanes over the columns, the lanes added, then the
+// last n % 8 columns) whatever `rows` is: an input row gets the same bits alone as in a batch.
+template <int64_t kCapacity, typename W>
+void dot4(const W* weight_rows, int64_t n, const float* x, int64_t rows, float* out,
+          int64_t out_stride) {
+  const W* const w[4] = {weight_rows, weight_rows + n, weight_rows + 2 * n, weight_rows + 3 * n};
+  float sums[kCapacity][4] = {};
+  int64_t vectorized = 0;
+#ifdef RWKV_CLI_AVX2
+  vectorized = n / 8 * 8;
+  __m256 acc[kCapacity][4];
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int r = 0; r < 4; ++r) acc[b][r] = _mm256_setzero_ps();
+  }
+  for (int64_t begin = 0; begin < vectorized; begin += kChunkColumns) {
+    const int64_t end = begin + kChunkColumns < vectorized ? begin + kChunkColumns : vectorized;
+    int64_t b = 0;
+    for (; b + kRowsPerPass <= rows; b += kRowsPerPass) {
+      dot4_columns<kRowsPerPass>(w, begin, end, x + b * n, n, acc + b);
+    }
+    for (; b < rows; ++b) dot4_columns<1>(w, begin, end, x + b * n, n, acc + b);
+  }
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int r = 0; r < 4; ++r) sums[b][r] = sum8(acc[b][r]);
+  }
+#endif
+  for (int64_t b = 0; b < rows; ++b) {
+    const float* xb = x + b * n;
+    for (int64_t i = vectorized; i < n; ++i) {
+      for (int r = 0; r < 4; ++r) sums[b][r] = multiply_add(to_float(w[r][i]), xb[i], sums[b][r]);
+    }
+    for (int r = 0; r < 4; ++r) out[b * out_stride + r] = sums[b][r];
+  }
 }
 
 template <typename W>
@@ -84,26 +146,39 @@ float dot1(const W* row, int64_t n, const float* x) {
   return sum;
 }
 
-// y (tokens, n_out) = x (tokens, n_in) @ weight (n_out, n_in)ᵀ, times scale (n_out,) if given.
+// y (rows, n_out) = x (rows, n_in) @ weight (n_out, n_in)ᵀ, times scale (n_out,) if given.
+// Threads split the weight rows, four at a time; each streams its rows from memory once per
+// group of up to kMaxRows input rows. Meant for a few input rows (one token, or one token of each
+// of a few sequences): for many, a GEMM does the arithmetic faster.
 template <typename W>
-void gemv(const float* x, const void* weight_data, const float* scale, float* y, int64_t tokens,
+void gemv(const float* x, const void* weight_data, const float* scale, float* y, int64_t rows,
           int64_t n_in, int64_t n_out) {
   const W* weight = static_cast<const W*>(weight_data);
-  const int64_t blocks = n_out / 4;  // four rows at a time; the rest below
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* xt = x + t * n_in;
-    float* yt = y + t * n_out;
-    const bool split = n_out * n_in >= rwkv_cli::kMinWorkToSplit;
+  const int64_t blocks = n_out / 4;  // four weight rows at a time; the rest below
+  const bool split = rows * n_out * n_in >= rwkv_cli::kMinWorkToSplit;
+  for (int64_t first = 0; first < rows; first += kMaxRows) {
+    const int64_t group = rows - first < kMaxRows ? rows - first : kMaxRows;
+    const float* xg = x + first * n_in;
+    float* yg = y + first * n_out;
 #pragma omp parallel for schedule(static) if (split)
     for (int64_t block = 0; block < blocks; ++block) {
-      float* out = yt + block * 4;
-      dot4(weight + block * 4 * n_in, n_in, xt, out);
+      float* out = yg + block * 4;
+      if (group == 1) {  // one token: sums sized for one row, as fast as a plain gemv
+        dot4<1>(weight + block * 4 * n_in, n_in, xg, 1, out, n_out);
+      } else {
+        dot4<kMaxRows>(weight + block * 4 * n_in, n_in, xg, group, out, n_out);
+      }
       if (scale != nullptr) {
-        for (int64_t j = 0; j < 4; ++j) out[j] *= scale[block * 4 + j];
+        for (int64_t b = 0; b < group; ++b) {
+          for (int64_t j = 0; j < 4; ++j) out[b * n_out + j] *= scale[block * 4 + j];
+        }
       }
     }
     for (int64_t o = blocks * 4; o < n_out; ++o) {
-      yt[o] = dot1(weight + o * n_in, n_in, xt) * (scale != nullptr ? scale[o] : 1.0f);
+      for (int64_t b = 0; b < group; ++b) {
+        const float sum = dot1(weight + o * n_in, n_in, xg + b * n_in);
+        yg[b * n_out + o] = sum * (scale != nullptr ? scale[o] : 1.0f);
+      }
     }
   }
 }
@@ -113,9 +188,9 @@ void gemv(const float* x, const void* weight_data, const float* scale, float* y,
 // One exported function per weight format: rwkv_gemv_f32, _bf16, _f16 and _i8.
 #define RWKV_CLI_GEMV(suffix, W)                                                              \
   RWKV_CLI_EXPORT void rwkv_gemv_##suffix(const float* x, const void* w, const float* scale,  \
-                                          float* y, int64_t tokens, int64_t n_in,             \
+                                          float* y, int64_t rows, int64_t n_in,               \
                                           int64_t n_out) {                                    \
-    gemv<W>(x, w, scale, y, tokens, n_in, n_out);                                             \
+    gemv<W>(x, w, scale, y, rows, n_in, n_out);                                               \
   }
 RWKV_CLI_GEMV(f32, float)
 RWKV_CLI_GEMV(bf16, BF16)

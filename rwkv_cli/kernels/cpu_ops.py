@@ -1,6 +1,7 @@
 """The compiled CPU kernels (``csrc/cpu_*.cpp``), each with a torch twin that means the same:
 
-- ``gemv``: one token's projection with float32, bfloat16, float16 or int8 weights, streamed at
+- ``gemv``: the projection of a few rows (one token, or one token of each of a few sequences)
+  with float32, bfloat16, float16 or int8 weights, each weight read once for all rows, at
   close to the memory bandwidth (twin: ``torch.nn.functional.linear``; see kernels/linear.py);
 - ``time_mix7``: RWKV-7's time mixing between the projections for one token, in one pass
   (twin: ``kernels.time_mix7.time_mix7_torch``);
@@ -57,10 +58,12 @@ class CpuKernels:
     def gemv(
         self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """y (T, out) = x (T, in) @ weight (out, in)ᵀ, times ``scale`` (out,) per row when given
-        (required for int8 weights). x is float32; y is float32."""
+        """y (B, out) = x (B, in) @ weight (out, in)ᵀ, times ``scale`` (out,) per row when given
+        (required for int8 weights). x is float32; y is float32. Each weight is read from memory
+        once per 16 rows of x, and row b of y has the same bits whatever B is: meant for a few
+        rows (``decode.SMALL_BATCH_ROWS``)."""
         if x.dim() != 2 or x.dtype != torch.float32:
-            raise ValueError("gemv: x must be float32 (T, in)")
+            raise ValueError("gemv: x must be float32 (B, in)")
         if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
             raise ValueError(f"gemv: weight must be (out, in) with in = {x.shape[1]}")
         symbol = _GEMV_SYMBOLS.get(weight.dtype)
@@ -74,10 +77,10 @@ class CpuKernels:
             _require_float32(scale, weight.shape[0], "scale")
         x = x.contiguous()
         _require_cpu(x, "x")
-        tokens, n_in, n_out = x.shape[0], x.shape[1], weight.shape[0]
-        y = x.new_empty(tokens, n_out)
+        rows, n_in, n_out = x.shape[0], x.shape[1], weight.shape[0]
+        y = x.new_empty(rows, n_out)
         getattr(self._library, symbol)(
-            x.data_ptr(), weight.data_ptr(), _pointer(scale), y.data_ptr(), tokens, n_in, n_out
+            x.data_ptr(), weight.data_ptr(), _pointer(scale), y.data_ptr(), rows, n_in, n_out
         )
         return y
 

@@ -7,7 +7,8 @@ once per token and by per-operation overhead, so it takes paths made for exactly
 forward, or an operation within it, takes the decode path exactly when it has one token
 (``is_decode``); any other count takes the prefill path. Where the rule applies:
 
-- projections on the CPU: the compiled ``gemv`` kernel (kernels/linear.py), else a GEMM;
+- projections on the CPU: the compiled ``gemv`` kernel (kernels/linear.py) for up to
+  ``SMALL_BATCH_ROWS`` rows (``is_small_batch``), else a GEMM;
 - RWKV-7's time mixing on the CPU: one fused compiled kernel (kernels/time_mix7.py), else the
   torch twin, whose recurrence is chunked for many tokens;
 - the WKV recurrences' torch twins: token by token (``wkv5_sequential``, ``wkv7_sequential``),
@@ -15,9 +16,11 @@ forward, or an operation within it, takes the decode path exactly when it has on
 - a whole forward on a GPU: replayed as one CUDA graph (models/decode_graph.py, models/frame.py).
 
 A batch of sequences decoding together (``RecurrentModel.forward_batch``) has B rows of one
-token each: its projections are one matrix product for all B rows (each weight read once), and
-its recurrences, whose inputs then carry a leading batch dimension (``is_batched``), run their
-torch twins token by token: the compiled kernels take one sequence.
+token each: its projections read each weight once for all B rows (the ``gemv`` kernel up to
+``SMALL_BATCH_ROWS`` rows, a GEMM beyond), and its recurrences, whose inputs then carry a
+leading batch dimension (``is_batched``), run their torch twins token by token: the compiled
+kernels take one sequence. A projection cannot tell B sequences' tokens from a short chunk of
+one sequence's prompt, and need not: both are a few rows bound by reading the weights.
 
 The compiled kernels among those run only where they take the inputs (float32 CPU tensors for
 the CPU kernels, no gradient asked for, a build that succeeded); elsewhere one token goes through
@@ -32,11 +35,21 @@ if TYPE_CHECKING:
     import torch
 
 DECODE_TOKENS = 1
+# Rows of input up to which a CPU projection runs the gemv kernel, which reads each weight once
+# for up to this many rows (kMaxRows in csrc/cpu_gemv.cpp), rather than a GEMM: a decode step of
+# up to 16 sequences. The rows' inputs stay in cache while the weights stream past; for more rows
+# the arithmetic, which a GEMM does faster, outweighs reading the weights.
+SMALL_BATCH_ROWS = 16
 
 
 def is_decode(tokens: int) -> bool:
     """Whether ``tokens`` tokens take the one-token (decode) path."""
     return tokens == DECODE_TOKENS
+
+
+def is_small_batch(rows: int) -> bool:
+    """Whether a projection over ``rows`` rows of input takes the small-batch (decode) kernel."""
+    return 1 <= rows <= SMALL_BATCH_ROWS
 
 
 def is_batched(state: torch.Tensor, sequence_dims: int) -> bool:

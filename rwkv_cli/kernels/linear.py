@@ -1,12 +1,13 @@
 """Projections ``y = x Wᵀ`` with weights in float32, 16-bit floats or int8, on any device.
 
-Projection matrices are kept (out, in), as checkpoints store them. For a single token on a CPU
-(the one-token path, kernels/decode.py) the compiled ``gemv`` kernel (csrc/cpu_gemv.cpp) streams
-each weight row once at close to the memory bandwidth, whatever the weight format: that is what
-one-token decoding is bound by. Torch has no fast CPU path for 16-bit or int8 weights, so
-everything else (many tokens, no compiler, other devices) converts the weights to the input's
-dtype and uses ``torch.nn.functional.linear``; for many tokens that conversion costs little next
-to the product itself.
+Projection matrices are kept (out, in), as checkpoints store them. For a few rows of input on a
+CPU (one token, or one token of each of up to ``SMALL_BATCH_ROWS`` sequences decoding together;
+kernels/decode.py) the compiled ``gemv`` kernel (csrc/cpu_gemv.cpp) streams each weight row once
+for all the rows at close to the memory bandwidth, whatever the weight format: that is what
+decoding is bound by. Torch has no fast CPU path for 16-bit or int8 weights, so everything else
+(many tokens, no compiler, other devices) converts the weights to the input's dtype and uses
+``torch.nn.functional.linear``; for many tokens that conversion costs little next to the product
+itself.
 
 int8 weights are quantized per output row: ``W ≈ scale[o] · q[o, :]`` with ``q`` in [-127, 127]
 and ``scale[o] = max |W[o, :]| / 127``.
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_cli.kernels import cpu_ops
-from rwkv_cli.kernels.decode import is_decode
+from rwkv_cli.kernels.decode import is_small_batch
 
 INT8_MAX = 127
 GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
@@ -70,7 +71,7 @@ def _use_gemv(x: torch.Tensor, weight: Weight) -> bool:
     values = weight.values if isinstance(weight, QuantizedMatrix) else weight
     return (
         x.device.type == "cpu"
-        and is_decode(x.numel() // x.shape[-1])  # for more tokens, a GEMM wins
+        and is_small_batch(x.numel() // x.shape[-1])  # for more rows, a GEMM wins
         and values.dtype in GEMV_DTYPES
         and not torch.is_grad_enabled()
     )

@@ -35,9 +35,13 @@ TORCH_REFERENCES: dict[str, Callable] = {
 # order of float32 operations: about 1e-6 over a few dozen tokens.
 TOLERANCE = 1e-4
 # The CPU's projections and RWKV-7 time mixing: both sides compute in float32 from the same
-# inputs, over a single token; only the order of operations differs.
+# inputs, over a single token (a few rows each computed alone, for projections); only the order
+# of operations differs.
 ONE_TOKEN_TOLERANCE = 1e-5
 GROUP_NORM_EPS = 64e-5  # as RWKV-7's ln_x
+# Rows of input the projections are checked with: one token; odd counts, which leave a row over
+# after the kernel's pairs of rows; and more than one group of 16 rows.
+GEMV_ROWS = (1, 2, 3, 5, 16, 17)
 
 
 def cpu_self_test() -> str:
@@ -48,8 +52,9 @@ def cpu_self_test() -> str:
     wkv_error = compare_with_torch({"4": ops.wkv4, "5": ops.wkv5}, device="cpu")
     worst = max([*_gemv_errors(ops), *_time_mix_errors(ops), wkv_error])
     return (
-        "matrix-vector products (fp32, bf16, fp16, int8), RWKV-7 one-token time mixing and the "
-        f"RWKV-4 and 5/6 recurrences match the torch path (largest relative error {worst:.0e})"
+        "projections of 1 to 17 rows (fp32, bf16, fp16, int8), RWKV-7 one-token time mixing "
+        "and the RWKV-4 and 5/6 recurrences match the torch path "
+        f"(largest relative error {worst:.0e})"
     )
 
 
@@ -167,16 +172,18 @@ def _one_token_error(actual: torch.Tensor, expected: torch.Tensor, name: str) ->
 def _gemv_errors(ops: cpu_ops.CpuKernels) -> list[float]:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(203, 77, generator=generator)  # odd sizes: the tails are checked too
-    x = torch.randn(1, 77, generator=generator)
-    errors = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        narrow = weight.to(dtype)
-        expected = F.linear(x, narrow.float())
-        errors.append(_one_token_error(ops.gemv(x, narrow, None), expected, f"{dtype} gemv"))
     quantized = quantize_int8(weight)
-    expected = F.linear(x, quantized.dequantize())
-    actual = ops.gemv(x, quantized.values, quantized.scale)
-    errors.append(_one_token_error(actual, expected, "int8 gemv"))
+    errors = []
+    for rows in GEMV_ROWS:
+        x = torch.randn(rows, 77, generator=generator)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            narrow = weight.to(dtype)
+            expected = F.linear(x, narrow.float())
+            actual = ops.gemv(x, narrow, None)
+            errors.append(_one_token_error(actual, expected, f"{dtype} gemv over {rows} rows"))
+        expected = F.linear(x, quantized.dequantize())
+        actual = ops.gemv(x, quantized.values, quantized.scale)
+        errors.append(_one_token_error(actual, expected, f"int8 gemv over {rows} rows"))
     return errors
 
 
