@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from rwkv_cli.version import __version__
 
 if TYPE_CHECKING:
-    from rwkv_cli.batching import BatchRequest, BatchResult, generate_batch
+    from rwkv_cli.batching import BatchFailure, BatchRequest, BatchResult, generate_batch
     from rwkv_cli.chat import Chat, template_for
     from rwkv_cli.generation import GenerationChunk, Session, generate, stream_generate
     from rwkv_cli.loading.loaded import LoadedModel
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from rwkv_cli.statefile import StateFile, load_state_file, read_state_file, save_state_file
 
 __all__ = [
+    "BatchFailure",
     "BatchRequest",
     "BatchResult",
     "Chat",
@@ -67,6 +68,7 @@ _EXPORTS = {  # each name of __all__ -> the module that defines it
     "Chat": "rwkv_cli.chat",
     "template_for": "rwkv_cli.chat",
     "State": "rwkv_cli.state",
+    "BatchFailure": "rwkv_cli.batching",
     "BatchRequest": "rwkv_cli.batching",
     "BatchResult": "rwkv_cli.batching",
     "generate_batch": "rwkv_cli.batching",

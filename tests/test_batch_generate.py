@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import pytest
 
-from rwkv_cli.batching import Batch, BatchRequest, generate_batch, stream_batch
+from rwkv_cli import generation
+from rwkv_cli.batching import (
+    Batch,
+    BatchFailure,
+    BatchRequest,
+    BatchResult,
+    generate_batch,
+    stream_batch,
+)
 from rwkv_cli.batching import engine as batching_engine
+from rwkv_cli.errors import ModelOutputError
 from rwkv_cli.generation import Session, prefill, stream_generate
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model
@@ -168,3 +177,28 @@ def test_a_batch_size_below_one_is_refused(demo) -> None:
 
 def test_an_empty_request_list_gives_no_results(demo) -> None:
     assert list(generate_batch(demo.model, demo.tokenizer, [], max_batch=4)) == []
+
+
+def test_a_request_that_fails_alone_leaves_and_the_others_finish(demo, monkeypatch) -> None:
+    """A sequence whose logits cannot be sampled (NaN, say) fails by itself: the batch goes on."""
+    real_sample = generation.sample_token
+    failing = SamplingParams(temperature=0, top_k=7)  # marks the request that fails
+
+    def sample(logits, params, generator):
+        if params == failing:
+            raise ModelOutputError("the model produced invalid logits (NaN)")
+        return real_sample(logits, params, generator)
+
+    monkeypatch.setattr(generation, "sample_token", sample)
+    requests = [BatchRequest(prompt, max_tokens=6, params=GREEDY) for prompt in PROMPTS[:3]]
+    requests.insert(1, BatchRequest("The cat", max_tokens=6, params=failing))
+    results = list(generate_batch(demo.model, demo.tokenizer, requests, max_batch=4))
+    failures = [result for result in results if isinstance(result, BatchFailure)]
+    assert [(f.index, f.error.message) for f in failures] == [
+        (1, "the model produced invalid logits (NaN)")
+    ]
+    finished = {result.index: result for result in results if isinstance(result, BatchResult)}
+    assert sorted(finished) == [0, 2, 3]
+    for index in finished:
+        text, _, _ = _alone(demo, requests[index], 0)
+        assert finished[index].text == text

@@ -9,9 +9,11 @@ import os
 
 import pytest
 
+from rwkv_cli import generation
 from rwkv_cli.batching.jobs import (
     JobDefaults,
     RecordFile,
+    error_record,
     finished_ids,
     id_key,
     line_seed,
@@ -20,7 +22,7 @@ from rwkv_cli.batching.jobs import (
     write_records,
 )
 from rwkv_cli.chat import Chat
-from rwkv_cli.errors import InvalidInputError, WriteError
+from rwkv_cli.errors import InvalidInputError, ModelOutputError, WriteError
 from rwkv_cli.generation import END_OF_TEXT, generate, prefill
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model
@@ -221,3 +223,21 @@ def test_an_output_file_that_holds_no_records_is_refused(tmp_path) -> None:
     path.write_text("my notes\n")
     with pytest.raises(InvalidInputError, match="not the output of rwkv batch"):
         finished_ids(path)
+
+
+def test_a_line_that_fails_while_it_runs_gets_an_error_record_and_the_rest_run(
+    demo, monkeypatch
+) -> None:
+    real_sample = generation.sample_token
+
+    def sample(logits, params, generator):
+        if params.top_k == 7:  # the line that fails
+            raise ModelOutputError("the model produced invalid logits (NaN)")
+        return real_sample(logits, params, generator)
+
+    monkeypatch.setattr(generation, "sample_token", sample)
+    lines = [{"id": "a", "prompt": "Once"}, {"id": "b", "prompt": "The", "top_k": 7}]
+    jobs = read_jobs([json.dumps(line).encode() for line in lines], demo, _defaults())
+    records = {record["id"]: record for record in run_jobs(demo, jobs, max_batch=2)}
+    assert records["b"] == error_record("b", 2, "the model produced invalid logits (NaN)")
+    assert records["a"]["completion_tokens"] == 8

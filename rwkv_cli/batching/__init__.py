@@ -10,10 +10,19 @@
 from rwkv_cli.batching.engine import Batch
 from rwkv_cli.batching.generate import (
     BatchChunk,
+    BatchFailure,
     BatchRequest,
     BatchResult,
     generate_batch,
     stream_batch,
 )
 
-__all__ = ["Batch", "BatchChunk", "BatchRequest", "BatchResult", "generate_batch", "stream_batch"]
+__all__ = [
+    "Batch",
+    "BatchChunk",
+    "BatchFailure",
+    "BatchRequest",
+    "BatchResult",
+    "generate_batch",
+    "stream_batch",
+]

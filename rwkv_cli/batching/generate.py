@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from rwkv_cli.batching.engine import Batch
+from rwkv_cli.errors import RwkvCliError
 from rwkv_cli.generation import GenerationChunk, Session, TokenStream
 from rwkv_cli.models import Model
 from rwkv_cli.sampling import SamplingParams, make_generator
@@ -70,14 +71,25 @@ class BatchResult:
     session: Session  # after exactly ``text``: saves as a state file, resumes exactly
 
 
+@dataclass(frozen=True)
+class BatchFailure:
+    """A request that could not go on (its prompt could not be read, or its logits could not be
+    sampled): it left the batch, and the others went on. ``index`` is its position."""
+
+    index: int
+    seed: int | None  # the request's own seed; None where it gave none
+    error: RwkvCliError
+
+
 def stream_batch(
     model: Model,
     tokenizer: Tokenizer,
     requests: Iterable[BatchRequest],
     max_batch: int = DEFAULT_MAX_BATCH,
-) -> Iterator[BatchChunk]:
+) -> Iterator[BatchChunk | BatchFailure]:
     """Generate every request, ``max_batch`` at a time; yield each record of each request as it
-    comes. Requests are read lazily, as room frees up."""
+    comes, or a :class:`BatchFailure` for one that fails alone. Requests are read lazily, as room
+    frees up."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     waiting = enumerate(requests)
@@ -86,19 +98,30 @@ def stream_batch(
     while True:
         while len(running) < max_batch and (joining := next(waiting, None)) is not None:
             index, request = joining
-            stream, seed = _start(model, tokenizer, request)
+            try:
+                stream, seed = _start(model, tokenizer, request)
+            except RwkvCliError as error:
+                yield BatchFailure(index, request.seed, error)
+                continue
             running[batch.add(stream.session)] = (index, stream, seed)
         if not running:
             return
         tokens = {}
         for slot, (index, stream, seed) in list(running.items()):
-            chunk = stream.next_chunk()
-            yield BatchChunk(index, seed, chunk)
-            if chunk.finish_reason is None:
+            try:
+                chunk = stream.next_chunk()
+            except RwkvCliError as error:  # e.g. this sequence's logits are not numbers
+                chunk, failure = None, BatchFailure(index, seed, error)
+            else:
+                failure = None
+                yield BatchChunk(index, seed, chunk)
+            if chunk is not None and chunk.finish_reason is None:
                 tokens[slot] = chunk.token
             else:
                 batch.remove(slot)
                 del running[slot]
+            if failure is not None:
+                yield failure
         if tokens:
             logits = batch.step(tokens)
             for slot, row in zip(batch.slots, logits, strict=True):
@@ -110,11 +133,16 @@ def generate_batch(
     tokenizer: Tokenizer,
     requests: Iterable[BatchRequest],
     max_batch: int = DEFAULT_MAX_BATCH,
-) -> Iterator[BatchResult]:
-    """Generate every request (see ``stream_batch``); yield each one's result as it finishes,
-    so in the order they finish, not the order given (``index`` says which request it is)."""
+) -> Iterator[BatchResult | BatchFailure]:
+    """Generate every request (see ``stream_batch``); yield each one's result, or its failure,
+    as it finishes, so in the order they finish, not the order given (``index`` says which
+    request it is)."""
     texts: dict[int, list[str]] = {}
     for record in stream_batch(model, tokenizer, requests, max_batch):
+        if isinstance(record, BatchFailure):
+            texts.pop(record.index, None)
+            yield record
+            continue
         index, chunk = record.index, record.chunk
         texts.setdefault(index, []).append(chunk.text)
         if chunk.finish_reason is not None:

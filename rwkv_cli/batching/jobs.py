@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rwkv_cli.batching.generate import BatchRequest, BatchResult, generate_batch
+from rwkv_cli.batching.generate import BatchFailure, BatchRequest, BatchResult, generate_batch
 from rwkv_cli.errors import InvalidInputError, RwkvCliError, WriteError
 from rwkv_cli.fileio import lock_now
 from rwkv_cli.generation import END_OF_TEXT, Session
@@ -223,8 +223,8 @@ def run_jobs(
 ) -> Iterator[dict[str, Any]]:
     """Run ``jobs`` through one batch; yield each line's record as it finishes, so in the order
     they finish (a line that cannot run has its error record yielded with the next result, or
-    at the end)."""
-    ids: list[str | int] = []
+    at the end; one that fails while it runs, as it fails)."""
+    running: list[Job] = []
     failed: list[dict[str, Any]] = []
 
     def requests() -> Iterator[BatchRequest]:
@@ -232,12 +232,16 @@ def run_jobs(
             if job.request is None:
                 failed.append(error_record(job.id, job.line, job.error))
             else:
-                ids.append(job.id)
+                running.append(job)
                 yield job.request
 
     for result in generate_batch(loaded.model, loaded.tokenizer, requests(), max_batch):
         yield from _drain(failed)
-        yield result_record(ids[result.index], result)
+        job = running[result.index]
+        if isinstance(result, BatchFailure):
+            yield error_record(job.id, job.line, result.error.message)
+        else:
+            yield result_record(job.id, result)
     yield from _drain(failed)
 
 
