@@ -2,9 +2,10 @@
 
 Builds a random RWKV-7 with the shape of the 0.1B release (L12 D768, World vocabulary, LoRAs of
 64) in memory, reads a short prompt into each of B sequences, then decodes ``--tokens`` tokens
-per sequence with ``batching.Batch`` (B sequences per step; B = 1 is the one-sequence path) and
-prints the aggregate decode tok/s (B x tokens / seconds) and the time per step. Tokens are
-chosen greedily, so every step does the work a real decode does, sampling excepted. OpenMP
+per sequence with ``batching.Batch`` (B sequences per step), as ``rwkv bench --batch`` does
+(rwkv_cli.bench.batch_decode_speed), and prints the aggregate decode tok/s (B x tokens /
+seconds) and the time per step. Tokens are chosen greedily, so every step does the work a real
+decode does, sampling excepted. OpenMP
 threads sleep while they wait, as under ``rwkv`` (rwkv_cli/entry.py), unless the environment
 chooses otherwise.
 
@@ -18,31 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
-
-PROMPT_TOKENS = 16  # per sequence, read before timing starts
-WARM_UP_STEPS = 2  # per batch size, not timed
-
-
-def decode_speed(model, size: int, tokens: int) -> tuple[float, float]:
-    """Aggregate decode tok/s and milliseconds per step for ``size`` sequences."""
-    from rwkv_cli.batching import Batch
-    from rwkv_cli.generation import prefill
-
-    batch = Batch(model)
-    for sequence in range(size):
-        prompt = [(1000 + 37 * sequence + i) % model.vocab_size for i in range(PROMPT_TOKENS)]
-        batch.add(prefill(model, prompt))
-    logits = None
-    started = 0.0
-    for step in range(WARM_UP_STEPS + tokens):
-        if step == WARM_UP_STEPS:
-            started = time.perf_counter()
-        chosen = [1] * size if logits is None else logits.argmax(-1).tolist()
-        logits = batch.step(dict(zip(batch.slots, chosen, strict=True)))
-    seconds = time.perf_counter() - started
-    return size * tokens / seconds, 1000 * seconds / tokens
 
 
 def main() -> None:
@@ -62,6 +39,7 @@ def main() -> None:
     sleep_while_waiting(os.environ)  # as `rwkv` does, before torch loads OpenMP (entry.py)
     import torch
 
+    from rwkv_cli.bench import batch_decode_speed
     from rwkv_cli.device import DTYPES
     from rwkv_cli.kernels import prepare_kernels
     from rwkv_cli.models.rwkv7 import RWKV7
@@ -78,7 +56,8 @@ def main() -> None:
         print(f"{'B':>4} {'aggregate tok/s':>16} {'ms per step':>12} {'vs B=1':>8}")
         single = None
         for size in args.sizes:
-            speed, step_ms = decode_speed(model, size, args.tokens)
+            result = batch_decode_speed(model, size, args.tokens)
+            speed, step_ms = result.decode_tokens_per_second, result.step_milliseconds
             single = single or speed
             print(f"{size:>4} {speed:>16.1f} {step_ms:>12.1f} {speed / single:>7.2f}x")
         del model

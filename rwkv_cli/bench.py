@@ -1,4 +1,5 @@
-"""``rwkv bench``: load time, prefill and decode speed, and peak memory, for one model."""
+"""``rwkv bench``: load time, prefill and decode speed, and peak memory, for one model; with
+batch sizes, the aggregate decode speed of that many sequences stepping together."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rwkv_cli.batching.engine import Batch
 from rwkv_cli.device import dtype_name
 from rwkv_cli.generation import prefill
 from rwkv_cli.kernels.linear import QuantizedMatrix
@@ -23,6 +25,15 @@ from rwkv_cli.tokenizer.bpe import load_neox_tokenizer
 from rwkv_cli.tokenizer.world import load_world_tokenizer
 
 WARM_UP_TOKENS = 16  # a short prefill and one decode step before timing
+
+
+@dataclass(frozen=True)
+class BatchSpeed:
+    """Decoding ``batch_size`` sequences together, one token each per step."""
+
+    batch_size: int
+    decode_tokens_per_second: float  # all sequences together
+    step_milliseconds: float  # one step: the time each sequence waits for its next token
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class BenchResult:
     peak_rss_bytes: int
     weight_bytes: int
     peak_gpu_bytes: int = 0  # torch's peak allocation on the GPU during prefill and decode
+    batches: tuple[BatchSpeed, ...] = ()  # batched decode, by batch size, when asked for
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,10 +63,12 @@ def benchmark(
     decode_tokens: int = 128,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    batch_sizes: tuple[int, ...] = (),
 ) -> BenchResult:
     """Load ``spec`` (its converted cache already warm) on ``device`` with ``dtype`` weights,
-    read a prompt, then decode greedily. A short warm-up first builds any compiled kernels and
-    starts the GPU. Peak memory is measured from the timed load on."""
+    read a prompt, then decode greedily; then, for each of ``batch_sizes``, decode as many
+    sequences together (``batch_decode_speed``). A short warm-up first builds any compiled
+    kernels and starts the GPU. Peak memory is measured from the timed load on."""
     # Convert (on first use) in another process, so the timed load and the peak memory are
     # those of every later run.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -85,6 +99,7 @@ def benchmark(
     for _ in range(decode_tokens):
         logits, state = model.forward([int(torch.argmax(logits))], state)  # int() waits
     decode_seconds = time.perf_counter() - started
+    batches = tuple(batch_decode_speed(model, size, decode_tokens) for size in batch_sizes)
 
     return BenchResult(
         model=spec,
@@ -100,7 +115,29 @@ def benchmark(
         peak_rss_bytes=peak_rss_bytes(),
         weight_bytes=weight_bytes(model),
         peak_gpu_bytes=torch.cuda.max_memory_allocated(model.device) if on_gpu else 0,
+        batches=batches,
     )
+
+
+def batch_decode_speed(model, size: int, decode_tokens: int) -> BatchSpeed:
+    """Decode ``decode_tokens`` greedy tokens for each of ``size`` sequences stepping together.
+
+    Each sequence first reads a short prompt of its own: an RNN's step costs the same at any
+    position, so the prompts' length does not change the speed. One untimed step comes first.
+    """
+    batch = Batch(model)
+    for sequence in range(size):
+        first = 1 + 37 * sequence
+        prompt = [(first + i) % model.vocab_size for i in range(WARM_UP_TOKENS)]
+        batch.add(prefill(model, prompt))
+    logits = batch.step(dict.fromkeys(batch.slots, 0))
+    started = time.perf_counter()
+    for _ in range(decode_tokens):
+        chosen = logits.argmax(-1).tolist()  # waits for the step, as sampling would
+        logits = batch.step(dict(zip(batch.slots, chosen, strict=True)))
+    _wait_for(model.device)
+    seconds = time.perf_counter() - started
+    return BatchSpeed(size, size * decode_tokens / seconds, 1000 * seconds / decode_tokens)
 
 
 def _load_once(spec: str, device: str | torch.device | None, dtype) -> None:

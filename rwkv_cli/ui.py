@@ -167,6 +167,26 @@ def print_bench(results: list) -> None:
             f"{result.weight_bytes / gib:.2f} GiB",
         )
         rows.append(row + ((f"{result.peak_gpu_bytes / gib:.2f} GiB",) if on_gpu else ()))
+    _print_table(header, rows)
+    batched = [(result, speed) for result in results for speed in result.batches]
+    if batched:
+        print(f"\nbatched decode: {first.decode_tokens} tokens per sequence, sequences together")
+        header = ("dtype", "batch", "aggregate tok/s", "ms per step", "vs one sequence")
+        rows = [
+            (
+                result.dtype,
+                str(speed.batch_size),
+                f"{speed.decode_tokens_per_second:.1f}",
+                f"{speed.step_milliseconds:.1f}",
+                f"{speed.decode_tokens_per_second / result.decode_tokens_per_second:.2f}x",
+            )
+            for result, speed in batched
+        ]
+        _print_table(header, rows)
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, two spaces apart."""
     widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
     for row in (header, *rows):
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))

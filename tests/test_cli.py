@@ -321,7 +321,8 @@ def test_a_state_not_saved_because_the_output_closed_says_so(rwkv7_pth, tmp_path
 
 def test_bench_reports_speed_and_memory_per_dtype(rwkv7_pth) -> None:
     args = ("bench", "-m", rwkv7_pth, "--prompt-tokens", "40", "--decode-tokens", "4")
-    result = rwkv("--threads", "1", *args, "--dtype", "fp32", "--dtype", "int8", "--json")
+    dtypes = ("--dtype", "fp32", "--dtype", "int8")
+    result = rwkv("--threads", "1", *args, *dtypes, "--batch", "1,3", "--json")
     assert result.returncode == 0, result.stderr
     fp32, int8 = json.loads(result.stdout)
     assert (fp32["dtype"], int8["dtype"]) == ("fp32", "int8")
@@ -330,11 +331,18 @@ def test_bench_reports_speed_and_memory_per_dtype(rwkv7_pth) -> None:
         assert report["prompt_tokens"] == 40 and report["decode_tokens"] == 4
         assert report["prefill_tokens_per_second"] > 0 and report["decode_tokens_per_second"] > 0
         assert report["peak_rss_bytes"] > report["weight_bytes"]
+        assert [speed["batch_size"] for speed in report["batches"]] == [1, 3]
+        for speed in report["batches"]:  # B tokens per step
+            per_step = speed["batch_size"] * 1000 / speed["step_milliseconds"]
+            assert speed["decode_tokens_per_second"] == pytest.approx(per_step)
     # The embedding stays float32 (65536 x 128); the head's 65536 x 128 shrinks to a quarter.
     assert fp32["weight_bytes"] > 2 * 65536 * 128 * 4 > int8["weight_bytes"] > 65536 * 128 * 5
-    lines = rwkv(*args).stdout.decode().splitlines()
+    lines = rwkv(*args, "--batch", "2").stdout.decode().splitlines()
     assert lines[2].split()[:4] == ["dtype", "load", "(cached)", "prefill"]
-    assert lines[3].startswith("fp32 ") and len(lines) == 4
+    assert lines[3].startswith("fp32 ")
+    assert lines[4:6] == ["", "batched decode: 4 tokens per sequence, sequences together"]
+    assert lines[6].split()[:3] == ["dtype", "batch", "aggregate"]
+    assert lines[7].split()[:2] == ["fp32", "2"] and len(lines) == 8
     unknown = rwkv(*args, "--dtype", "int4")
     assert unknown.returncode == 2 and b"'int4' is not one of" in unknown.stderr
 

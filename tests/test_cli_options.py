@@ -47,6 +47,8 @@ def test_invalid_option_values_are_usage_errors(rwkv7_pth, option, value, fragme
         (["generate", "x", "--tokenizer", "bogus"], "unknown tokenizer 'bogus'", "choose one of"),
         (["generate", "x", "-m", ""], "'--model': empty", "see 'rwkv generate --help'"),
         (["bench", "-m", " "], "'--model': empty", "see 'rwkv bench --help'"),
+        (["bench", "--batch", "1,0"], "'1,0' is not a comma-separated list", "see 'rwkv bench"),
+        (["bench", "--batch", "4x"], "'4x' is not a comma-separated list", "see 'rwkv bench"),
         (["generate", "x", "--stop", "a", "--stop", ""], "'--stop': empty", "see 'rwkv"),
         (["load-state", "s.rwkvstate", "--json"], "'--json': it goes with --info", "see 'rwkv"),
     ],

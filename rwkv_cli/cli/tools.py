@@ -21,6 +21,19 @@ def _dtype_names(values: list[str] | None) -> list[str] | None:
     return values
 
 
+def _batch_sizes(value: str | None) -> tuple[int, ...]:
+    """Option callback: ``1,4,16`` -> (1, 4, 16); anything else is a usage error."""
+    if value is None:
+        return ()
+    try:
+        sizes = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of positive numbers")
+    return sizes
+
+
 def bench(
     model: DefaultModelOption = None,
     prompt_tokens: Annotated[
@@ -43,6 +56,17 @@ def bench(
             show_default=False,
         ),
     ] = None,
+    batch_sizes: Annotated[
+        str | None,
+        typer.Option(
+            "--batch",
+            callback=_batch_sizes,
+            metavar="SIZES",
+            help="Also decode this many sequences together, e.g. 1,4,16: aggregate tok/s and "
+            "the time per step (each sequence's wait for its next token).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON (a list, one entry per dtype).")
     ] = False,
@@ -59,7 +83,9 @@ def bench(
     results = []
     for dtype in dtypes or [None]:
         with activity(console, f"Benchmarking {dtype or 'the default dtype'}"):
-            results.append(benchmark(spec, prompt_tokens, decode_tokens, device, dtype))
+            results.append(
+                benchmark(spec, prompt_tokens, decode_tokens, device, dtype, batch_sizes)
+            )
     if as_json:
         typer.echo(json.dumps([result.to_dict() for result in results], indent=2))
     else:
