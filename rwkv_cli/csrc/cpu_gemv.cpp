@@ -101,14 +101,42 @@ void dot4_columns(const W* const w[4], int64_t begin, int64_t end, const float* 
 }
 #endif
 
+#ifdef RWKV_CLI_AVX2
+// Asks for a span of memory (the weight rows a thread takes next) to be brought into L2 a few
+// cache lines at a time, while the current rows are multiplied with many input rows. Those
+// passes read the current rows from L1, so without it the next rows only start to arrive from
+// memory when their first pass asks for them, and the cores wait (a 16-row product of the 0.1B
+// head ran 25-35% faster with it). One row alone streams at the memory's pace anyway.
+class Prefetch {
+ public:
+  Prefetch(const void* begin, const void* end, int64_t calls)
+      : next_(static_cast<const char*>(begin)), end_(static_cast<const char*>(end)),
+        lines_per_call_(calls > 0 ? ((end_ - next_) / kLine + calls - 1) / calls : 0) {}
+
+  // The next share of the span: the span spread evenly over `calls` calls.
+  void advance() {
+    for (int64_t i = 0; i < lines_per_call_ && next_ < end_; ++i, next_ += kLine) {
+      _mm_prefetch(next_, _MM_HINT_T1);
+    }
+  }
+
+ private:
+  static constexpr int64_t kLine = 64;  // bytes per cache line
+  const char* next_;
+  const char* end_;
+  int64_t lines_per_call_;
+};
+#endif
+
 // Four consecutive weight rows (each n long) times `rows` (at most kCapacity) input rows:
 // out[b * out_stride + r] for input row b and weight row r. The weights are read from memory
-// once for all input rows, chunk by chunk (re-read from L1 for each pair of input rows). Each
-// sum takes its terms in the same order (8 lanes over the columns, the lanes added, then the
-// last n % 8 columns) whatever `rows` is: an input row gets the same bits alone as in a batch.
+// once for all input rows, chunk by chunk (re-read from L1 for each pair of input rows), while
+// the next four rows, up to weight_end, are fetched ahead. Each sum takes its terms in the same
+// order (8 lanes over the columns, the lanes added, then the last n % 8 columns) whatever `rows`
+// is: an input row gets the same bits alone as in a batch.
 template <int64_t kCapacity, typename W>
 void dot4(const W* weight_rows, int64_t n, const float* x, int64_t rows, float* out,
-          int64_t out_stride) {
+          int64_t out_stride, const W* weight_end) {
   const W* const w[4] = {weight_rows, weight_rows + n, weight_rows + 2 * n, weight_rows + 3 * n};
   float sums[kCapacity][4] = {};
   int64_t vectorized = 0;
@@ -118,13 +146,22 @@ void dot4(const W* weight_rows, int64_t n, const float* x, int64_t rows, float* 
   for (int64_t b = 0; b < rows; ++b) {
     for (int r = 0; r < 4; ++r) acc[b][r] = _mm256_setzero_ps();
   }
+  const int64_t chunks = (vectorized + kChunkColumns - 1) / kChunkColumns;
+  const int64_t passes = rows > 1 ? chunks * ((rows + kRowsPerPass - 1) / kRowsPerPass) : 0;
+  const W* next_rows = weight_rows + 4 * n;
+  Prefetch prefetch(next_rows, next_rows + 4 * n < weight_end ? next_rows + 4 * n : weight_end,
+                    passes);
   for (int64_t begin = 0; begin < vectorized; begin += kChunkColumns) {
     const int64_t end = begin + kChunkColumns < vectorized ? begin + kChunkColumns : vectorized;
     int64_t b = 0;
     for (; b + kRowsPerPass <= rows; b += kRowsPerPass) {
+      prefetch.advance();
       dot4_columns<kRowsPerPass>(w, begin, end, x + b * n, n, acc + b);
     }
-    for (; b < rows; ++b) dot4_columns<1>(w, begin, end, x + b * n, n, acc + b);
+    for (; b < rows; ++b) {
+      prefetch.advance();
+      dot4_columns<1>(w, begin, end, x + b * n, n, acc + b);
+    }
   }
   for (int64_t b = 0; b < rows; ++b) {
     for (int r = 0; r < 4; ++r) sums[b][r] = sum8(acc[b][r]);
@@ -154,6 +191,7 @@ template <typename W>
 void gemv(const float* x, const void* weight_data, const float* scale, float* y, int64_t rows,
           int64_t n_in, int64_t n_out) {
   const W* weight = static_cast<const W*>(weight_data);
+  const W* weight_end = weight + n_out * n_in;
   const int64_t blocks = n_out / 4;  // four weight rows at a time; the rest below
   const bool split = rows * n_out * n_in >= rwkv_cli::kMinWorkToSplit;
   for (int64_t first = 0; first < rows; first += kMaxRows) {
@@ -164,9 +202,9 @@ void gemv(const float* x, const void* weight_data, const float* scale, float* y,
     for (int64_t block = 0; block < blocks; ++block) {
       float* out = yg + block * 4;
       if (group == 1) {  // one token: sums sized for one row, as fast as a plain gemv
-        dot4<1>(weight + block * 4 * n_in, n_in, xg, 1, out, n_out);
+        dot4<1>(weight + block * 4 * n_in, n_in, xg, 1, out, n_out, weight_end);
       } else {
-        dot4<kMaxRows>(weight + block * 4 * n_in, n_in, xg, group, out, n_out);
+        dot4<kMaxRows>(weight + block * 4 * n_in, n_in, xg, group, out, n_out, weight_end);
       }
       if (scale != nullptr) {
         for (int64_t b = 0; b < group; ++b) {
