@@ -21,6 +21,7 @@ from rwkv_cli.device import DTYPES
 from rwkv_cli.kernels import build, cpu_ops
 from rwkv_cli.kernels.decode import SMALL_BATCH_ROWS
 from rwkv_cli.kernels.linear import (
+    NARROW_GEMV_ROWS,
     QuantizedMatrix,
     linear,
     quantize_int8,
@@ -137,20 +138,23 @@ def test_linear_gives_the_same_with_and_without_the_compiled_kernel(dtype) -> No
 
 
 @pytest.mark.parametrize(
-    ("x_shape", "takes_kernel"),
+    ("x_shape", "kernel_for"),  # whether float32 weights, and narrow ones, take the kernel
     [
-        ((200,), True),  # one token
-        ((1, 200), True),
-        ((5, 1, 200), True),  # one token of each of 5 sequences (forward_batch)
-        ((16, 200), True),  # the head over 16 sequences' last tokens
-        ((SMALL_BATCH_ROWS + 1, 1, 200), False),  # more rows: a GEMM
-        ((64, 200), False),  # a prefill chunk
+        ((200,), (True, True)),  # one token
+        ((1, 200), (True, True)),
+        ((5, 1, 200), (True, True)),  # one token of each of 5 sequences (forward_batch)
+        ((16, 200), (True, True)),  # the head over 16 sequences' last tokens
+        ((SMALL_BATCH_ROWS + 1, 1, 200), (False, True)),  # float32: a GEMM
+        ((NARROW_GEMV_ROWS, 200), (False, True)),  # a short prompt
+        ((NARROW_GEMV_ROWS + 1, 200), (False, False)),  # a prefill chunk: a GEMM
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
-def test_linear_takes_the_small_batch_kernel_for_up_to_16_rows(
-    monkeypatch, x_shape, takes_kernel, dtype
+def test_linear_takes_the_small_batch_kernel_for_a_few_rows(
+    monkeypatch, x_shape, kernel_for, dtype
 ) -> None:
+    """Up to 16 rows with float32 weights, up to 64 with narrow ones (widening them costs)."""
+    takes_kernel = kernel_for[dtype != torch.float32]
     calls = []
     gemv = cpu_ops.CpuKernels.gemv
 

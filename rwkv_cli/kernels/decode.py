@@ -8,7 +8,8 @@ forward, or an operation within it, takes the decode path exactly when it has on
 (``is_decode``); any other count takes the prefill path. Where the rule applies:
 
 - projections on the CPU: the compiled ``gemv`` kernel (kernels/linear.py) for up to
-  ``SMALL_BATCH_ROWS`` rows (``is_small_batch``), else a GEMM;
+  ``SMALL_BATCH_ROWS`` rows (``is_small_batch``; narrow weights a few more, as widening them for
+  a GEMM costs too), else a GEMM;
 - RWKV-7's time mixing on the CPU: one fused compiled kernel (kernels/time_mix7.py), else the
   torch twin, whose recurrence is chunked for many tokens;
 - the WKV recurrences' torch twins: token by token (``wkv5_sequential``, ``wkv7_sequential``),

@@ -1,13 +1,13 @@
 """Projections ``y = x Wᵀ`` with weights in float32, 16-bit floats or int8, on any device.
 
 Projection matrices are kept (out, in), as checkpoints store them. For a few rows of input on a
-CPU (one token, or one token of each of up to ``SMALL_BATCH_ROWS`` sequences decoding together;
-kernels/decode.py) the compiled ``gemv`` kernel (csrc/cpu_gemv.cpp) streams each weight row once
-for all the rows at close to the memory bandwidth, whatever the weight format: that is what
-decoding is bound by. Torch has no fast CPU path for 16-bit or int8 weights, so everything else
-(many tokens, no compiler, other devices) converts the weights to the input's dtype and uses
-``torch.nn.functional.linear``; for many tokens that conversion costs little next to the product
-itself.
+CPU (one token, or one token of each of up to ``SMALL_BATCH_ROWS`` sequences decoding together,
+kernels/decode.py; narrow weights up to ``NARROW_GEMV_ROWS``) the compiled ``gemv`` kernel
+(csrc/cpu_gemv.cpp) streams each weight row once for up to 16 rows at close to the memory
+bandwidth, whatever the weight format: that is what decoding is bound by. Torch has no fast CPU
+path for 16-bit or int8 weights, so everything else (many tokens, no compiler, other devices)
+converts the weights to the input's dtype and uses ``torch.nn.functional.linear``; for many
+tokens that conversion costs little next to the product itself.
 
 int8 weights are quantized per output row: ``W ≈ scale[o] · q[o, :]`` with ``q`` in [-127, 127]
 and ``scale[o] = max |W[o, :]| / 127``.
@@ -25,6 +25,12 @@ from rwkv_cli.kernels.decode import is_small_batch
 
 INT8_MAX = 127
 GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+# Rows up to which narrow (16-bit or int8) weights take the gemv kernel, 16 rows per pass over
+# the weights, rather than being widened whole to float32 for a GEMM: widening costs a pass over
+# the matrix and a float32 copy (page faults included: ~0.3 s for the 0.1B head), so the kernel's
+# extra passes win up to about 64 rows (0.1B shape: a 3072 x 768 bf16 matrix times 48 rows took
+# 3.9 ms against 6.7 widened, 64 rows about even; the head 41 against 120 ms at 48 rows).
+NARROW_GEMV_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,12 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
 
 def _use_gemv(x: torch.Tensor, weight: Weight) -> bool:
     values = weight.values if isinstance(weight, QuantizedMatrix) else weight
+    rows = x.numel() // x.shape[-1]
     return (
         x.device.type == "cpu"
-        and is_small_batch(x.numel() // x.shape[-1])  # for more rows, a GEMM wins
         and values.dtype in GEMV_DTYPES
+        # for more rows, a GEMM wins (for narrow weights, even counting their widening)
+        and (is_small_batch(rows) or (values.dtype != torch.float32 and rows <= NARROW_GEMV_ROWS))
         and not torch.is_grad_enabled()
     )
 
