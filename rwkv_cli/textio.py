@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from rwkv_cli.errors import InvalidInputError, WriteError
@@ -39,6 +40,23 @@ def read_prompt(argument: str | None, stdin: BinaryIO | None) -> str:
         return piped
     separator = "" if piped.endswith("\n") else "\n"
     return piped + separator + argument
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of a file named on the command line (``-``: piped stdin)."""
+    if str(path) == "-":
+        stdin = piped_stdin()
+        if stdin is None:
+            raise InvalidInputError("no text on stdin", hint="pipe the text in, or name a file")
+        return decode_utf8(stdin.read(), "stdin")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot read {path}: {error.strerror or error}",
+            hint="name a text file, or - for stdin",
+        ) from error
+    return decode_utf8(data, str(path))
 
 
 def decode_utf8(data: bytes, source: str) -> str:

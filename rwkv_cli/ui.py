@@ -26,6 +26,7 @@ from rwkv_cli.textio import interactive
 if TYPE_CHECKING:  # the error boundary shows errors with this module: it must not need torch
     from rwkv_cli.generation import GenerationChunk
     from rwkv_cli.models import Model
+    from rwkv_cli.perplexity import Perplexity
 
 
 def stderr_console() -> Console:
@@ -191,6 +192,16 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     for row in (header, *rows):
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
+
+
+def format_perplexity(model: Model, result: Perplexity) -> str:
+    """``rwkv perplexity``'s report."""
+    return (
+        f"model: {model_line(model)}\n"
+        f"perplexity: {result.perplexity:.4f}\n"
+        f"bits per byte: {result.bits_per_byte:.4f}\n"
+        f"tokens: {result.tokens} ({result.text_bytes} bytes), scored in {result.seconds:.1f} s"
+    )
 
 
 def model_line(model: Model) -> str:

@@ -1,16 +1,34 @@
-"""Tool commands: ``bench`` (speed and memory), ``doctor`` (what this machine can do),
-``download`` (into the Hub cache) and ``models`` (aliases and what is cached)."""
+"""Tool commands: ``bench`` (speed and memory), ``perplexity`` (how well a model predicts a
+text), ``doctor`` (what this machine can do), ``download`` (into the Hub cache) and ``models``
+(aliases and what is cached)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from rwkv_cli.cli.options import WEIGHT_TYPES, DefaultModelOption, DeviceOption, RevisionOption
+from rwkv_cli.cli.options import (
+    WEIGHT_TYPES,
+    DefaultModelOption,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    RevisionOption,
+    TokenizerOption,
+    open_requested,
+)
 from rwkv_cli.settings import DTYPE_NAMES
-from rwkv_cli.ui import activity, print_bench, print_models, stderr_console
+from rwkv_cli.ui import (
+    activity,
+    format_perplexity,
+    prefill_progress,
+    print_bench,
+    print_models,
+    stderr_console,
+)
 
 
 def _dtype_names(values: list[str] | None) -> list[str] | None:
@@ -90,6 +108,48 @@ def bench(
         typer.echo(json.dumps([result.to_dict() for result in results], indent=2))
     else:
         print_bench(results)
+
+
+def perplexity(
+    ctx: typer.Context,
+    text_file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="UTF-8 text to score (- reads stdin).", show_default=False
+        ),
+    ],
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    tokenizer: TokenizerOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """How well a model predicts a text: perplexity and bits per byte (lower is better).
+
+    Compare weight types (--dtype) or models on your own text, e.g.:
+      rwkv perplexity notes.txt -m rwkv7-g1-0.1b --dtype int8
+    """
+    from rwkv_cli.device import dtype_name
+    from rwkv_cli.errors import InvalidInputError
+    from rwkv_cli.perplexity import score_text
+    from rwkv_cli.textio import read_text_file
+
+    text = read_text_file(text_file)
+    console = stderr_console()
+    loaded = open_requested(ctx, console, None, False).loaded
+    tokens = loaded.tokenizer.encode(text)
+    if not tokens:
+        raise InvalidInputError(f"{text_file} holds no text to score")
+    model = loaded.model
+    with prefill_progress(console) as update:
+        result = score_text(model, tokens, len(text.encode()), loaded.tokenizer.eos_id, update)
+    if as_json:
+        about = {"model": loaded.spec, "architecture": model.describe()}
+        report = {**about, "dtype": dtype_name(model.weight_dtype), **result.to_dict()}
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(format_perplexity(model, result))
 
 
 def doctor(
