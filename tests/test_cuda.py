@@ -154,6 +154,11 @@ def test_a_wrong_device_or_type_is_a_clear_error() -> None:
         ops.wkv5_cuda(state, r, w, k.half(), v, u)
     with pytest.raises(RuntimeError, match="wkv5_cuda: r must be contiguous"):
         ops.wkv5_cuda(state, r.transpose(0, 1).contiguous().transpose(0, 1), w, k, v, u)
+    with pytest.raises(RuntimeError, match=r"wkv5_cuda: r must be \(T, H, N\) or \(B, T, H, N\)"):
+        ops.wkv5_cuda(state, r[0], w[0], k[0], v[0], u)
+    batched = (x.unsqueeze(0) for x in (r, w, k, v))  # a batch of one, but an unbatched state
+    with pytest.raises(RuntimeError, match=r"state has shape \[2, 64, 64\], expected \[1, 2,"):
+        ops.wkv5_cuda(state, *batched, u)
 
 
 def _model(generation: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
