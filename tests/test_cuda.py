@@ -1,9 +1,11 @@
 """The CUDA kernels and the GPU path, on a GPU (``pytest -m cuda``; skipped without one).
 
 Kernels against the torch path and a float64 oracle for every generation, input type, head size
-and length; the torch path on the GPU; whole models on the GPU against the CPU and against
-BlinkDL's official package with its own CUDA kernels (``RWKV_CUDA_ON=1``); state files made on
-the GPU resumed on the CPU; the command line with ``--device cuda`` and ``rwkv doctor``.
+and length, and for batches of sequences; the torch path on the GPU; whole models on the GPU
+against the CPU and against BlinkDL's official package with its own CUDA kernels
+(``RWKV_CUDA_ON=1``); one-token graphs, of one sequence and per batch-size bucket, against the
+eager step; state files made on the GPU resumed on the CPU; the command line with
+``--device cuda`` and ``rwkv doctor``.
 """
 
 from __future__ import annotations
