@@ -1,8 +1,9 @@
 // Torch binding of the CUDA WKV kernels: checks every tensor (device, dtype, shape, contiguity),
 // allocates the float32 outputs, launches on the current stream of the inputs' device, and
 // registers the operators torch.ops.rwkv_cli.wkv{4,5,7}_cuda. Each takes one sequence, or a batch
-// of B with a leading dimension B on the state and the token inputs (not on the per-model w, u). rwkv_cli/kernels/cuda.py brings
-// arguments into this form; the semantics are those of rwkv_cli/kernels/wkv{4,5,7}.py.
+// of B with a leading dimension B on the state and the token inputs (not on the model's w and u).
+// rwkv_cli/kernels/cuda.py brings arguments into this form; the semantics are those of
+// rwkv_cli/kernels/wkv{4,5,7}.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -6,8 +6,8 @@
 // in their own type, computes in float32 and writes float32. The math is that of the torch
 // references in rwkv_cli/kernels/wkv{4,5,7}.py, which tests compare these with.
 //
-// tests/cuda_emulator.cpp also compiles this header on the host and runs the kernels with one
-// std::thread per CUDA thread, so keep to threadIdx/blockIdx/blockDim, __shared__ arrays
+// tests/support/cuda_emulator.cpp also compiles this header on the host and runs the kernels with
+// one std::thread per CUDA thread, so keep to threadIdx/blockIdx/blockDim, __shared__ arrays
 // declared at the top of a kernel and __syncthreads().
 #pragma once
 
@@ -27,10 +27,10 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 
 constexpr int WKV4_THREADS = 128;  // channels per block; RWKV-4 widths are multiples of 128
 
-// RWKV-4: thread c owns channel c of one sequence and carries its state (aa, bb, pp) through the tokens, in the
-// numerically stable form (docs/DESIGN.md section 4): pp is the largest exponent seen, and
-// aa, bb are the numerator and denominator scaled by exp(-pp). Reads and writes of one token are
-// coalesced across the threads of a block.
+// RWKV-4: thread c owns channel c of one sequence and carries its state (aa, bb, pp) through the
+// tokens, in the numerically stable form (docs/DESIGN.md section 4): pp is the largest exponent
+// seen, and aa, bb are the numerator and denominator scaled by exp(-pp). Reads and writes of one
+// token are coalesced across the threads of a block.
 template <typename Scalar>
 __global__ void __launch_bounds__(WKV4_THREADS)
     wkv4_kernel(int tokens, int channels, const float* __restrict__ w,
@@ -66,9 +66,9 @@ __global__ void __launch_bounds__(WKV4_THREADS)
   pp_out[state_at] = pp;
 }
 
-// RWKV-5/6: one block per head of a sequence, thread i owns value row i of the head's state S (N floats in
-// registers). Per token the block stages r, w, k in shared memory (thread j loads element j),
-// then thread i computes
+// RWKV-5/6: one block per head of a sequence, thread i owns value row i of the head's state S
+// (N floats in registers). Per token the block stages r, w, k in shared memory (thread j loads
+// element j), then thread i computes
 //     y_i = sum_j r_j (u_j k_j v_i + S_ij);    S_ij = S_ij w_j + v_i k_j
 // The staging buffers alternate between tokens, so one barrier per token suffices: a thread can
 // only overwrite buffer t % 2 after every thread has passed the barrier of token t - 1, that is
