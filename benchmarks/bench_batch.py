@@ -10,8 +10,12 @@ threads sleep while they wait, as under ``rwkv`` (rwkv_cli/entry.py), unless the
 chooses otherwise.
 
     python benchmarks/bench_batch.py [--sizes 1 2 4 8 16] [--tokens 32] [--dtype fp32 bf16 int8]
+        [--device cuda]
 
-With several weight formats it builds and measures one model per format, in turn.
+With several weight formats it builds and measures one model per format, in turn. On a GPU
+(``--device cuda``, fp16 or bf16) the model runs as ``rwkv`` runs it there: activations in the
+weights' type, and each step a CUDA graph (one per batch-size bucket, captured in the untimed
+warm-up steps).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main() -> None:
     )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,18 +45,22 @@ def main() -> None:
     import torch
 
     from rwkv_cli.bench import batch_decode_speed
-    from rwkv_cli.device import DTYPES
+    from rwkv_cli.device import compute_dtype, resolve_dtype, use_own_stream
     from rwkv_cli.kernels import prepare_kernels
     from rwkv_cli.models.rwkv7 import RWKV7
     from tests.support.fixtures import rwkv7_tensors
 
     tensors = rwkv7_tensors(n_layer=args.layers, n_embd=args.width, lora=64)
-    prepare_kernels(torch.device("cpu"))
+    device = torch.device(args.device)
+    use_own_stream(device)  # as commands do
+    prepare_kernels(device)
     for dtype in args.dtype:
-        model = RWKV7.from_prepared(RWKV7.prepare(tensors, DTYPES[dtype]), torch.float32)
+        weights = resolve_dtype(dtype, device)
+        prepared = RWKV7.prepare(tensors, weights)
+        model = RWKV7.from_prepared(prepared, compute_dtype(weights, device)).to(device)
         print(
-            f"RWKV-7 L{args.layers} D{args.width}, {dtype} weights, CPU, "
-            f"{torch.get_num_threads()} threads; {args.tokens} tokens decoded per sequence"
+            f"RWKV-7 L{args.layers} D{args.width}, {dtype} weights, {device}, "
+            f"{torch.get_num_threads()} CPU threads; {args.tokens} tokens decoded per sequence"
         )
         print(f"{'B':>4} {'aggregate tok/s':>16} {'ms per step':>12} {'vs B=1':>8}")
         single = None

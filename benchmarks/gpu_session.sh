@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Everything we check on a lent GPU machine, in one go: the GPU tests, `rwkv doctor` and the
-# GPU benchmark against the official package. Logs go to $OUT (or ./gpu-logs).
+# Everything we check on a lent GPU machine, in one go: the GPU tests, `rwkv doctor`, the GPU
+# benchmark against the official package and the batched decode benchmark. Logs go to $OUT (or
+# ./gpu-logs).
 #
-#   bash benchmarks/gpu_session.sh [tests|doctor|bench|all] [extra bench_vs_official.py args]
+#   bash benchmarks/gpu_session.sh [tests|doctor|bench|batch|all] [extra bench_vs_official.py args]
 #   (TESTS_MATCHING="not official" selects tests, as pytest -k; TEST_TIMEOUT bounds them, in s)
 #
 # Such machines have torch and CUDA but may lack our other dependencies: put their wheels in
@@ -43,4 +44,9 @@ if [[ $what == all || $what == bench ]]; then
     echo "== benchmarks/bench_vs_official.py --device cuda"
     python3 benchmarks/bench_vs_official.py --device cuda --dtypes fp16 bf16 \
         --shapes "RWKV-7 0.1B" "RWKV-7 1.5B" "$@" 2>&1 | tee "$out/bench.txt"
+fi
+if [[ $what == all || $what == batch ]]; then
+    echo "== benchmarks/bench_batch.py --device cuda"
+    python3 benchmarks/bench_batch.py --device cuda --dtype fp16 --tokens 64 \
+        --sizes 1 2 3 4 8 16 32 64 2>&1 | tee "$out/bench-batch.txt"
 fi

@@ -6,7 +6,8 @@ a state in place: ``forward`` returns a new one, so keeping a snapshot is just k
 
 A state can also live in one flat byte buffer laid out by a :class:`StateLayout` (the GPU's
 one-token graphs make such states): it then copies as one operation, and its layer records are
-views into the buffer, made when first asked for.
+views into the buffer, made when first asked for. A buffer of B rows, one sequence's state each,
+holds a batched state (batching/states.py): its tensors have a leading batch dimension.
 """
 
 from __future__ import annotations
@@ -142,11 +143,13 @@ class StateLayout:
         records = tuple(type(layer) for layer in state.layers)
         return cls(state.generation, records, tuple(slots), offset)
 
-    def new_buffer(self, device: torch.device | str) -> torch.Tensor:
-        return torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+    def new_buffer(self, device: torch.device | str, rows: tuple[int, ...] = ()) -> torch.Tensor:
+        """An uninitialised buffer for one state, or with ``rows`` (B,) for B of them."""
+        return torch.empty(*rows, self.nbytes, dtype=torch.uint8, device=device)
 
     def views(self, packed: torch.Tensor) -> list[Any]:
-        """The layer records of the state in ``packed``, as views into it."""
+        """The layer records of the state in ``packed``, as views into it (batched for a buffer
+        of B rows)."""
         return [
             record(**{slot.field: _view(packed, slot) for slot in layer_slots})
             for record, layer_slots in zip(self.records, self.slots, strict=True)
@@ -155,4 +158,5 @@ class StateLayout:
 
 def _view(packed: torch.Tensor, slot: _Slot) -> torch.Tensor:
     size = slot.shape.numel() * slot.dtype.itemsize
-    return packed[slot.offset : slot.offset + size].view(slot.dtype).view(slot.shape)
+    rows = packed.shape[:-1]  # () for one state, (B,) for a batch
+    return packed[..., slot.offset : slot.offset + size].view(slot.dtype).view(*rows, *slot.shape)

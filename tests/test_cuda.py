@@ -1,9 +1,11 @@
 """The CUDA kernels and the GPU path, on a GPU (``pytest -m cuda``; skipped without one).
 
 Kernels against the torch path and a float64 oracle for every generation, input type, head size
-and length; the torch path on the GPU; whole models on the GPU against the CPU and against
-BlinkDL's official package with its own CUDA kernels (``RWKV_CUDA_ON=1``); state files made on
-the GPU resumed on the CPU; the command line with ``--device cuda`` and ``rwkv doctor``.
+and length, and for batches of sequences; the torch path on the GPU; whole models on the GPU
+against the CPU and against BlinkDL's official package with its own CUDA kernels
+(``RWKV_CUDA_ON=1``); one-token graphs, of one sequence and per batch-size bucket, against the
+eager step; state files made on the GPU resumed on the CPU; the command line with
+``--device cuda`` and ``rwkv doctor``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from rwkv_cli import sampling
+from rwkv_cli.batching.states import stack_states
 from rwkv_cli.device import DTYPES, use_own_stream
 from rwkv_cli.generation import generate, prefill
 from rwkv_cli.kernels import cuda
@@ -35,11 +38,12 @@ from rwkv_cli.kernels.wkv7 import wkv7, wkv7_chunked
 from rwkv_cli.models import MODEL_CLASSES, decode_graph
 from rwkv_cli.sampling import SamplingParams, make_generator, sample_token, sampling_distribution
 from rwkv_cli.tokenizer.world import load_world_tokenizer
+from tests.support.batch_runs import joins_and_leaves
 from tests.support.cli_runner import rwkv
 from tests.support.fixtures import GENERATIONS, generation_tensors, write_pth
 from tests.support.numerics import assert_states_close, relative_error
 from tests.support.state_roundtrip import save_and_resume
-from tests.support.wkv_oracles import ORACLES, as_oracle_state
+from tests.support.wkv_oracles import ORACLES, as_oracle_state, batched_wkv_inputs
 
 pytestmark = [
     pytest.mark.cuda,
@@ -83,6 +87,22 @@ def test_every_compiled_head_size(generation, head_size) -> None:
     inputs = wkv_inputs(generation, 37, heads=3, head_size=head_size, device=GPU)
     for got, want in zip(WRAPPERS[generation](*inputs), ORACLES[generation](*inputs), strict=True):
         assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("generation", ["4", "5", "7"])
+def test_a_batch_gives_every_sequence_its_own_run(generation, batch, tokens, dtype) -> None:
+    batched, sequences = batched_wkv_inputs(generation, batch, tokens, heads=4, dtype=dtype)
+    actual = WRAPPERS[generation](*(x.to(GPU) for x in batched))
+    for row, inputs in enumerate(sequences):
+        alone = WRAPPERS[generation](*(x.to(GPU) for x in inputs))
+        for got, want in zip(actual, alone, strict=True):
+            assert torch.equal(got[row], want)  # the same arithmetic, at other addresses
+        rows = as_oracle_state(generation, [x[row] for x in actual])
+        for got, want in zip(rows, ORACLES[generation](*inputs), strict=True):
+            assert relative_error(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("chunk_len", [1, 6, 7, 64, 128])
@@ -136,6 +156,11 @@ def test_a_wrong_device_or_type_is_a_clear_error() -> None:
         ops.wkv5_cuda(state, r, w, k.half(), v, u)
     with pytest.raises(RuntimeError, match="wkv5_cuda: r must be contiguous"):
         ops.wkv5_cuda(state, r.transpose(0, 1).contiguous().transpose(0, 1), w, k, v, u)
+    with pytest.raises(RuntimeError, match=r"wkv5_cuda: r must be \(T, H, N\) or \(B, T, H, N\)"):
+        ops.wkv5_cuda(state, r[0], w[0], k[0], v[0], u)
+    batched = (x.unsqueeze(0) for x in (r, w, k, v))  # a batch of one, but an unbatched state
+    with pytest.raises(RuntimeError, match=r"state has shape \[2, 64, 64\], expected \[1, 2,"):
+        ops.wkv5_cuda(state, *batched, u)
 
 
 def _model(generation: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -252,7 +277,7 @@ def test_one_token_graphs_equal_the_plain_step(generation, dtype, monkeypatch) -
     assert model._graphs == {}
     monkeypatch.delenv(decode_graph.ENVIRONMENT_SWITCH)
     logits, states = _greedy_steps(model, prompt_state)
-    assert isinstance(model._graphs["auto"], decode_graph.OneTokenGraph)
+    assert isinstance(model._graphs["auto", None], decode_graph.OneTokenGraph)
     for got, want in zip(logits, expected_logits, strict=True):
         assert relative_error(got, want) < 1e-5
     for got, want in zip(states, expected_states, strict=True):  # every step's state kept intact
@@ -288,8 +313,60 @@ def test_graphs_are_kept_per_kernel_choice() -> None:
     finally:
         set_kernel_choice("auto")
     compiled, _ = model.forward([2], state)
-    assert set(model._graphs) == {"auto", "torch"}
+    assert set(model._graphs) == {("auto", None), ("torch", None)}
     assert relative_error(compiled, torch_path) < 1e-2
+
+
+def _batch_steps(model, state, steps: int = 4):
+    """Logits and states of ``steps`` batched one-token steps (fixed tokens) after ``state``."""
+    sequences = state.layers[0].att_shift.shape[0]
+    logits, states = [], []
+    for step in range(steps):
+        tokens = [40 + (7 * row + 3 * step) % 50 for row in range(sequences)]
+        step_logits, state = model.forward_batch(tokens, state)
+        logits.append(step_logits)
+        states.append(state)
+    return logits, states
+
+
+@pytest.mark.parametrize("sequences", [1, 3, 5])
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_batch_graphs_equal_the_eager_batched_step(generation, sequences, monkeypatch) -> None:
+    """A batch of B replays the graph of its bucket, padded: the same logits and states as the
+    eager step, up to the rounding of products over another number of rows."""
+    model = _model(generation, device=GPU)
+    prompts = [PROMPT[: 5 + 3 * row] for row in range(sequences)]
+    state = stack_states([model.forward(prompt)[1] for prompt in prompts])
+    before = [tensor.clone() for tensor in state.tensors()]
+    monkeypatch.setenv(decode_graph.ENVIRONMENT_SWITCH, "0")
+    expected_logits, expected_states = _batch_steps(model, state)
+    assert model._graphs == {}
+    monkeypatch.delenv(decode_graph.ENVIRONMENT_SWITCH)
+    logits, states = _batch_steps(model, state)
+    bucket = decode_graph.batch_bucket(sequences)
+    assert set(model._graphs) == {("auto", bucket)}
+    assert isinstance(model._graphs["auto", bucket], decode_graph.OneTokenGraph)
+    for got, want in zip(logits, expected_logits, strict=True):
+        assert got.shape == (sequences, model.vocab_size)
+        assert relative_error(got, want) < 1e-5
+    for got, want in zip(states, expected_states, strict=True):  # every step's state kept intact
+        assert_states_close(got, want, 1e-5)
+    for tensor, original in zip(state.tensors(), before, strict=True):  # the input untouched
+        assert torch.equal(tensor, original)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_batch_graphs_follow_joins_and_leaves(dtype, tolerance, monkeypatch) -> None:
+    """Sequences joining and leaving move the batch between bucket graphs, each captured once;
+    every step and every state a sequence leaves with are those of the eager run."""
+    model = _model("7", dtype, GPU)
+    monkeypatch.setenv(decode_graph.ENVIRONMENT_SWITCH, "0")
+    expected = joins_and_leaves(model)
+    monkeypatch.delenv(decode_graph.ENVIRONMENT_SWITCH)
+    actual = joins_and_leaves(model)
+    assert set(model._graphs) == {("auto", rows) for rows in (None, 2, 4, 8)}
+    for got, want in zip(actual, expected, strict=True):
+        assert relative_error(got, want) < tolerance
 
 
 @pytest.fixture
@@ -307,7 +384,7 @@ def test_graphs_are_captured_on_the_commands_own_stream(own_stream) -> None:
     model = _model("7", torch.float16, GPU)
     _, state = model.forward(PROMPT)
     logits, new_state = model.forward([5], state)
-    assert isinstance(model._graphs["auto"], decode_graph.OneTokenGraph)
+    assert isinstance(model._graphs["auto", None], decode_graph.OneTokenGraph)
     assert decode_graph._capture_stream(model.device) == own_stream
     expected, expected_state = model.step_ids(torch.tensor([5], device=GPU), state)  # no graph
     assert relative_error(logits, expected) < 1e-5
@@ -315,7 +392,7 @@ def test_graphs_are_captured_on_the_commands_own_stream(own_stream) -> None:
 
 
 def test_a_graph_that_cannot_be_captured_warns_once_and_decoding_goes_on(monkeypatch) -> None:
-    def fail(self, model) -> None:
+    def fail(self, model, rows=None) -> None:
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(decode_graph.OneTokenGraph, "__init__", fail)
@@ -324,7 +401,7 @@ def test_a_graph_that_cannot_be_captured_warns_once_and_decoding_goes_on(monkeyp
     with pytest.warns(UserWarning, match="could not capture a CUDA graph.*not permitted"):
         logits, state = model.forward([3], state)
     model.forward([4], state)  # no second warning: the failure is remembered
-    assert model._graphs == {"auto": None}
+    assert model._graphs == {("auto", None): None}
     expected, _ = _model("7").forward([*PROMPT, 3])
     assert relative_error(logits, expected) < 1e-2
 

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from rwkv_cli.batching.states import stack_states
 from rwkv_cli.models import MODEL_CLASSES
 from rwkv_cli.state import State, StateLayout
 from tests.support.fixtures import GENERATIONS, generation_tensors
@@ -80,3 +81,16 @@ def test_a_layout_aligns_every_tensor_and_counts_its_bytes() -> None:
     assert [len(layer) for layer in layout.slots] == [len(names) for names in fields]
     payload = sum(tensor.numel() * tensor.element_size() for tensor in state.tensors())
     assert payload <= layout.nbytes < payload + 16 * len(offsets)
+
+
+@pytest.mark.parametrize("generation", ["4", "7"])
+def test_a_buffer_of_rows_holds_a_batch_one_state_a_row(generation) -> None:
+    """What a batch's graph keeps: row b of the buffer packs sequence b's state, and the views of
+    the whole buffer are the batched state (a leading batch dimension)."""
+    model = _model(generation, torch.bfloat16)
+    states = [model.forward(prompt)[1] for prompt in ([5, 6], [7], [8, 9, 10])]
+    layout = StateLayout.of(states[0])
+    rows = layout.new_buffer("cpu", (3,))
+    for row, state in zip(rows, states, strict=True):
+        torch._foreach_copy_(State.from_packed(layout, row).tensors(), state.tensors())
+    assert_states_close(State.from_packed(layout, rows), stack_states(states), 0.0)

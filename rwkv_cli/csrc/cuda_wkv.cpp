@@ -1,13 +1,17 @@
 // Torch binding of the CUDA WKV kernels: checks every tensor (device, dtype, shape, contiguity),
 // allocates the float32 outputs, launches on the current stream of the inputs' device, and
-// registers the operators torch.ops.rwkv_cli.wkv{4,5,7}_cuda. rwkv_cli/kernels/cuda.py brings
-// arguments into this form; the semantics are those of rwkv_cli/kernels/wkv{4,5,7}.py.
+// registers the operators torch.ops.rwkv_cli.wkv{4,5,7}_cuda. Each takes one sequence, or a batch
+// of B with a leading dimension B on the state and the token inputs (not on the model's w and u).
+// rwkv_cli/kernels/cuda.py brings arguments into this form; the semantics are those of
+// rwkv_cli/kernels/wkv{4,5,7}.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <vector>
 
 #include "cuda_wkv.h"
 
@@ -66,15 +70,44 @@ int as_int(const char* op, int64_t size) {
   return static_cast<int>(size);
 }
 
-// (T, H, N) token inputs and the (H, N, N) float32 state of RWKV-5/6/7; returns (T, H, N).
-std::tuple<int, int, int> check_heads(const char* op, const Tensor& state, const Tensor& r) {
-  TORCH_CHECK(r.dim() == 3, op, ": r must be (T, H, N), got shape ", r.sizes());
-  const int64_t heads = r.size(1), size = r.size(2);
+// The batch dimensions of token inputs x, which have `dims` dimensions for one sequence and a
+// leading B for a batch: {} or {B}. `layout` names one sequence's dimensions, as "T, C".
+at::IntArrayRef batch_dims(const char* op, const char* name, const Tensor& x, int64_t dims,
+                           const char* layout) {
+  TORCH_CHECK(x.dim() == dims || x.dim() == dims + 1, op, ": ", name, " must be (", layout,
+              ") or (B, ", layout, "), got shape ", x.sizes());
+  return x.sizes().slice(0, x.dim() - dims);
+}
+
+// The sequences in a batch of `batch` dimensions ({} for one sequence), as the launchers take it.
+int batch_size(const char* op, at::IntArrayRef batch) {
+  const int64_t size = batch.empty() ? 1 : batch[0];
+  TORCH_CHECK(size <= WKV_MAX_BATCH, op, ": a batch of ", size, " sequences is more than ",
+              WKV_MAX_BATCH);
+  return static_cast<int>(size);
+}
+
+// One sequence's `shape` with the batch dimensions in front.
+std::vector<int64_t> batched(at::IntArrayRef batch, std::initializer_list<int64_t> shape) {
+  std::vector<int64_t> result(batch.begin(), batch.end());
+  result.insert(result.end(), shape);
+  return result;
+}
+
+struct Heads {
+  int batch, tokens, heads, size;
+};
+
+// (B, T, H, N) or (T, H, N) token inputs and the matching (B, H, N, N) or (H, N, N) float32 state
+// of RWKV-5/6/7.
+Heads check_heads(const char* op, const Tensor& state, const Tensor& r) {
+  const at::IntArrayRef batch = batch_dims(op, "r", r, 3, "T, H, N");
+  const int64_t tokens = r.size(-3), heads = r.size(-2), size = r.size(-1);
   TORCH_CHECK(wkv_head_size_supported(static_cast<int>(size)), op, ": head size ", size,
               " is not compiled in (16, 32, 64 or 128)");
   check_input(op, "r", r, r, r.sizes());
-  check_float32(op, "state", state, r.device(), {heads, size, size});
-  return {as_int(op, r.size(0)), as_int(op, heads), static_cast<int>(size)};
+  check_float32(op, "state", state, r.device(), batched(batch, {heads, size, size}));
+  return {batch_size(op, batch), as_int(op, tokens), as_int(op, heads), static_cast<int>(size)};
 }
 
 Tensor float32_like(const Tensor& x) { return at::empty(x.sizes(), x.options().dtype(at::kFloat)); }
@@ -84,21 +117,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wkv4_cuda(const Tensor& aa, const Ten
                                                      const Tensor& u, const Tensor& k,
                                                      const Tensor& v) {
   const char* op = "wkv4_cuda";
-  TORCH_CHECK(k.dim() == 2, op, ": k must be (T, C), got shape ", k.sizes());
-  const int64_t channels = k.size(1);
+  const at::IntArrayRef batch = batch_dims(op, "k", k, 2, "T, C");
+  const int64_t channels = k.size(-1);
   check_input(op, "k", k, k, k.sizes());
   check_input(op, "v", v, k, k.sizes());
-  const char* names[] = {"aa", "bb", "pp", "w", "u"};
-  const Tensor* vectors[] = {&aa, &bb, &pp, &w, &u};
-  for (int i = 0; i < 5; ++i) check_float32(op, names[i], *vectors[i], k.device(), {channels});
+  const std::vector<int64_t> state_shape = batched(batch, {channels});
+  check_float32(op, "aa", aa, k.device(), state_shape);
+  check_float32(op, "bb", bb, k.device(), state_shape);
+  check_float32(op, "pp", pp, k.device(), state_shape);
+  check_float32(op, "w", w, k.device(), {channels});  // w and u are the model's, for every sequence
+  check_float32(op, "u", u, k.device(), {channels});
 
   const c10::cuda::CUDAGuard guard(k.device());
   Tensor y = float32_like(k), aa_out = at::empty_like(aa), bb_out = at::empty_like(bb),
          pp_out = at::empty_like(pp);
-  check_launch(op, wkv4_forward(element_of(k, op), as_int(op, k.size(0)), as_int(op, channels),
-                                w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr(),
-                                v.data_ptr(), aa.data_ptr<float>(), bb.data_ptr<float>(),
-                                pp.data_ptr<float>(), y.data_ptr<float>(),
+  check_launch(op, wkv4_forward(element_of(k, op), batch_size(op, batch), as_int(op, k.size(-2)),
+                                as_int(op, channels), w.data_ptr<float>(), u.data_ptr<float>(),
+                                k.data_ptr(), v.data_ptr(), aa.data_ptr<float>(),
+                                bb.data_ptr<float>(), pp.data_ptr<float>(), y.data_ptr<float>(),
                                 aa_out.data_ptr<float>(), bb_out.data_ptr<float>(),
                                 pp_out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return {y, aa_out, bb_out, pp_out};
@@ -107,7 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wkv4_cuda(const Tensor& aa, const Ten
 std::tuple<Tensor, Tensor> wkv5_cuda(const Tensor& state, const Tensor& r, const Tensor& w,
                                      const Tensor& k, const Tensor& v, const Tensor& u) {
   const char* op = "wkv5_cuda";
-  const auto [tokens, heads, size] = check_heads(op, state, r);
+  const auto [batch, tokens, heads, size] = check_heads(op, state, r);
   check_input(op, "k", k, r, r.sizes());
   check_input(op, "v", v, r, r.sizes());
   check_float32(op, "w", w, r.device(), r.sizes());
@@ -115,10 +151,11 @@ std::tuple<Tensor, Tensor> wkv5_cuda(const Tensor& state, const Tensor& r, const
 
   const c10::cuda::CUDAGuard guard(r.device());
   Tensor y = float32_like(r), state_out = at::empty_like(state);
-  check_launch(op, wkv5_forward(element_of(r, op), tokens, heads, size, state.data_ptr<float>(),
-                                r.data_ptr(), w.data_ptr<float>(), k.data_ptr(), v.data_ptr(),
-                                u.data_ptr<float>(), y.data_ptr<float>(),
-                                state_out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  check_launch(op, wkv5_forward(element_of(r, op), batch, tokens, heads, size,
+                                state.data_ptr<float>(), r.data_ptr(), w.data_ptr<float>(),
+                                k.data_ptr(), v.data_ptr(), u.data_ptr<float>(),
+                                y.data_ptr<float>(), state_out.data_ptr<float>(),
+                                c10::cuda::getCurrentCUDAStream()));
   return {y, state_out};
 }
 
@@ -126,7 +163,7 @@ std::tuple<Tensor, Tensor> wkv7_cuda(const Tensor& state, const Tensor& r, const
                                      const Tensor& k, const Tensor& v, const Tensor& kappa,
                                      const Tensor& a) {
   const char* op = "wkv7_cuda";
-  const auto [tokens, heads, size] = check_heads(op, state, r);
+  const auto [batch, tokens, heads, size] = check_heads(op, state, r);
   check_input(op, "k", k, r, r.sizes());
   check_input(op, "v", v, r, r.sizes());
   check_input(op, "kappa", kappa, r, r.sizes());
@@ -135,10 +172,11 @@ std::tuple<Tensor, Tensor> wkv7_cuda(const Tensor& state, const Tensor& r, const
 
   const c10::cuda::CUDAGuard guard(r.device());
   Tensor y = float32_like(r), state_out = at::empty_like(state);
-  check_launch(op, wkv7_forward(element_of(r, op), tokens, heads, size, state.data_ptr<float>(),
-                                r.data_ptr(), w.data_ptr<float>(), k.data_ptr(), v.data_ptr(),
-                                kappa.data_ptr(), a.data_ptr(), y.data_ptr<float>(),
-                                state_out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  check_launch(op, wkv7_forward(element_of(r, op), batch, tokens, heads, size,
+                                state.data_ptr<float>(), r.data_ptr(), w.data_ptr<float>(),
+                                k.data_ptr(), v.data_ptr(), kappa.data_ptr(), a.data_ptr(),
+                                y.data_ptr<float>(), state_out.data_ptr<float>(),
+                                c10::cuda::getCurrentCUDAStream()));
   return {y, state_out};
 }
 

@@ -1,11 +1,13 @@
 // The WKV recurrences as CUDA kernels (device code only; the launchers are in cuda_wkv*.cu).
 //
-// Inference, B = 1, looping over the T tokens inside the kernel. Each kernel reads its inputs in
-// their own type, computes in float32 and writes float32. The math is that of the torch
+// Inference over a batch of B sequences (layouts in cuda_wkv.h), looping over the T tokens inside
+// the kernel. The grid's y index is the sequence: the blocks of one sequence are those of B = 1,
+// and a sequence's results do not depend on the others in the batch. Each kernel reads its inputs
+// in their own type, computes in float32 and writes float32. The math is that of the torch
 // references in rwkv_cli/kernels/wkv{4,5,7}.py, which tests compare these with.
 //
-// tests/cuda_emulator.cpp also compiles this header on the host and runs the kernels with one
-// std::thread per CUDA thread, so keep to threadIdx/blockIdx/blockDim, __shared__ arrays
+// tests/support/cuda_emulator.cpp also compiles this header on the host and runs the kernels with
+// one std::thread per CUDA thread, so keep to threadIdx/blockIdx/blockDim, __shared__ arrays
 // declared at the top of a kernel and __syncthreads().
 #pragma once
 
@@ -25,10 +27,10 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 
 constexpr int WKV4_THREADS = 128;  // channels per block; RWKV-4 widths are multiples of 128
 
-// RWKV-4: thread c owns channel c and carries its state (aa, bb, pp) through the tokens, in the
-// numerically stable form (docs/DESIGN.md section 4): pp is the largest exponent seen, and
-// aa, bb are the numerator and denominator scaled by exp(-pp). Reads and writes of one token are
-// coalesced across the threads of a block.
+// RWKV-4: thread c owns channel c of one sequence and carries its state (aa, bb, pp) through the
+// tokens, in the numerically stable form (docs/DESIGN.md section 4): pp is the largest exponent
+// seen, and aa, bb are the numerator and denominator scaled by exp(-pp). Reads and writes of one
+// token are coalesced across the threads of a block.
 template <typename Scalar>
 __global__ void __launch_bounds__(WKV4_THREADS)
     wkv4_kernel(int tokens, int channels, const float* __restrict__ w,
@@ -38,10 +40,12 @@ __global__ void __launch_bounds__(WKV4_THREADS)
                 float* pp_out) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
+  const size_t sequence = blockIdx.y;
+  const size_t state_at = sequence * channels + c;
   const float decay = w[c], bonus = u[c];
-  float aa = aa_in[c], bb = bb_in[c], pp = pp_in[c];
+  float aa = aa_in[state_at], bb = bb_in[state_at], pp = pp_in[state_at];
   for (int t = 0; t < tokens; ++t) {
-    const size_t at = static_cast<size_t>(t) * channels + c;
+    const size_t at = (sequence * tokens + t) * channels + c;
     const float kt = to_float(k[at]), vt = to_float(v[at]);
 
     const float current = bonus + kt;  // the current token's exponent
@@ -57,14 +61,14 @@ __global__ void __launch_bounds__(WKV4_THREADS)
     bb = past * bb + now;
     pp = top;
   }
-  aa_out[c] = aa;
-  bb_out[c] = bb;
-  pp_out[c] = pp;
+  aa_out[state_at] = aa;
+  bb_out[state_at] = bb;
+  pp_out[state_at] = pp;
 }
 
-// RWKV-5/6: one block per head, thread i owns value row i of the head's state S (N floats in
-// registers). Per token the block stages r, w, k in shared memory (thread j loads element j),
-// then thread i computes
+// RWKV-5/6: one block per head of a sequence, thread i owns value row i of the head's state S
+// (N floats in registers). Per token the block stages r, w, k in shared memory (thread j loads
+// element j), then thread i computes
 //     y_i = sum_j r_j (u_j k_j v_i + S_ij);    S_ij = S_ij w_j + v_i k_j
 // The staging buffers alternate between tokens, so one barrier per token suffices: a thread can
 // only overwrite buffer t % 2 after every thread has passed the barrier of token t - 1, that is
@@ -77,16 +81,17 @@ __global__ void __launch_bounds__(N)
                 float* __restrict__ y, float* state_out) {
   __shared__ float r_s[2][N], w_s[2][N], k_s[2][N], u_s[N];
   const int head = blockIdx.x, row = threadIdx.x;
+  const size_t sequence = blockIdx.y;
 
-  float s[N];  // S[head, row, :]
-  const size_t state_at = (static_cast<size_t>(head) * N + row) * N;
+  float s[N];  // S[sequence, head, row, :]
+  const size_t state_at = ((sequence * heads + head) * N + row) * N;
 #pragma unroll
   for (int j = 0; j < N; ++j) s[j] = state_in[state_at + j];
   u_s[row] = u[head * N + row];  // visible after the first barrier below
 
   for (int t = 0; t < tokens; ++t) {
     const int b = t & 1;
-    const size_t at = (static_cast<size_t>(t) * heads + head) * N + row;
+    const size_t at = ((sequence * tokens + t) * heads + head) * N + row;
     r_s[b][row] = to_float(r[at]);
     w_s[b][row] = w[at];
     k_s[b][row] = to_float(k[at]);
@@ -116,15 +121,16 @@ __global__ void __launch_bounds__(N)
                 const Scalar* __restrict__ a, float* __restrict__ y, float* state_out) {
   __shared__ float r_s[2][N], w_s[2][N], k_s[2][N], alpha_s[2][N], beta_s[2][N];
   const int head = blockIdx.x, row = threadIdx.x;
+  const size_t sequence = blockIdx.y;
 
-  float s[N];  // S[head, row, :]
-  const size_t state_at = (static_cast<size_t>(head) * N + row) * N;
+  float s[N];  // S[sequence, head, row, :]
+  const size_t state_at = ((sequence * heads + head) * N + row) * N;
 #pragma unroll
   for (int j = 0; j < N; ++j) s[j] = state_in[state_at + j];
 
   for (int t = 0; t < tokens; ++t) {
     const int b = t & 1;
-    const size_t at = (static_cast<size_t>(t) * heads + head) * N + row;
+    const size_t at = ((sequence * tokens + t) * heads + head) * N + row;
     const float removal = to_float(kappa[at]);
     r_s[b][row] = to_float(r[at]);
     w_s[b][row] = w[at];
@@ -147,6 +153,17 @@ __global__ void __launch_bounds__(N)
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) state_out[state_at + j] = s[j];
+}
+
+// Launch shapes, shared by the launchers and tests/support/cuda_emulator.cpp: x runs over the
+// blocks of one sequence, y over the sequences (at most WKV_MAX_BATCH).
+inline dim3 wkv4_grid(int batch, int channels) {
+  const int blocks = (channels + WKV4_THREADS - 1) / WKV4_THREADS;
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch));
+}
+
+inline dim3 wkv_heads_grid(int batch, int heads) {
+  return dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch));
 }
 
 // Host-side dispatch: call body(Type<Scalar>{}) for the element type, and

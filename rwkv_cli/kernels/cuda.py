@@ -3,14 +3,17 @@ signatures.
 
 The sources are ``rwkv_cli/csrc/cuda_*``: the kernels (``cuda_wkv_kernels.cuh``, plain CUDA, one
 thread per channel for RWKV-4 and per value row of a head for RWKV-5 to 7, looping over the
-tokens), their launchers (``cuda_wkv{4,5,7}.cu``) and the torch binding (``cuda_wkv.cpp``, which
-checks devices, dtypes, shapes and contiguity and registers ``torch.ops.rwkv_cli.wkv*_cuda``).
+tokens; the grid's second dimension runs over the sequences of a batch), their launchers
+(``cuda_wkv{4,5,7}.cu``) and the torch binding (``cuda_wkv.cpp``, which checks devices, dtypes,
+shapes and contiguity and registers ``torch.ops.rwkv_cli.wkv*_cuda``).
 They are built on first use on a GPU (kernels/build.py), never at import.
 
 The dispatchers (``wkv4`` in kernels/wkv4.py, ...) ask ``usable`` and call the wrappers here,
 which bring the inputs into the kernels' layout: token inputs in one of fp32, fp16 or bf16
 (mixed types are computed from fp32 copies), state, decay and bonus float32, all contiguous.
-Outputs are float32, as the references return. kernels/selftest.py compares the kernels with
+Outputs are float32, as the references return. Like the references, each takes one sequence or a
+batch of B, whose state and token inputs carry a leading dimension B (the decay and bonus of RWKV-4
+and the bonus of RWKV-5/6 are the model's, shared). kernels/selftest.py compares the kernels with
 their torch twins.
 """
 
@@ -80,7 +83,7 @@ def wkv5(
     r, k, v = _token_inputs(r, k, v)
     # RWKV-5's decay is the same for every token, and 5.0's decay and bonus for a whole head.
     state, w, u = _float32(
-        state, torch.broadcast_to(w, r.shape), torch.broadcast_to(u, r.shape[1:])
+        state, torch.broadcast_to(w, r.shape), torch.broadcast_to(u, r.shape[-2:])
     )
     return tuple(_ops().wkv5_cuda(state, r, w, k, v, u))
 

@@ -19,8 +19,10 @@ forward, or an operation within it, takes the decode path exactly when it has on
 A batch of sequences decoding together (``RecurrentModel.forward_batch``) has B rows of one
 token each: its projections read each weight once for all B rows (the ``gemv`` kernel up to
 ``SMALL_BATCH_ROWS`` rows, a GEMM beyond), and its recurrences, whose inputs then carry a
-leading batch dimension (``is_batched``), run their torch twins token by token: the compiled
-kernels take one sequence. A projection cannot tell B sequences' tokens from a short chunk of
+leading batch dimension (``is_batched``), run their torch twins token by token on the CPU, where
+the compiled kernels take one sequence, and the CUDA WKV kernels on a GPU, which take a batch. On
+a GPU the whole batched step replays the CUDA graph of its batch-size bucket, its rows padded
+(models/decode_graph.py). A projection cannot tell B sequences' tokens from a short chunk of
 one sequence's prompt, and need not: both are a few rows bound by reading the weights.
 
 The compiled kernels among those run only where they take the inputs (float32 CPU tensors for
@@ -55,5 +57,6 @@ def is_small_batch(rows: int) -> bool:
 
 def is_batched(state: torch.Tensor, sequence_dims: int) -> bool:
     """Whether an op's ``state``, of ``sequence_dims`` dimensions for one sequence, holds a batch
-    of sequences (a leading batch dimension); such inputs take the op's torch twin."""
+    of sequences (a leading batch dimension); such inputs take the op's torch twin, but for the
+    CUDA WKV kernels, which take them on a GPU."""
     return state.dim() > sequence_dims

@@ -12,7 +12,8 @@ exponent seen, so no ``exp`` ever overflows (docs/DESIGN.md section 4)::
 
 ``wkv4_torch`` loops over time only, with channels batched: the reference every faster
 implementation must match. ``wkv4`` runs a compiled kernel where one builds (CUDA on a GPU,
-kernels/cuda.py; C++ on the CPU, kernels/cpu_ops.py), else ``wkv4_torch``.
+kernels/cuda.py, for one sequence or a batch; C++ on the CPU, kernels/cpu_ops.py), else
+``wkv4_torch``.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ def wkv4(
     v: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recurrence over T tokens (arguments and results as ``wkv4_torch``); a batch of
-    sequences runs ``wkv4_torch``."""
+    sequences runs the CUDA kernel on a GPU, else ``wkv4_torch``."""
+    if cuda.usable(aa, bb, pp, w, u, k, v):  # one sequence or a batch
+        return cuda.wkv4(aa, bb, pp, w, u, k, v)
     if is_batched(aa, 1):
         return wkv4_torch(aa, bb, pp, w, u, k, v)
-    if cuda.usable(aa, bb, pp, w, u, k, v):
-        return cuda.wkv4(aa, bb, pp, w, u, k, v)
     if cpu_ops.usable(aa, bb, pp, w, u):
         return cpu_ops.kernels().wkv4(aa, bb, pp, w, u, k, v)
     return wkv4_torch(aa, bb, pp, w, u, k, v)

@@ -9,7 +9,8 @@ Per head the state ``S`` is an ``N x N`` matrix indexed ``[value, key]``. For ev
 ``wkv7_chunked`` computes the same thing a chunk of tokens at a time with batched matrix
 products and no per-token Python loop, which is what makes prefill fast. ``wkv7_torch``, the
 torch twin, picks one by the one-token rule (kernels/decode.py). ``wkv7`` runs the compiled CUDA
-kernel for inputs on a GPU where it builds (kernels/cuda.py), else ``wkv7_torch``. (On the CPU,
+kernel for inputs on a GPU where it builds (kernels/cuda.py; one sequence or a batch), else
+``wkv7_torch``. (On the CPU,
 one token's recurrence runs inside RWKV-7's fused time mixing, kernels/time_mix7.py.)
 
 The chunked form. Within a chunk, with ``S0`` the state before it and ``D_t`` the product of the
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_cli.kernels import cuda
-from rwkv_cli.kernels.decode import is_batched, is_decode
+from rwkv_cli.kernels.decode import is_decode
 
 CHUNK_LEN = 64  # tokens per chunk: fastest on a 2-core AVX2 CPU (see README), accurate to ~1e-6
 
@@ -52,12 +53,13 @@ def wkv7(
         r, w, k, v, kappa, a: (T, H, N) receptance, decay (in (0, 1)), key, value,
             normalised removal key and in-context learning rate.
 
-    A batch of B sequences, state (B, H, N, N) and the rest (B, T, H, N), runs ``wkv7_torch``.
+    A batch of B sequences, state (B, H, N, N) and the rest (B, T, H, N), runs the CUDA kernel
+    on a GPU too, else ``wkv7_torch``.
 
     Returns:
         y: (T, H, N) float32 outputs (batched: (B, T, H, N)), and the new (H, N, N) state.
     """
-    if not is_batched(state, 3) and cuda.usable(state, r, w, k, v, kappa, a, head_size=r.shape[-1]):
+    if cuda.usable(state, r, w, k, v, kappa, a, head_size=r.shape[-1]):  # one sequence or a batch
         return cuda.wkv7(state, r, w, k, v, kappa, a)
     return wkv7_torch(state, r, w, k, v, kappa, a)
 

@@ -5,8 +5,8 @@ around those is the same, and lives in :class:`RecurrentModel`: checkpoint valid
 preparation (models/validate.py, models/prepare.py), ln0 folded into the embedding, pre-norm
 residual blocks (ln1 -> time mixing, ln2 -> channel mixing), ln_out and the head, the fp16
 rescaling of RWKV-4 to 6, moving the weights between devices, and the one-token step as a CUDA
-graph on a GPU (models/decode_graph.py). A generation module supplies its config, weight groups,
-per-layer state and the two mixings.
+graph on a GPU (models/decode_graph.py), for one sequence and per batch-size bucket. A
+generation module supplies its config, weight groups, per-layer state and the two mixings.
 
 Activations are (T, C) for one sequence. ``forward_batch`` steps B sequences by one token each:
 activations are then (B, 1, C) and every state tensor has a leading batch dimension (B, ...).
@@ -93,8 +93,9 @@ class RecurrentModel:
         # prepare() scaled the weights to match
         self.rescaled = self.rescales_in_fp16 and self.weight_dtype == torch.float16
         self.fingerprint = ""  # set by the loader, which sees the checkpoint's raw tensors
-        # One-token CUDA graphs by kernel choice (None: capture failed); see decode_graph.py.
-        self._graphs: dict[str, decode_graph.OneTokenGraph | None] = {}
+        # One-token CUDA graphs by kernel choice and batch-size bucket (None: one sequence), each
+        # None where capture failed; see decode_graph.py.
+        self._graphs: dict[tuple[str, int | None], decode_graph.OneTokenGraph | None] = {}
 
     # --- what each generation supplies -----------------------------------------------------
 
@@ -260,7 +261,7 @@ class RecurrentModel:
         """
         check_tokens(tokens, self.vocab_size)
         if is_decode(len(tokens)) and (graph := self._one_token_graph()) is not None:
-            return graph(int(tokens[0]), state)
+            return graph(tokens, state)
         return self.step_ids(torch.as_tensor(tokens, device=self.device), state)
 
     @torch.inference_mode()
@@ -271,16 +272,20 @@ class RecurrentModel:
         (batching/states.py stacks and splits them). Returns the next-token logits (B, V) and
         the new batched state; the input state is left untouched. Each row's logits equal those
         of its own ``forward`` up to float rounding (the products are summed in another order).
+        On a GPU the step runs as the CUDA graph of the batch's size bucket (decode_graph.py).
         """
         check_tokens(tokens, self.vocab_size)
+        bucket = decode_graph.batch_bucket(len(tokens))
+        if (graph := self._one_token_graph(bucket)) is not None:
+            return graph(tokens, state)
         ids = torch.as_tensor(tokens, device=self.device).unsqueeze(-1)  # (B, 1)
-        x, new_state = self._run_ids(ids, state)  # (B, 1, C)
-        return self._logits(x[:, -1]), new_state
+        return self.step_ids(ids, state)
 
     def step_ids(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        """``forward`` for token ids already in a 1-D tensor on the model's device, unchecked."""
-        x, new_state = self._run_ids(ids, state)
-        return self._logits(x[-1]), new_state
+        """``forward`` for token ids already in a tensor on the model's device, unchecked: (T,)
+        for one sequence, or (B, 1) and a batched state as ``forward_batch``."""
+        x, new_state = self._run_ids(ids, state)  # (T, C) or (B, 1, C)
+        return self._logits(x[..., -1, :]), new_state
 
     def sequence_logits(
         self, tokens: Sequence[int], state: State | None = None
@@ -291,15 +296,16 @@ class RecurrentModel:
         x, new_state = self._run_ids(torch.as_tensor(tokens, device=self.device), state)
         return self._logits(x), new_state
 
-    def _one_token_graph(self) -> decode_graph.OneTokenGraph | None:
-        """The CUDA graph of the one-token step for the current kernel choice, captured on first
-        use; None off the GPU, when graphs are off or when capture failed."""
+    def _one_token_graph(self, rows: int | None = None) -> decode_graph.OneTokenGraph | None:
+        """The CUDA graph of the one-token step for the current kernel choice, of one sequence
+        or of a batch-size bucket of ``rows`` sequences, captured on first use; None off the
+        GPU, when graphs are off or when capture failed."""
         if not decode_graph.graphs_enabled(self.device):
             return None
-        choice = kernel_choice()
-        if choice not in self._graphs:
-            self._graphs[choice] = decode_graph.capture(self)
-        return self._graphs[choice]
+        key = (kernel_choice(), rows)
+        if key not in self._graphs:
+            self._graphs[key] = decode_graph.capture(self, rows)
+        return self._graphs[key]
 
     def _run_ids(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         """The final residual stream (T, C) and the new state after the token ids ``ids`` (T,);

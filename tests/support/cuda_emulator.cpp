@@ -6,7 +6,7 @@
 // Built by tests/test_cuda_emulated.py with nvcc as the compiler driver (host code only, so
 // nvcc hands it to the host C++ compiler with the CUDA headers on the include path), loaded with
 // ctypes. The emulate_* functions mirror the launchers in cuda_wkv*.cu: same arguments, same
-// grid and block sizes.
+// grid (their wkv*_grid functions) and block sizes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -49,22 +49,30 @@ thread_local Dim thread_idx, block_idx;
 Dim block_dim;
 thread_local Barrier* block_barrier = nullptr;
 
-// Runs kernel() as `blocks` blocks of `threads` threads, one block after the other.
+// Runs kernel() as one block of `threads` threads.
 template <typename Kernel>
-void launch(int blocks, int threads, Kernel kernel) {
+void run_block(Dim block, int threads, Kernel kernel) {
+  Barrier barrier(threads);
+  std::vector<std::thread> pool;
+  for (int thread = 0; thread < threads; ++thread) {
+    pool.emplace_back([&, thread] {
+      thread_idx = Dim{thread, 0, 0};
+      block_idx = block;
+      block_barrier = &barrier;
+      kernel();
+    });
+  }
+  for (auto& member : pool) member.join();
+}
+
+// Runs kernel() over a grid (x and y) of blocks of `threads` threads, one block after the other.
+template <typename Kernel>
+void launch(dim3 grid, int threads, Kernel kernel) {
   block_dim = Dim{threads, 1, 1};
-  for (int block = 0; block < blocks; ++block) {
-    Barrier barrier(threads);
-    std::vector<std::thread> pool;
-    for (int thread = 0; thread < threads; ++thread) {
-      pool.emplace_back([&, block, thread] {
-        thread_idx = Dim{thread, 0, 0};
-        block_idx = Dim{block, 0, 0};
-        block_barrier = &barrier;
-        kernel();
-      });
+  for (unsigned y = 0; y < grid.y; ++y) {
+    for (unsigned x = 0; x < grid.x; ++x) {
+      run_block(Dim{static_cast<int>(x), static_cast<int>(y), 0}, threads, kernel);
     }
-    for (auto& member : pool) member.join();
   }
 }
 
@@ -91,13 +99,13 @@ using rwkv_cli::Element;
 
 extern "C" {
 
-int emulate_wkv4(int element, int tokens, int channels, const float* w, const float* u,
-                 const void* k, const void* v, const float* aa_in, const float* bb_in,
-                 const float* pp_in, float* y, float* aa_out, float* bb_out, float* pp_out) {
-  const int blocks = (channels + rwkv_cli::WKV4_THREADS - 1) / rwkv_cli::WKV4_THREADS;
+int emulate_wkv4(int element, int batch, int tokens, int channels, const float* w,
+                 const float* u, const void* k, const void* v, const float* aa_in,
+                 const float* bb_in, const float* pp_in, float* y, float* aa_out, float* bb_out,
+                 float* pp_out) {
   return rwkv_cli::with_element(static_cast<Element>(element), [&](auto type) {
     using Scalar = typename decltype(type)::type;
-    emulator::launch(blocks, rwkv_cli::WKV4_THREADS, [&] {
+    emulator::launch(rwkv_cli::wkv4_grid(batch, channels), rwkv_cli::WKV4_THREADS, [&] {
       rwkv_cli::wkv4_kernel<Scalar>(tokens, channels, w, u, static_cast<const Scalar*>(k),
                                     static_cast<const Scalar*>(v), aa_in, bb_in, pp_in, y,
                                     aa_out, bb_out, pp_out);
@@ -106,14 +114,14 @@ int emulate_wkv4(int element, int tokens, int channels, const float* w, const fl
   });
 }
 
-int emulate_wkv5(int element, int tokens, int heads, int head_size, const float* state_in,
-                 const void* r, const float* w, const void* k, const void* v, const float* u,
-                 float* y, float* state_out) {
+int emulate_wkv5(int element, int batch, int tokens, int heads, int head_size,
+                 const float* state_in, const void* r, const float* w, const void* k,
+                 const void* v, const float* u, float* y, float* state_out) {
   return rwkv_cli::with_element(static_cast<Element>(element), [&](auto type) {
     using Scalar = typename decltype(type)::type;
     return rwkv_cli::with_head_size(head_size, [&](auto size) {
       constexpr int N = decltype(size)::value;
-      emulator::launch(heads, N, [&] {
+      emulator::launch(rwkv_cli::wkv_heads_grid(batch, heads), N, [&] {
         rwkv_cli::wkv5_kernel<Scalar, N>(tokens, heads, state_in, static_cast<const Scalar*>(r),
                                          w, static_cast<const Scalar*>(k),
                                          static_cast<const Scalar*>(v), u, y, state_out);
@@ -123,14 +131,14 @@ int emulate_wkv5(int element, int tokens, int heads, int head_size, const float*
   });
 }
 
-int emulate_wkv7(int element, int tokens, int heads, int head_size, const float* state_in,
-                 const void* r, const float* w, const void* k, const void* v, const void* kappa,
-                 const void* a, float* y, float* state_out) {
+int emulate_wkv7(int element, int batch, int tokens, int heads, int head_size,
+                 const float* state_in, const void* r, const float* w, const void* k,
+                 const void* v, const void* kappa, const void* a, float* y, float* state_out) {
   return rwkv_cli::with_element(static_cast<Element>(element), [&](auto type) {
     using Scalar = typename decltype(type)::type;
     return rwkv_cli::with_head_size(head_size, [&](auto size) {
       constexpr int N = decltype(size)::value;
-      emulator::launch(heads, N, [&] {
+      emulator::launch(rwkv_cli::wkv_heads_grid(batch, heads), N, [&] {
         rwkv_cli::wkv7_kernel<Scalar, N>(
             tokens, heads, state_in, static_cast<const Scalar*>(r), w,
             static_cast<const Scalar*>(k), static_cast<const Scalar*>(v),

@@ -1,9 +1,16 @@
 """Naive float64 WKV loops, written from the formulas (docs/DESIGN.md section 4): the oracles
-the kernels and their torch twins are both measured against. Same arguments as the references."""
+the kernels and their torch twins are both measured against. Same arguments as the references.
+Also the arguments of a batch of sequences, for the kernels' batch dimension."""
 
 from __future__ import annotations
 
 import torch
+
+from rwkv_cli.kernels.selftest import wkv_inputs
+
+# Positions (in the references' signatures) of the arguments that are the model's, shared by the
+# sequences of a batch: RWKV-4's decay and bonus, RWKV-5/6's bonus.
+SHARED_ARGUMENTS = {"4": (3, 4), "5": (5,), "7": ()}
 
 
 def wkv4_oracle(aa, bb, pp, w, u, k, v):
@@ -54,3 +61,22 @@ def as_oracle_state(generation: str, outputs: tuple) -> tuple:
 
 
 ORACLES = {"4": wkv4_oracle, "5": wkv5_oracle, "7": wkv7_oracle}
+
+
+def batched_wkv_inputs(generation: str, batch: int, tokens: int, **options) -> tuple[tuple, list]:
+    """WKV arguments of ``batch`` sequences (``selftest.wkv_inputs`` with a seed each, options
+    passed on) and each sequence's own: (batched arguments, [arguments of sequence b]).
+
+    The state and token inputs are stacked along a leading batch dimension; the model's shared
+    arguments are the first sequence's, for every sequence.
+    """
+    shared = SHARED_ARGUMENTS[generation]
+    first, *rest = (wkv_inputs(generation, tokens, seed=seed, **options) for seed in range(batch))
+    sequences = [first]
+    for inputs in rest:
+        sequences.append(tuple(first[i] if i in shared else x for i, x in enumerate(inputs)))
+    batched = tuple(
+        first[i] if i in shared else torch.stack([inputs[i] for inputs in sequences])
+        for i in range(len(first))
+    )
+    return batched, sequences
