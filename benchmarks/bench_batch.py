@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--tokens", type=int, default=32, help="decoded per sequence")
     parser.add_argument(
-        "--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16", "int8"]
+        "--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16", "int8", "int4"]
     )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768)

@@ -8,11 +8,12 @@ import functools
 import torch
 
 from rwkv_cli.errors import InvalidInputError
+from rwkv_cli.kernels.linear import INT4
 from rwkv_cli.settings import DTYPE_NAMES, DtypeName
 
 DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "auto")
 DTYPES: dict[DtypeName, torch.dtype] = dict(
-    zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16, torch.int8), strict=True)
+    zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16, torch.int8, INT4), strict=True)
 )
 _DOCTOR_HINT = "`rwkv doctor` shows the GPUs and the torch build"
 _CPU = torch.device("cpu")
@@ -60,17 +61,18 @@ def device_name(spec: str | torch.device | None) -> str:
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The weight type ``name`` names (fp32, fp16, bf16, int8); without one, fp16 on a GPU (as
-    the official package runs) and fp32 on the CPU (where 16-bit weights decode faster but the
-    matrix products of prefill are slower). int8 weights (quantized per row) are for the CPU."""
+    """The weight type ``name`` names (fp32, fp16, bf16, int8, int4); without one, fp16 on a GPU
+    (as the official package runs) and fp32 on the CPU (where 16-bit weights decode faster but
+    the matrix products of prefill are slower). int8 and int4 weights are for the CPU."""
     if name is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     dtype = DTYPES.get(name.strip().lower())
     if dtype is None:
         raise InvalidInputError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}")
-    if dtype == torch.int8 and device.type != "cpu":
+    if dtype in (torch.int8, INT4) and device.type != "cpu":
         raise InvalidInputError(
-            "int8 weights run on the CPU only", hint="on a GPU use --dtype fp16 or bf16"
+            f"{dtype_name(dtype)} weights run on the CPU only",
+            hint="on a GPU use --dtype fp16 or bf16",
         )
     if dtype == torch.bfloat16 and device.type == "cuda" and not _bf16_supported(device):
         raise InvalidInputError(

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "rwkv7-g1-0.1b"
 """The model ``chat`` and ``generate`` use without ``-m``: the smallest RWKV-7 G1 (about 380 MB)."""
 
-DtypeName = Literal["fp32", "fp16", "bf16", "int8"]  # --dtype's choices
+DtypeName = Literal["fp32", "fp16", "bf16", "int8", "int4"]  # --dtype's choices
 DTYPE_NAMES: tuple[DtypeName, ...] = get_args(DtypeName)
 
 KernelChoice = Literal["auto", "torch", "compiled"]

@@ -343,8 +343,8 @@ def test_bench_reports_speed_and_memory_per_dtype(rwkv7_pth) -> None:
     assert lines[4:6] == ["", "batched decode: 4 tokens per sequence, sequences together"]
     assert lines[6].split()[:3] == ["dtype", "batch", "aggregate"]
     assert lines[7].split()[:2] == ["fp32", "2"] and len(lines) == 8
-    unknown = rwkv(*args, "--dtype", "int4")
-    assert unknown.returncode == 2 and b"'int4' is not one of" in unknown.stderr
+    unknown = rwkv(*args, "--dtype", "int3")
+    assert unknown.returncode == 2 and b"'int3' is not one of" in unknown.stderr
 
 
 def test_every_bench_row_times_a_whole_load_tokenizer_included(rwkv7_pth, monkeypatch) -> None:

@@ -289,8 +289,9 @@ DtypeOption = Annotated[
     typer.Option(
         "--dtype",
         metavar=WEIGHT_TYPES,
-        help="Weight type (default: fp16 on a GPU, fp32 on the CPU). On the CPU bf16 and int8 "
-        "take a half and a quarter of the memory and decode faster; int8 costs a little accuracy.",
+        help="Weight type (default: fp16 on a GPU, fp32 on the CPU). On the CPU bf16, int8 and "
+        "int4 take a half, a quarter and about a seventh of the memory and decode faster; int8 "
+        "costs a little accuracy, int4 more (check with rwkv perplexity).",
         show_default=False,
     ),
 ]

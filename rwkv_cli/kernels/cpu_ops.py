@@ -1,7 +1,8 @@
 """The compiled CPU kernels (``csrc/cpu_*.cpp``), each with a torch twin that means the same:
 
 - ``gemv``: the projection of a few rows (one token, or one token of each of a few sequences)
-  with float32, bfloat16, float16 or int8 weights, each weight read once for all rows, at
+  with float32, bfloat16, float16, int8 or packed int4 weights, each weight read once for all
+  rows, at
   close to the memory bandwidth (twin: ``torch.nn.functional.linear``; see kernels/linear.py);
 - ``time_mix7``: RWKV-7's time mixing between the projections for one token, in one pass
   (twin: ``kernels.time_mix7.time_mix7_torch``);
@@ -37,7 +38,9 @@ _GEMV_SYMBOLS = {
     torch.bfloat16: "rwkv_gemv_bf16",
     torch.float16: "rwkv_gemv_f16",
     torch.int8: "rwkv_gemv_i8",
+    torch.uint8: "rwkv_gemv_i4",  # int4 packed two a byte
 }
+INT4_GROUP = 64  # weights per int4 scale: kInt4Group in csrc/cpu_gemv.cpp
 _SIGNATURES = {
     **{symbol: [_POINTER] * 4 + [_SIZE] * 3 for symbol in _GEMV_SYMBOLS.values()},
     "rwkv_wkv4": [_POINTER] * 11 + [_SIZE] * 2,
@@ -59,25 +62,31 @@ class CpuKernels:
         self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None
     ) -> torch.Tensor:
         """y (B, out) = x (B, in) @ weight (out, in)ᵀ, times ``scale`` (out,) per row when given
-        (required for int8 weights). x is float32; y is float32. Each weight is read from memory
-        once per 16 rows of x, and row b of y has the same bits whatever B is: meant for a few
-        rows (``decode.SMALL_BATCH_ROWS``)."""
+        (required for int8 weights). int4 weights are uint8 (out, in / 2), two a byte, with
+        ``scale`` (out, in / INT4_GROUP) (kernels/linear.py). x is float32; y is float32. Each
+        weight is read from memory once per 16 rows of x, and row b of y has the same bits
+        whatever B is: meant for a few rows (``decode.SMALL_BATCH_ROWS``)."""
         if x.dim() != 2 or x.dtype != torch.float32:
             raise ValueError("gemv: x must be float32 (B, in)")
-        if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-            raise ValueError(f"gemv: weight must be (out, in) with in = {x.shape[1]}")
         symbol = _GEMV_SYMBOLS.get(weight.dtype)
         if symbol is None:
-            raise ValueError("gemv: weights must be float32, bfloat16, float16 or int8")
-        if weight.dtype == torch.int8 and scale is None:
-            raise ValueError("gemv: int8 weights need a scale")
+            raise ValueError("gemv: weights must be float32, bfloat16, float16, int8 or int4")
+        int4 = weight.dtype == torch.uint8
+        n_in = weight.shape[-1] * (2 if int4 else 1)
+        if weight.dim() != 2 or n_in != x.shape[1]:
+            raise ValueError(f"gemv: weight must be (out, in) with in = {x.shape[1]}")
+        if int4 and n_in % INT4_GROUP:
+            raise ValueError(f"gemv: int4 rows must be a multiple of {INT4_GROUP} weights")
+        if weight.dtype in (torch.int8, torch.uint8) and scale is None:
+            raise ValueError("gemv: int8 and int4 weights need a scale")
         _require_cpu(weight, "weight", contiguous=True)
         if scale is not None:
             scale = scale.contiguous()
-            _require_float32(scale, weight.shape[0], "scale")
+            per_row = n_in // INT4_GROUP if int4 else 1
+            _require_float32(scale, weight.shape[0] * per_row, "scale")
         x = x.contiguous()
         _require_cpu(x, "x")
-        rows, n_in, n_out = x.shape[0], x.shape[1], weight.shape[0]
+        rows, n_out = x.shape[0], weight.shape[0]
         y = x.new_empty(rows, n_out)
         getattr(self._library, symbol)(
             x.data_ptr(), weight.data_ptr(), _pointer(scale), y.data_ptr(), rows, n_in, n_out

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rwkv_cli.kernels import cpu_ops, cuda
 from rwkv_cli.kernels.build import KernelBuildError, KernelSelfTestError, load_extension
-from rwkv_cli.kernels.linear import quantize_int8
+from rwkv_cli.kernels.linear import quantize_int4, quantize_int8
 from rwkv_cli.kernels.time_mix7 import EXP_MINUS_HALF, time_mix7_torch
 from rwkv_cli.kernels.wkv4 import wkv4_torch
 from rwkv_cli.kernels.wkv5 import wkv5_sequential
@@ -173,6 +173,7 @@ def _gemv_errors(ops: cpu_ops.CpuKernels) -> list[float]:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(203, 77, generator=generator)  # odd sizes: the tails are checked too
     quantized = quantize_int8(weight)
+    quantized4 = quantize_int4(weight[:, :64])  # int4 rows are whole groups
     errors = []
     for rows in GEMV_ROWS:
         x = torch.randn(rows, 77, generator=generator)
@@ -181,9 +182,10 @@ def _gemv_errors(ops: cpu_ops.CpuKernels) -> list[float]:
             expected = F.linear(x, narrow.float())
             actual = ops.gemv(x, narrow, None)
             errors.append(_one_token_error(actual, expected, f"{dtype} gemv over {rows} rows"))
-        expected = F.linear(x, quantized.dequantize())
-        actual = ops.gemv(x, quantized.values, quantized.scale)
-        errors.append(_one_token_error(actual, expected, f"int8 gemv over {rows} rows"))
+        for name, matrix in (("int8", quantized), ("int4", quantized4)):
+            expected = F.linear(x[:, : matrix.shape[1]], matrix.dequantize())
+            actual = ops.gemv(x[:, : matrix.shape[1]].contiguous(), matrix.values, matrix.scale)
+            errors.append(_one_token_error(actual, expected, f"{name} gemv over {rows} rows"))
     return errors
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from rwkv_cli.kernels.build import kernel_choice
 from rwkv_cli.kernels.decode import is_decode
-from rwkv_cli.kernels.linear import QuantizedMatrix, Weight, linear
+from rwkv_cli.kernels.linear import Weight, linear
 from rwkv_cli.loading.checkpoint import GENERATION_NAMES
 from rwkv_cli.models import decode_graph
 from rwkv_cli.models.prepare import (
@@ -89,7 +89,9 @@ class RecurrentModel:
         self.ln_out = ln_out
         self.head = head  # (V, C)
         self.dtype = ln_out[0].dtype  # of the activations; projections may be stored narrower
-        self.weight_dtype = head.values.dtype if isinstance(head, QuantizedMatrix) else head.dtype
+        # The projections' weight format (int4 models keep an int8 head)
+        key = blocks[0].ffn.key_weight
+        self.weight_dtype = key.dtype
         # prepare() scaled the weights to match
         self.rescaled = self.rescales_in_fp16 and self.weight_dtype == torch.float16
         self.fingerprint = ""  # set by the loader, which sees the checkpoint's raw tensors

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rwkv_cli.kernels.linear import quantize_int8
+from rwkv_cli.kernels.linear import INT4, INT4_GROUP, quantize_int4, quantize_int8
 from rwkv_cli.models.weight_groups import SCALE_SUFFIX, block_suffix, is_projection
 
 # fp16 tops out at 65504, and the residual stream of RWKV-4/5/6 grows layer after layer, so a
@@ -32,7 +32,7 @@ def fold_ln0(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def dense_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the tensors that are not quantized, for a model prepared in ``dtype``."""
-    return torch.float32 if dtype == torch.int8 else dtype
+    return torch.float32 if dtype in (torch.int8, INT4) else dtype
 
 
 def prepared_tensor(
@@ -48,7 +48,9 @@ def prepared_tensor(
     (1, 1, C) vectors become (C,); ``float32_keys`` (block key suffixes) stay float32; the rest
     is cast to ``dtype``. For float16 with a ``rescale_layer`` the residual-writing weights are
     rescaled (see RESCALE_LAYER). With ``torch.int8`` the projections and the head are quantized
-    and the rest is float32.
+    and the rest is float32; with ``INT4`` the projections are quantized to int4 and the head
+    (whose errors reach every logit directly) and any matrix whose rows are not whole int4
+    groups to int8.
     """
     if tensor.dim() == 3 and tensor.shape[:2] == (1, 1):
         tensor = tensor.reshape(-1)  # (1, 1, C) -> (C,)
@@ -57,8 +59,9 @@ def prepared_tensor(
         return {name: tensor.float().contiguous()}
     if rescale_layer is not None and dtype == torch.float16 and suffix in _RESCALED_WEIGHTS:
         tensor = tensor.float() / 2 ** (int(name.split(".")[1]) // rescale_layer)
-    if is_projection(name) and dtype == torch.int8:
-        quantized = quantize_int8(tensor)
+    if is_projection(name) and dtype in (torch.int8, INT4):
+        int4 = dtype == INT4 and name != "head.weight" and tensor.shape[1] % INT4_GROUP == 0
+        quantized = quantize_int4(tensor) if int4 else quantize_int8(tensor)
         return {name: quantized.values, name + SCALE_SUFFIX: quantized.scale}
     return {name: tensor.to(dense_dtype(dtype)).contiguous()}
 
