@@ -60,22 +60,15 @@ def test_gemv_equals_torch_for_float_weights(ops, shape, dtype, rows) -> None:
     assert relative_error(ops.gemv(x, weight, None).double(), expected) < 1e-6
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    ("quantize", "shape"),
+    [(quantize_int8, shape) for shape in SHAPES]
+    + [(quantize_int4, shape) for shape in [(37, 64), (768, 768), (3072, 768), (101, 3072)]],
+)
 @pytest.mark.parametrize("rows", GEMV_ROWS)
-def test_gemv_equals_torch_for_int8_weights(ops, shape, rows) -> None:
+def test_gemv_equals_torch_for_quantized_weights(ops, quantize, shape, rows) -> None:
     generator = torch.Generator().manual_seed(1)
-    quantized = quantize_int8(torch.randn(shape, generator=generator))
-    x = torch.randn(rows, shape[1], generator=generator)
-    expected = F.linear(x.double(), quantized.dequantize(torch.float64))
-    actual = ops.gemv(x, quantized.values, quantized.scale).double()
-    assert relative_error(actual, expected) < 1e-6
-
-
-@pytest.mark.parametrize("shape", [(37, 64), (768, 768), (3072, 768), (101, 3072)])
-@pytest.mark.parametrize("rows", GEMV_ROWS)
-def test_gemv_equals_torch_for_int4_weights(ops, shape, rows) -> None:
-    generator = torch.Generator().manual_seed(6)
-    quantized = quantize_int4(torch.randn(shape, generator=generator))
+    quantized = quantize(torch.randn(shape, generator=generator))
     x = torch.randn(rows, shape[1], generator=generator)
     expected = F.linear(x.double(), quantized.dequantize(torch.float64))
     actual = ops.gemv(x, quantized.values, quantized.scale).double()
