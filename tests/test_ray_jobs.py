@@ -14,11 +14,13 @@ import pytest
 from rwkv_cli.batching.jobs import JobDefaults, read_jobs, run_jobs
 from rwkv_cli.batching.ray_jobs import (
     RayCluster,
+    block_plan,
     pack_job,
     run_jobs_on_ray,
     unpack_job,
     worker_request,
 )
+from rwkv_cli.errors import RwkvCliError
 from rwkv_cli.generation import prefill
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model
@@ -87,13 +89,27 @@ def test_records_on_ray_are_those_of_a_local_run(local_ray, demo) -> None:
     assert sum("text" in record for record in records) == 5
 
 
-def test_a_run_with_more_workers_than_lines_uses_one_per_line(local_ray, demo) -> None:
-    defaults = JobDefaults(GREEDY, 3, TEMPLATES["world"])
-    lines = _raw({"id": 1, "prompt": "The cat"})
+@pytest.mark.parametrize(
+    ("lines", "workers", "max_batch", "plan"),
+    [
+        (1000, 2, 16, (64, 16)),  # blocks of 4 batches
+        (100, 8, 16, (13, 8)),  # fewer lines than that per worker: a block each
+        (5, 2, 2, (3, 2)),
+        (1, 4, 16, (1, 1)),  # one line: one block (and one worker)
+    ],
+)
+def test_blocks_are_a_few_batches_long_and_every_worker_gets_one(
+    lines, workers, max_batch, plan
+) -> None:
+    assert block_plan(lines, workers, max_batch) == plan
+
+
+def test_a_worker_no_node_has_room_for_is_an_error_not_a_wait(local_ray, demo) -> None:
+    jobs = read_jobs(_raw(LINES[0]), demo, JobDefaults(GREEDY, 3, TEMPLATES["world"]))
     request = worker_request(ModelRequest("demo"), demo)
-    cluster = RayCluster(workers=4, cpus_per_worker=1)
-    (record,) = run_jobs_on_ray(read_jobs(lines, demo, defaults), request, None, 16, cluster)
-    assert record == next(run_jobs(demo, read_jobs(lines, demo, defaults)))
+    with pytest.raises(RwkvCliError, match="no node of the Ray cluster has 3 CPUs") as error:
+        list(run_jobs_on_ray(jobs, request, cluster=RayCluster(cpus_per_worker=3)))
+    assert "the largest has 2 CPUs" in error.value.message
 
 
 def test_rwkv_batch_on_ray_resumes_and_writes_what_a_local_run_writes(local_ray, tmp_path) -> None:

@@ -152,10 +152,11 @@ def _records_dataset(
     cluster: RayCluster,
 ) -> Any:
     """The lazy Dataset of the jobs' records (a JSON text each), in blocks of lines."""
+    gpus = 1 if str(request.device).startswith("cuda") else 0
+    _check_room(ray, cluster.cpus_per_worker, gpus)
     room = int(ray.cluster_resources().get("CPU", 1)) // cluster.cpus_per_worker
     workers = cluster.workers or max(1, room)
-    block_lines = min(BATCHES_PER_BLOCK * max_batch, math.ceil(len(jobs) / workers))
-    blocks = math.ceil(len(jobs) / block_lines)
+    block_lines, blocks = block_plan(len(jobs), workers, max_batch)
     items = [{"job": pack_job(job, shared)} for job in jobs]
     return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         BlockRunner,
@@ -164,8 +165,27 @@ def _records_dataset(
         compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),
         fn_constructor_kwargs={"request": request, "shared": shared, "max_batch": max_batch},
         num_cpus=cluster.cpus_per_worker,
-        num_gpus=1 if str(request.device).startswith("cuda") else 0,
+        num_gpus=gpus,
     )
+
+
+def block_plan(lines: int, workers: int, max_batch: int) -> tuple[int, int]:
+    """Lines per block and blocks, for ``lines`` (at least one): blocks of ``BATCHES_PER_BLOCK``
+    batches, or smaller where there are fewer lines per worker, so that every worker gets some."""
+    block_lines = min(BATCHES_PER_BLOCK * max_batch, math.ceil(lines / workers))
+    return block_lines, math.ceil(lines / block_lines)
+
+
+def _check_room(ray: ModuleType, cpus: int, gpus: int) -> None:
+    """Fail now where no node of the cluster has room for a worker, which Ray would wait for."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if not any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
+        largest = max((int(node.get("CPU", 0)) for node in nodes), default=0)
+        need = f"{cpus} CPUs" + (" and a GPU" if gpus else "")
+        raise RwkvCliError(
+            f"no node of the Ray cluster has {need} for a worker (the largest has {largest} CPUs)",
+            hint="ask for fewer CPUs per worker (--ray-cpus), or add a node that has them",
+        )
 
 
 class BlockRunner:
