@@ -57,7 +57,9 @@ def local_ray():
     with pytest.MonkeyPatch.context() as patch:
         for name, value in RAY_TEST_ENV.items():
             patch.setenv(name, value)
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # Other Ray processes' log lines, forwarded to this one's stderr, would land in the
+        # stderr of an rwkv command run in process; rwkv batch --ray turns them off too.
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         try:
             yield ray
         finally:

@@ -1,5 +1,5 @@
 """``rwkv batch``: the prompts of a JSON-lines file, many at once, a JSON line out for each
-(the library side is rwkv_cli/batching/jobs.py)."""
+(the library side is rwkv_cli/batching/jobs.py, and ray_jobs.py for --ray)."""
 
 from __future__ import annotations
 
@@ -75,12 +75,13 @@ MaxBatchOption = Annotated[
     int,
     typer.Option(min=1, metavar="N", help="Most prompts generated together."),
 ]
-RAY = "Ray cluster (pip install 'rwkv-cli[ray]')"
+RAY = "Ray cluster"
 RayOption = Annotated[
     bool,
     typer.Option(
         "--ray",
-        help="Run on a Ray cluster through Ray Data: RAY_ADDRESS's, else a local instance.",
+        help="Run on a Ray cluster through Ray Data: RAY_ADDRESS's, else a local instance "
+        "(needs pip install 'rwkv-cli\\[ray]').",
         rich_help_panel=RAY,
     ),
 ]
