@@ -114,6 +114,14 @@ def test_a_worker_no_node_has_room_for_is_an_error_not_a_wait(local_ray, demo) -
     assert "the largest has 2 CPUs" in error.value.message
 
 
+def test_a_worker_that_cannot_open_the_model_is_a_one_line_error(local_ray, demo) -> None:
+    jobs = read_jobs(_raw(LINES[0]), demo, JobDefaults(GREEDY, 3, TEMPLATES["world"]))
+    elsewhere = ModelRequest("/no/such/folder/model.pth")  # as on a node without the file
+    with pytest.raises(RwkvCliError) as error:
+        list(run_jobs_on_ray(jobs, elsewhere))
+    assert error.value.message == "a Ray worker failed: no such file: /no/such/folder/model.pth"
+
+
 def test_rwkv_batch_on_ray_resumes_and_writes_what_a_local_run_writes(local_ray, tmp_path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"\n".join(_raw(*LINES)) + b"\n")

@@ -110,9 +110,25 @@ def run_jobs_on_ray(
         return
     with _connected(ray, cluster.address):
         records = _records_dataset(ray, runnable, request, shared, max_batch, cluster)
-        for block in records.iter_batches(batch_size=None, batch_format="numpy"):
-            for text in block["record"]:
-                yield json.loads(text)
+        try:
+            for block in records.iter_batches(batch_size=None, batch_format="numpy"):
+                for text in block["record"]:
+                    yield json.loads(text)
+        except ray.exceptions.RayError as error:
+            raise _worker_failure(error) from error
+
+
+def _worker_failure(error: Exception) -> RwkvCliError:
+    """A worker's failure in one line: Ray's text of it ends with the worker's own exception,
+    ``module.Class: message``, and the message is kept."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    name, _, message = last.partition(": ")
+    return RwkvCliError(
+        f"a Ray worker failed: {message if message and ' ' not in name else last}",
+        hint="each worker opens the model itself: give a path every node can read, or a Hub "
+        "model every node has in its cache or can download",
+    )
 
 
 @contextlib.contextmanager
