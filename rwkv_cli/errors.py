@@ -53,6 +53,10 @@ class StateFileError(RwkvCliError):
     """A state file that cannot be read or does not fit the model it is used with."""
 
 
+class MissingExtraError(RwkvCliError):
+    """An optional dependency a feature needs is not installed; the hint names the extra."""
+
+
 class WriteError(RwkvCliError):
     """A file could not be written (disk full, permissions); the previous file is untouched."""
 
