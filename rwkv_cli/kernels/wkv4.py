@@ -35,13 +35,13 @@ def wkv4(
     v: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recurrence over T tokens (arguments and results as ``wkv4_torch``); a batch of
-    sequences runs ``wkv4_torch``."""
+    sequences runs the CPU kernel or ``wkv4_torch``."""
+    if cpu_ops.usable(aa, bb, pp, w, u):
+        return cpu_ops.kernels().wkv4(aa, bb, pp, w, u, k, v)
     if is_batched(aa, 1):
         return wkv4_torch(aa, bb, pp, w, u, k, v)
     if cuda.usable(aa, bb, pp, w, u, k, v):
         return cuda.wkv4(aa, bb, pp, w, u, k, v)
-    if cpu_ops.usable(aa, bb, pp, w, u):
-        return cpu_ops.kernels().wkv4(aa, bb, pp, w, u, k, v)
     return wkv4_torch(aa, bb, pp, w, u, k, v)
 
 

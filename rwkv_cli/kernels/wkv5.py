@@ -84,17 +84,18 @@ def wkv5(
         r, w, k, v: (T, H, N) receptance, decay (in [0, 1]), key and value.
         u: (H, N) bonus for the current token.
 
-    A batch of B sequences, state (B, H, N, N) and r, w, k, v (B, T, H, N), runs ``wkv5_torch``.
+    A batch of B sequences, state (B, H, N, N) and r, w, k, v (B, T, H, N), runs the CPU kernel
+    or ``wkv5_torch``.
 
     Returns:
         y: (T, H, N) float32 outputs (batched: (B, T, H, N)), and the new (H, N, N) state.
     """
+    if cpu_ops.usable(state):
+        return cpu_ops.kernels().wkv5(state, r, w, k, v, u)
     if is_batched(state, 3):
         return wkv5_torch(state, r, w, k, v, u)
     if cuda.usable(state, r, w, k, v, u, head_size=r.shape[-1]):
         return cuda.wkv5(state, r, w, k, v, u)
-    if cpu_ops.usable(state):
-        return cpu_ops.kernels().wkv5(state, r, w, k, v, u)
     return wkv5_torch(state, r, w, k, v, u)
 
 
