@@ -70,8 +70,10 @@ RWKV_CLI_EXPORT void rwkv_rwkv7_time_mix_one(
         const float* row = state + matrix + j * n;
         float* next = new_state + matrix + j * n;
         float removed = 0.0f;
+#pragma omp simd reduction(- : removed)
         for (int64_t i = 0; i < n; ++i) removed -= row[i] * kappa[i];
         float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t i = 0; i < n; ++i) {
           next[i] = row[i] * w[i] + removed * replace[i] + value[j] * key[i];
           dot += next[i] * r[token + i];
