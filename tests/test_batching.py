@@ -2,9 +2,10 @@
 state of its own run, for every generation, with sequences joining and leaving mid-run; a
 sequence taken out of a batch is a plain session that saves and resumes exactly.
 
-Tolerance: a batch of two or more runs its projections as one matrix product over B rows, whose
-float32 sums are ordered differently from the one-token kernels, and its recurrences through the
-torch twins. Measured relative errors are a few 1e-7 (fp32, bf16 and int8 weights, which all
+Tolerance: in a batch of two or more, the compiled CPU kernels (projections, recurrences) give
+each sequence the bits of its own run, but RWKV-6's and 7's low-rank adapters are torch matrix
+products over B rows, whose float32 sums are ordered differently. Measured relative errors: 0
+for RWKV-4 and 5, up to about 1e-6 for RWKV-6 and 7 (fp32, bf16 and int8 weights, which all
 compute in float32 on the CPU); the bound is 1e-5. A batch of one is the one-sequence path, and
 is compared bit for bit.
 """

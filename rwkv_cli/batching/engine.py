@@ -87,8 +87,9 @@ class Batch:
         return the next-token logits (B, V), rows in ``slots`` order.
 
         With two or more sequences a row's logits equal those of the sequence's own ``forward``
-        up to float rounding: a matrix product over B rows sums in another order than the
-        one-token kernels do (relative error of order 1e-7 in float32).
+        up to float rounding (relative error of order 1e-7 in float32): the compiled CPU kernels
+        give each row its own bits, but matrix products over B rows (RWKV-6's and 7's low-rank
+        adapters; projections on a GPU or of more than 16 rows) sum in another order.
         """
         if not self._slots or set(tokens) != set(self._slots):
             raise ValueError(

@@ -11,26 +11,30 @@ namespace {
 constexpr int64_t kChannelsPerTask = 64;
 }  // namespace
 
-// k, v, y (tokens, channels); aa, bb, pp, w, u (channels). The new state goes to *_out; the
-// inputs are not modified.
+// B sequences (B = 1: one sequence): k, v, y (batch, tokens, channels); aa, bb, pp and the new
+// state *_out (batch, channels); w, u (channels). The inputs are not modified.
 RWKV_CLI_EXPORT void rwkv_wkv4(const float* aa, const float* bb, const float* pp, const float* w,
                                const float* u, const float* k, const float* v, float* y,
-                               float* aa_out, float* bb_out, float* pp_out, int64_t tokens,
-                               int64_t channels) {
-  const int64_t tasks = (channels + kChannelsPerTask - 1) / kChannelsPerTask;
-  const bool split = tokens * channels * 20 >= rwkv_cli::kMinWorkToSplit;  // 2 exp, ~20 ops
+                               float* aa_out, float* bb_out, float* pp_out, int64_t batch,
+                               int64_t tokens, int64_t channels) {
+  const int64_t tasks_per_sequence = (channels + kChannelsPerTask - 1) / kChannelsPerTask;
+  const int64_t tasks = batch * tasks_per_sequence;
+  const bool split = batch * tokens * channels * 20 >= rwkv_cli::kMinWorkToSplit;  // 2 exp, ~20 ops
 #pragma omp parallel for schedule(static) if (split)
   for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t end = std::min(channels, (task + 1) * kChannelsPerTask);
-    for (int64_t c = task * kChannelsPerTask; c < end; ++c) {
-      float a = aa[c], b = bb[c], p = pp[c];
+    const int64_t sequence = task / tasks_per_sequence, first = task % tasks_per_sequence;
+    const int64_t end = std::min(channels, (first + 1) * kChannelsPerTask);
+    const int64_t state = sequence * channels, inputs = state * tokens;  // the sequence's
+    for (int64_t c = first * kChannelsPerTask; c < end; ++c) {
+      float a = aa[state + c], b = bb[state + c], p = pp[state + c];
       const float decay = w[c], bonus = u[c];
       for (int64_t t = 0; t < tokens; ++t) {
-        const float kt = k[t * channels + c], vt = v[t * channels + c];
+        const int64_t at = inputs + t * channels + c;
+        const float kt = k[at], vt = v[at];
         const float current = bonus + kt;
         float top = std::max(p, current);
         float past = std::exp(p - top), now = std::exp(current - top);
-        y[t * channels + c] = (past * a + now * vt) / (past * b + now);
+        y[at] = (past * a + now * vt) / (past * b + now);
         const float decayed = p + decay;
         top = std::max(decayed, kt);
         past = std::exp(decayed - top);
@@ -39,9 +43,9 @@ RWKV_CLI_EXPORT void rwkv_wkv4(const float* aa, const float* bb, const float* pp
         b = past * b + now;
         p = top;
       }
-      aa_out[c] = a;
-      bb_out[c] = b;
-      pp_out[c] = p;
+      aa_out[state + c] = a;
+      bb_out[state + c] = b;
+      pp_out[state + c] = p;
     }
   }
 }

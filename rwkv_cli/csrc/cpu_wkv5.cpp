@@ -5,19 +5,21 @@
 // its chunked form trades them for larger products whose pair tensors grow with the chunk.
 #include "cpu_kernels.h"
 
-// state (heads, n, n) [head, value, key] is updated in place; r, w, k, v, y (tokens, heads, n);
-// u (heads, n).
+// B sequences (B = 1: one sequence): state (batch, heads, n, n) [sequence, head, value, key] is
+// updated in place; r, w, k, v, y (batch, tokens, heads, n); u (heads, n). Each thread takes
+// whole (sequence, head) pairs.
 RWKV_CLI_EXPORT void rwkv_wkv5(float* state, const float* r, const float* w, const float* k,
-                               const float* v, const float* u, float* y, int64_t tokens,
-                               int64_t heads, int64_t n) {
-  const int64_t stride = heads * n;
-  const bool split = tokens * heads * n * n * 2 >= rwkv_cli::kMinWorkToSplit;  // 2 passes a row
+                               const float* v, const float* u, float* y, int64_t batch,
+                               int64_t tokens, int64_t heads, int64_t n) {
+  const int64_t stride = heads * n, pairs = batch * heads;
+  const bool split = pairs * tokens * n * n * 2 >= rwkv_cli::kMinWorkToSplit;  // 2 passes a row
 #pragma omp parallel for schedule(static) if (split)
-  for (int64_t h = 0; h < heads; ++h) {
-    float* head_state = state + h * n * n;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t b = pair / heads, h = pair % heads;
+    float* head_state = state + pair * n * n;
     const float* bonus = u + h * n;
     for (int64_t t = 0; t < tokens; ++t) {
-      const int64_t base = t * stride + h * n;
+      const int64_t base = (b * tokens + t) * stride + h * n;
       const float *rt = r + base, *wt = w + base, *kt = k + base, *vt = v + base;
       float current = 0.0f;  // Σ u r k: the current token's own weight
 #pragma omp simd reduction(+ : current)

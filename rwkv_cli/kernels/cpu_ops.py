@@ -9,6 +9,10 @@
 - ``wkv4``: the RWKV-4 recurrence (twin: ``kernels.wkv4.wkv4_torch``);
 - ``wkv5``: the RWKV-5/6 recurrence (twin: ``kernels.wkv5.wkv5_torch``).
 
+The last three take one sequence or a batch of B (a leading batch dimension on the state and the
+token inputs, as ``RecurrentModel.forward_batch`` passes them): each sequence of a batch gets the
+same bits it gets alone.
+
 The kernels are a plain shared library with a C interface (kernels/build.py builds it), called
 through ctypes. ``CpuKernels`` is the only way in: it checks each argument's type, shape and
 layout, allocates the outputs as tensors and passes data pointers, so a wrong argument is a
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 
 import torch
 
@@ -43,9 +48,9 @@ _GEMV_SYMBOLS = {
 INT4_GROUP = 64  # weights per int4 scale: kInt4Group in csrc/cpu_gemv.cpp
 _SIGNATURES = {
     **{symbol: [_POINTER] * 4 + [_SIZE] * 3 for symbol in _GEMV_SYMBOLS.values()},
-    "rwkv_wkv4": [_POINTER] * 11 + [_SIZE] * 2,
-    "rwkv_wkv5": [_POINTER] * 7 + [_SIZE] * 3,
-    "rwkv_rwkv7_time_mix_one": [_POINTER] * 19 + [_SIZE] * 2 + [ctypes.c_float],
+    "rwkv_wkv4": [_POINTER] * 11 + [_SIZE] * 3,
+    "rwkv_wkv5": [_POINTER] * 7 + [_SIZE] * 4,
+    "rwkv_rwkv7_time_mix_one": [_POINTER] * 19 + [_SIZE] * 3 + [ctypes.c_float],
 }
 
 
@@ -103,16 +108,22 @@ class CpuKernels:
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """RWKV-4's WKV; arguments and results as ``kernels.wkv4.wkv4_torch``."""
+        """RWKV-4's WKV; arguments and results as ``kernels.wkv4.wkv4_torch``, batched too."""
         k, v = (x.float().contiguous() for x in (k, v))
-        if k.dim() != 2 or v.shape != k.shape:
-            raise ValueError("wkv4: k and v must be (T, C)")
-        tokens, channels = k.shape
-        for tensor, name in ((aa, "aa"), (bb, "bb"), (pp, "pp"), (w, "w"), (u, "u")):
-            _require_float32(tensor, channels, name)
+        if k.dim() not in (2, 3) or v.shape != k.shape:
+            raise ValueError("wkv4: k and v must be (T, C) or (B, T, C)")
+        *batch, tokens, channels = k.shape
+        sequences = math.prod(batch)
+        for tensor, name in ((aa, "aa"), (bb, "bb"), (pp, "pp")):
+            _require_float32(tensor, sequences * channels, name)
+        _require_float32(w, channels, "w")
+        _require_float32(u, channels, "u")
         y, state = torch.empty_like(k), [torch.empty_like(aa) for _ in range(3)]
         self._library.rwkv_wkv4(
-            *(x.data_ptr() for x in (aa, bb, pp, w, u, k, v, y, *state)), tokens, channels
+            *(x.data_ptr() for x in (aa, bb, pp, w, u, k, v, y, *state)),
+            sequences,
+            tokens,
+            channels,
         )
         return y, *state
 
@@ -125,20 +136,22 @@ class CpuKernels:
         v: torch.Tensor,
         u: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RWKV-5/6's WKV; arguments and results as ``kernels.wkv5.wkv5``."""
+        """RWKV-5/6's WKV; arguments and results as ``kernels.wkv5.wkv5``, batched too."""
         r, w, k, v, u = (x.float().contiguous() for x in (r, w, k, v, u))
-        if state.dim() != 3 or state.shape[1] != state.shape[2]:
-            raise ValueError("wkv5: state must be (H, N, N)")
-        heads, n = state.shape[:2]
-        if r.dim() != 3 or r.shape[1:] != (heads, n):
-            raise ValueError("wkv5: r must be (T, H, N) matching the state")
+        sequences, heads, n = _state_shape(state, "wkv5")
+        batch = state.shape[:-3]  # () for one sequence
+        if r.dim() != state.dim() or r.shape[:-3] != batch or r.shape[-2:] != (heads, n):
+            raise ValueError("wkv5: r must be (T, H, N), or (B, T, H, N), matching the state")
         if any(x.shape != r.shape for x in (w, k, v)):
             raise ValueError("wkv5: r, w, k and v must have one shape")
-        _require_float32(state, heads * n * n, "state")
         _require_float32(u, heads * n, "u")
         y, next_state = torch.empty_like(r), state.clone()
         self._library.rwkv_wkv5(
-            *(x.data_ptr() for x in (next_state, r, w, k, v, u, y)), r.shape[0], heads, n
+            *(x.data_ptr() for x in (next_state, r, w, k, v, u, y)),
+            sequences,
+            r.shape[-3],
+            heads,
+            n,
         )
         return y, next_state
 
@@ -156,12 +169,10 @@ class CpuKernels:
         **layer: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token's RWKV-7 time mixing; arguments (the layer's by name) and results as
-        ``kernels.time_mix7.time_mix7_torch``, every tensor float32."""
-        if state.dim() != 3 or state.shape[1] != state.shape[2]:
-            raise ValueError("time_mix7: state must be (H, N, N)")
-        heads, n = state.shape[:2]
+        ``kernels.time_mix7.time_mix7_torch``, every tensor float32: state (H, N, N) and the
+        token's inputs (1, C), or for B sequences (B, H, N, N) and (B, 1, C)."""
+        sequences, heads, n = _state_shape(state, "time_mix7")
         channels = heads * n
-        _require_float32(state, channels * n, "state")
         named = {"r": r, "k": k, "v": v, "gate": gate, "decay_lora": decay_lora}
         named |= {"iclr_lora": iclr_lora, **layer}
         missing = [name for name in _TIME_MIX_VECTORS if named.get(name) is None]
@@ -172,18 +183,21 @@ class CpuKernels:
             raise ValueError("time_mix7: v_first, value_gate_lora and v0 go together")
         for name, tensor in named.items():
             if tensor is not None:
-                _require_float32(tensor, channels, name)
-        out, new_state = state.new_empty(channels), torch.empty_like(state)
+                per_token = name in _TIME_MIX_TOKEN_INPUTS
+                _require_float32(tensor, sequences * channels if per_token else channels, name)
+        out = state.new_empty(*state.shape[:-3], 1, channels)  # (1, C) or (B, 1, C)
+        new_state = torch.empty_like(state)
         self._library.rwkv_rwkv7_time_mix_one(
             state.data_ptr(),
             *(_pointer(named.get(name)) for name in _TIME_MIX_ORDER),
             out.data_ptr(),
             new_state.data_ptr(),
+            sequences,
             heads,
             n,
             eps,
         )
-        return out.unsqueeze(0), new_state
+        return out, new_state
 
 
 # The vectors time mixing always takes, and those of the value residual: all None in the first
@@ -193,11 +207,25 @@ _TIME_MIX_VECTORS = (
     "ln_x_weight", "ln_x_bias",
 )  # fmt: skip
 _VALUE_RESIDUAL = ("v_first", "value_gate_lora", "v0")
+# Those with one row per sequence (B, 1, C); the others are the layer's (C,), shared by the batch.
+_TIME_MIX_TOKEN_INPUTS = frozenset(
+    ("r", "k", "v", "gate", "decay_lora", "iclr_lora", "v_first", "value_gate_lora")
+)
 # The C function's pointer arguments after the state, in its order.
 _TIME_MIX_ORDER = (
     "r", "k", "v", "decay_lora", "iclr_lora", "value_gate_lora", "v_first", "gate", "w0", "a0",
     "v0", "k_k", "k_a", "r_k", "ln_x_weight", "ln_x_bias",
 )  # fmt: skip
+
+
+def _state_shape(state: torch.Tensor, op: str) -> tuple[int, int, int]:
+    """(sequences, heads, n) of a float32 WKV state (H, N, N), or (B, H, N, N) for a batch."""
+    if state.dim() not in (3, 4) or state.shape[-1] != state.shape[-2]:
+        raise ValueError(f"{op}: state must be (H, N, N) or (B, H, N, N)")
+    *batch, heads, n, _ = state.shape
+    sequences = math.prod(batch)
+    _require_float32(state, sequences * heads * n * n, "state")
+    return sequences, heads, n
 
 
 def _require_cpu(tensor: torch.Tensor, name: str, contiguous: bool = False) -> None:

@@ -10,20 +10,22 @@ forward, or an operation within it, takes the decode path exactly when it has on
 - projections on the CPU: the compiled ``gemv`` kernel (kernels/linear.py) for up to
   ``SMALL_BATCH_ROWS`` rows (``is_small_batch``; narrow weights a few more, as widening them for
   a GEMM costs too), else a GEMM;
-- RWKV-7's time mixing on the CPU: one fused compiled kernel (kernels/time_mix7.py), else the
-  torch twin, whose recurrence is chunked for many tokens;
+- RWKV-7's time mixing on the CPU: one fused compiled kernel (kernels/time_mix7.py), for one
+  sequence or a batch, else the torch twin, whose recurrence is chunked for many tokens;
 - the WKV recurrences' torch twins: token by token (``wkv5_sequential``, ``wkv7_sequential``),
   else chunked (``wkv5_chunked``, ``wkv7_chunked``);
 - a whole forward on a GPU: replayed as one CUDA graph (models/decode_graph.py, models/frame.py).
 
 A batch of sequences decoding together (``RecurrentModel.forward_batch``) has B rows of one
 token each: its projections read each weight once for all B rows (the ``gemv`` kernel up to
-``SMALL_BATCH_ROWS`` rows, a GEMM beyond), and its recurrences, whose inputs then carry a
-leading batch dimension (``is_batched``), run their torch twins token by token on the CPU, where
-the compiled kernels take one sequence, and the CUDA WKV kernels on a GPU, which take a batch. On
-a GPU the whole batched step replays the CUDA graph of its batch-size bucket, its rows padded
-(models/decode_graph.py). A projection cannot tell B sequences' tokens from a short chunk of
-one sequence's prompt, and need not: both are a few rows bound by reading the weights.
+``SMALL_BATCH_ROWS`` rows, a GEMM beyond). Its recurrences, whose inputs then carry a leading
+batch dimension (``is_batched``), take the same paths as one sequence's: on the CPU, RWKV-7's
+fused time mixing and the RWKV-4 and 5/6 kernels step all B sequences in one call, each
+sequence with the bits it gets alone; on a GPU the CUDA WKV kernels take the batch, and the
+whole batched step replays the CUDA graph of its batch-size bucket, its rows padded
+(models/decode_graph.py). Without the compiled kernels, batched recurrences run their torch
+twins token by token. A projection cannot tell B sequences' tokens from a short chunk of one
+sequence's prompt, and need not: both are a few rows bound by reading the weights.
 
 The compiled kernels among those run only where they take the inputs (float32 CPU tensors for
 the CPU kernels, no gradient asked for, a build that succeeded); elsewhere one token goes through
@@ -57,6 +59,6 @@ def is_small_batch(rows: int) -> bool:
 
 def is_batched(state: torch.Tensor, sequence_dims: int) -> bool:
     """Whether an op's ``state``, of ``sequence_dims`` dimensions for one sequence, holds a batch
-    of sequences (a leading batch dimension); such inputs take the op's torch twin, but for the
-    CUDA WKV kernels, which take them on a GPU."""
+    of sequences (a leading batch dimension); the compiled kernels take such inputs, the torch
+    twins too (token by token)."""
     return state.dim() > sequence_dims

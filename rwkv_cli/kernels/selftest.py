@@ -42,6 +42,14 @@ GROUP_NORM_EPS = 64e-5  # as RWKV-7's ln_x
 # Rows of input the projections are checked with: one token; odd counts, which leave a row over
 # after the kernel's pairs of rows; and more than one group of 16 rows.
 GEMV_ROWS = (1, 2, 3, 5, 16, 17)
+# The arguments of each WKV (by position, as ``wkv_inputs`` makes them) that are the layer's
+# weights: every sequence of a batch shares them, while the rest get a leading batch dimension.
+SHARED_INPUTS: dict[str, frozenset[int]] = {
+    "4": frozenset({3, 4}),  # w, u
+    "5": frozenset({5}),  # u
+    "7": frozenset(),
+}
+SELF_TEST_BATCH = 3  # sequences the kernels' batch dimension is checked with
 
 
 def cpu_self_test() -> str:
@@ -49,11 +57,15 @@ def cpu_self_test() -> str:
     random inputs. Returns a one-line summary; raises KernelBuildError when they do not build and
     KernelSelfTestError when a result differs."""
     ops = cpu_ops.CpuKernels(load_extension(cpu_ops.EXTENSION, retry=True))
-    wkv_error = compare_with_torch({"4": ops.wkv4, "5": ops.wkv5}, device="cpu")
-    worst = max([*_gemv_errors(ops), *_time_mix_errors(ops), wkv_error])
+    recurrences = {"4": ops.wkv4, "5": ops.wkv5}
+    wkv_errors = [
+        compare_with_torch(recurrences, device="cpu"),
+        compare_with_torch(recurrences, device="cpu", tokens=1, batch=SELF_TEST_BATCH),
+    ]
+    worst = max([*_gemv_errors(ops), *_time_mix_errors(ops), *wkv_errors])
     return (
         "projections of 1 to 17 rows (fp32, bf16, fp16, int8), RWKV-7 one-token time mixing "
-        "and the RWKV-4 and 5/6 recurrences match the torch path "
+        "and the RWKV-4 and 5/6 recurrences, alone and batched, match the torch path "
         f"(largest relative error {worst:.0e})"
     )
 
@@ -84,12 +96,14 @@ def wkv_inputs(
     device: torch.device | str = "cpu",
     seed: int = 0,
     state_dtype: torch.dtype = torch.float32,
+    batch: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Random arguments for ``generation``'s WKV, in the reference's order.
 
     Token inputs (k, v, r, kappa, a) are ``dtype``; the state, decays and bonuses are
     ``state_dtype``. Values come from a seeded CPU generator, so every device gets the same ones.
-    RWKV-4 has ``heads * head_size`` channels.
+    RWKV-4 has ``heads * head_size`` channels. With ``batch``, the arguments of that many
+    sequences: a leading batch dimension on all but the ``SHARED_INPUTS``.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -102,13 +116,15 @@ def wkv_inputs(
             for i, x in enumerate(tensors)
         )
 
-    shape = (tokens, heads, head_size)
+    lead = () if batch is None else (batch,)  # the batch dimension
+    shape = (*lead, tokens, heads, head_size)
     if generation == "4":
         c = heads * head_size
-        aa, bb, pp = randn(c), torch.rand(c, generator=g, dtype=torch.float64) + 0.5, randn(c)
-        w, u = -torch.exp(randn(c)), randn(c)
-        return finish(aa, bb, pp, w, u, randn(tokens, c), randn(tokens, c), token_inputs={5, 6})
-    state = randn(heads, head_size, head_size)
+        aa, bb = randn(*lead, c), torch.rand(*lead, c, generator=g, dtype=torch.float64) + 0.5
+        pp, w, u = randn(*lead, c), -torch.exp(randn(c)), randn(c)
+        k, v = randn(*lead, tokens, c), randn(*lead, tokens, c)
+        return finish(aa, bb, pp, w, u, k, v, token_inputs={5, 6})
+    state = randn(*lead, heads, head_size, head_size)
     if generation == "5":
         w = torch.exp(-torch.exp(randn(*shape) - 1))  # in (0, 1), mostly close to 1
         u = randn(heads, head_size) * 0.5
@@ -124,6 +140,12 @@ def wkv_inputs(
     raise ValueError(f"unknown WKV generation {generation!r}")
 
 
+def one_sequence(generation: str, inputs: tuple[torch.Tensor, ...], row: int) -> tuple:
+    """The arguments of sequence ``row`` alone, out of a batch's (``wkv_inputs`` with batch)."""
+    shared = SHARED_INPUTS[generation]
+    return tuple(x if index in shared else x[row] for index, x in enumerate(inputs))
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``|actual - expected| / |expected|`` in float64 (Frobenius norms), on the CPU: either may
     live on a GPU."""
@@ -136,9 +158,11 @@ def compare_with_torch(
     device: torch.device | str,
     tokens: int = 33,
     dtypes: tuple[torch.dtype, ...] = INPUT_DTYPES,
+    batch: int | None = None,
 ) -> float:
     """Run each implementation (keyed by generation, with its torch reference's signature) and
-    the torch reference on the same random inputs on ``device``, in every input dtype.
+    the torch reference on the same random inputs on ``device``, in every input dtype, for one
+    sequence or ``batch`` sequences (``wkv_inputs``).
 
     Returns the worst relative error; raises KernelSelfTestError naming the first output that
     differs by more than TOLERANCE (or is not finite).
@@ -146,7 +170,7 @@ def compare_with_torch(
     worst = 0.0
     for generation, implementation in implementations.items():
         for dtype in dtypes:
-            inputs = wkv_inputs(generation, tokens, dtype=dtype, device=device)
+            inputs = wkv_inputs(generation, tokens, dtype=dtype, device=device, batch=batch)
             actual = implementation(*inputs)
             expected = TORCH_REFERENCES[generation](*inputs)
             for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
@@ -189,25 +213,52 @@ def _gemv_errors(ops: cpu_ops.CpuKernels) -> list[float]:
     return errors
 
 
+# RWKV-7 time mixing's arguments: the state, the token's six inputs (r, k, v, gate, decay and
+# in-context learning rate LoRAs) and the layer's by name.
+TimeMixArguments = tuple[torch.Tensor, tuple[torch.Tensor, ...], dict]
+# The layer's arguments that hold one row per sequence (the rest are the layer's weights).
+_TIME_MIX_PER_SEQUENCE = ("v_first", "value_gate_lora")
+
+
+def time_mix_inputs(
+    batch: int | None, first_layer: bool, heads: int = 3, head_size: int = 16, seed: int = 1
+) -> TimeMixArguments:
+    """Random arguments of RWKV-7's one-token time mixing (``time_mix7_torch``) in the first
+    layer (no value residual) or a later one; with ``batch``, of that many sequences (a leading
+    batch dimension on the state, the token's inputs and the value residual's)."""
+    generator = torch.Generator().manual_seed(seed)
+    lead, channels = (() if batch is None else (batch,)), heads * head_size
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    state = randn(*lead, heads, head_size, head_size)
+    inputs = tuple(randn(*lead, 1, channels) for _ in range(6))
+    layer = {name: randn(channels) for name in ("w0", "a0", "k_k", "k_a")}
+    layer |= {"ln_x_weight": randn(channels), "ln_x_bias": randn(channels)}
+    layer |= {"r_k": randn(heads, head_size), "eps": GROUP_NORM_EPS}
+    if not first_layer:
+        layer |= {name: randn(*lead, 1, channels) for name in _TIME_MIX_PER_SEQUENCE}
+        layer["v0"] = randn(channels)
+    return state, inputs, layer
+
+
+def time_mix_sequence(arguments: TimeMixArguments, row: int) -> TimeMixArguments:
+    """The arguments of sequence ``row`` alone, out of a batch's (``time_mix_inputs``)."""
+    state, inputs, layer = arguments
+    rows = {name: layer[name][row] for name in _TIME_MIX_PER_SEQUENCE if name in layer}
+    return state[row], tuple(x[row] for x in inputs), layer | rows
+
+
 def _time_mix_errors(ops: cpu_ops.CpuKernels) -> list[float]:
-    """RWKV-7's time mixing in a later layer (with the value residual) and in the first."""
-    heads, size = 3, 16
-    generator = torch.Generator().manual_seed(1)
-
-    def vector() -> torch.Tensor:
-        return torch.randn(heads * size, generator=generator)
-
-    state = torch.randn(heads, size, size, generator=generator)
-    inputs = [vector().unsqueeze(0) for _ in range(6)]  # r, k, v, gate, decay and iclr LoRAs
-    first_layer = {name: vector() for name in ("w0", "a0", "k_k", "k_a")}
-    first_layer |= {"ln_x_weight": vector(), "ln_x_bias": vector()}
-    first_layer |= {"r_k": vector().view(heads, size), "eps": GROUP_NORM_EPS}
-    value_residual = {"v_first": vector().unsqueeze(0), "value_gate_lora": vector().unsqueeze(0)}
-    later_layer = first_layer | value_residual | {"v0": vector()}
+    """RWKV-7's time mixing in a later layer (with the value residual) and in the first, for
+    one sequence and a batch."""
     errors = []
-    for layer in (later_layer, first_layer):
-        expected = time_mix7_torch(state, *inputs, **layer)
-        actual = ops.time_mix7(state, *inputs, **layer)
-        for got, want, name in zip(actual, expected, ("output", "state"), strict=True):
-            errors.append(_one_token_error(got, want, f"RWKV-7 time mixing {name}"))
+    for batch in (None, SELF_TEST_BATCH):
+        for first_layer in (False, True):
+            state, inputs, layer = time_mix_inputs(batch, first_layer)
+            expected = time_mix7_torch(state, *inputs, **layer)
+            actual = ops.time_mix7(state, *inputs, **layer)
+            for got, want, name in zip(actual, expected, ("output", "state"), strict=True):
+                errors.append(_one_token_error(got, want, f"RWKV-7 time mixing {name}"))
     return errors

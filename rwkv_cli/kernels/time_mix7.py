@@ -12,9 +12,10 @@ From one layer's projections and the outputs of its low-rank adapters, per token
 
 (docs/DESIGN.md section 4). ``time_mix7_torch`` computes that for any number of tokens: the
 torch twin. ``time_mix7`` runs the compiled CPU kernel instead (csrc/cpu_rwkv7.cpp, through
-kernels/cpu_ops.py) on the one-token path (kernels/decode.py), where it takes the inputs: in
-torch one token's time mixing is some forty small operations, whose fixed costs add up to
-milliseconds per token while the arithmetic takes microseconds.
+kernels/cpu_ops.py) on the one-token path (kernels/decode.py), where it takes the inputs, for
+one sequence or one token of each of a batch of sequences: in torch one token's time mixing is
+some forty small operations, whose fixed costs add up to milliseconds per token while the
+arithmetic takes microseconds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_cli.kernels import cpu_ops
-from rwkv_cli.kernels.decode import is_batched, is_decode
+from rwkv_cli.kernels.decode import is_decode
 from rwkv_cli.kernels.wkv7 import wkv7
 
 EXP_MINUS_HALF = 0.6065306597126334  # exp(-0.5): decay w = exp(-exp(-0.5)·σ(·)) in (0.545, 1)
@@ -41,10 +42,10 @@ def time_mix7(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Time mixing over T tokens: the compiled CPU kernel on the one-token path
     (kernels/decode.py) where it takes the inputs, else ``time_mix7_torch``; arguments (the
-    layer's by name) and results as ``time_mix7_torch``; a batch of sequences runs the twin."""
+    layer's by name) and results as ``time_mix7_torch``, for one sequence or a batch."""
     inputs = (state, r, k, v, gate, decay_lora, iclr_lora)
     tensors = [*inputs, *(x for x in layer.values() if isinstance(x, torch.Tensor))]
-    if not is_batched(state, 3) and is_decode(r.shape[0]) and cpu_ops.usable(*tensors):
+    if is_decode(r.shape[-2]) and cpu_ops.usable(*tensors):
         return cpu_ops.kernels().time_mix7(*inputs, **layer)
     return time_mix7_torch(*inputs, **layer)
 
@@ -87,7 +88,8 @@ def time_mix7_torch(
     A batch of B sequences has state (B, H, N, N) and (B, T, C) inputs and output.
 
     Returns:
-        The output projection's input (T, C) in r's dtype, and the new (H, N, N) state.
+        The output projection's input (T, C) in r's dtype, and the new (H, N, N) state
+        (batched: (B, T, C) and (B, H, N, N)).
     """
     h, n = state.shape[-3:-1]
     heads = (*r.shape[:-1], h, n)  # (..., T, H, N)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from rwkv_cli.kernels import cpu_ops, cuda
-from rwkv_cli.kernels.decode import is_batched
 
 INITIAL_MAX = -1e30  # pp of an empty state: "no exponent seen yet", e^(pp - p) is then 0
 
@@ -35,14 +34,12 @@ def wkv4(
     k: torch.Tensor,
     v: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The recurrence over T tokens (arguments and results as ``wkv4_torch``); a batch of
-    sequences runs the CUDA kernel on a GPU, else ``wkv4_torch``."""
+    """The recurrence over T tokens (arguments and results as ``wkv4_torch``), for one sequence
+    or a batch: the compiled kernel of the inputs' device where it builds, else ``wkv4_torch``."""
+    if cpu_ops.usable(aa, bb, pp, w, u):  # one sequence or a batch
+        return cpu_ops.kernels().wkv4(aa, bb, pp, w, u, k, v)
     if cuda.usable(aa, bb, pp, w, u, k, v):  # one sequence or a batch
         return cuda.wkv4(aa, bb, pp, w, u, k, v)
-    if is_batched(aa, 1):
-        return wkv4_torch(aa, bb, pp, w, u, k, v)
-    if cpu_ops.usable(aa, bb, pp, w, u):
-        return cpu_ops.kernels().wkv4(aa, bb, pp, w, u, k, v)
     return wkv4_torch(aa, bb, pp, w, u, k, v)
 
 

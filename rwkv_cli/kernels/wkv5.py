@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_cli.kernels import cpu_ops, cuda
-from rwkv_cli.kernels.decode import is_batched, is_decode
+from rwkv_cli.kernels.decode import is_decode
 
 CHUNK_LEN = 6  # tokens per chunk: among the fastest on a 2-core CPU for 12 and 32 heads of 64
 # Median ms for 512 tokens (benchmarks/bench_wkv5.py: 2 threads, RWKV-6-like decays):
@@ -84,18 +84,16 @@ def wkv5(
         r, w, k, v: (T, H, N) receptance, decay (in [0, 1]), key and value.
         u: (H, N) bonus for the current token.
 
-    A batch of B sequences, state (B, H, N, N) and r, w, k, v (B, T, H, N), runs the CUDA kernel
-    on a GPU, else ``wkv5_torch``.
+    A batch of B sequences, state (B, H, N, N) and r, w, k, v (B, T, H, N), runs the compiled
+    kernels too.
 
     Returns:
         y: (T, H, N) float32 outputs (batched: (B, T, H, N)), and the new (H, N, N) state.
     """
+    if cpu_ops.usable(state):  # one sequence or a batch
+        return cpu_ops.kernels().wkv5(state, r, w, k, v, u)
     if cuda.usable(state, r, w, k, v, u, head_size=r.shape[-1]):  # one sequence or a batch
         return cuda.wkv5(state, r, w, k, v, u)
-    if is_batched(state, 3):
-        return wkv5_torch(state, r, w, k, v, u)
-    if cpu_ops.usable(state):
-        return cpu_ops.kernels().wkv5(state, r, w, k, v, u)
     return wkv5_torch(state, r, w, k, v, u)
 
 

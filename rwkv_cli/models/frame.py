@@ -337,10 +337,13 @@ class RecurrentModel:
         x = x + mixed
         ffn_normed = F.layer_norm(x, size, block.norms.ln2_weight, block.norms.ln2_bias)
         x = x + self.channel_mix(block.ffn, ffn_normed, state.ffn_shift)
-        # Clones, so the state does not keep the whole (T, C) activations alive.
-        shifts = {
-            "att_shift": normed[..., -1, :].clone(),
-            "ffn_shift": ffn_normed[..., -1, :].clone(),
-        }
+        shifts = {"att_shift": _last_token(normed), "ffn_shift": _last_token(ffn_normed)}
         new_state = dataclasses.replace(state, **shifts, **att_state)
         return x, new_state, v_first
+
+
+def _last_token(x: torch.Tensor) -> torch.Tensor:
+    """The last token's row of x (..., T, C), for the state: copied, so that the state does not
+    keep the whole (T, C) activations alive, unless that row is all of them (one token)."""
+    last = x[..., -1, :]
+    return last if is_decode(x.shape[-2]) else last.clone()

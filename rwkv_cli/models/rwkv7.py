@@ -217,6 +217,6 @@ class RWKV7(RecurrentModel):
         return linear(mixed, att.output_weight), {"att_wkv": wkv}, v_first
 
     def channel_mix(self, ffn: ChannelMixWeights, x: torch.Tensor, shift: torch.Tensor):
-        xk = x + (previous_tokens(x, shift) - x) * ffn.x_k
+        xk = torch.addcmul(x, previous_tokens(x, shift) - x, ffn.x_k)
         hidden = torch.relu(linear(xk, ffn.key_weight)) ** 2  # (T, F)
         return linear(hidden, ffn.value_weight)

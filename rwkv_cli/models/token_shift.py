@@ -6,12 +6,17 @@ from collections.abc import Iterable
 
 import torch
 
+from rwkv_cli.kernels.decode import is_decode
+
 
 def previous_tokens(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Token shift: row t holds x[t-1], row 0 the last input of the previous call.
 
-    x is (T, C) with shift (C,), or batched (B, T, C) with shift (B, C).
+    x is (T, C) with shift (C,), or batched (B, T, C) with shift (B, C). For one token that is
+    ``shift`` itself, returned as a view rather than copied.
     """
+    if is_decode(x.shape[-2]):
+        return shift.unsqueeze(-2)  # (..., 1, C)
     return torch.cat((shift.unsqueeze(-2), x[..., :-1, :]), dim=-2)  # (..., T, C)
 
 
