@@ -93,6 +93,15 @@ def prefill(
     return Session(state, logits, session.counts, session.tokens_consumed + len(tokens))
 
 
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], session: Session) -> list[int]:
+    """The token ids to read for ``prompt`` (text, or ids already encoded) after ``session``:
+    with nothing read yet, an empty prompt reads the end-of-text token (a fresh document)."""
+    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not tokens and session.logits is None:
+        tokens = [END_OF_TEXT]
+    return tokens
+
+
 def _counts(session: Session, vocab_size: int) -> torch.Tensor:
     """The session's penalty counts; zeros, where its logits are, before any token was sampled."""
     if session.counts is not None:
@@ -213,9 +222,7 @@ class TokenStream:
         """Read ``prompt`` (text, or token ids already encoded) after ``session`` (see
         ``stream_generate``); ``options`` are the constructor's sampling and stopping options."""
         session = session or Session()
-        tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not tokens and session.logits is None:
-            tokens = [END_OF_TEXT]
+        tokens = prompt_ids(tokenizer, prompt, session)
         started = time.perf_counter()
         session = prefill(model, tokens, session, on_progress=on_prefill)
         seconds = time.perf_counter() - started
