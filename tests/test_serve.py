@@ -214,16 +214,29 @@ def test_seeded_replies_are_the_same_alone_and_beside_others(client) -> None:
         assert beside["choices"] == one["choices"] and beside["usage"] == one["usage"]
 
 
-def test_a_client_that_disconnects_frees_its_place(client, scheduler) -> None:
-    body = {"prompt": "The", "max_tokens": protocol.MAX_COMPLETION_TOKENS, "stream": True}
-    with client.stream("POST", "/v1/completions", json=body) as response:
+LONG = {"prompt": "The", "max_tokens": protocol.MAX_COMPLETION_TOKENS}
+
+
+def _freed(scheduler: Scheduler) -> bool:
+    """Whether the engine empties soon: far sooner than the thousands of tokens asked for."""
+    deadline = time.monotonic() + 10
+    while scheduler.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return scheduler.active == 0
+
+
+def test_a_streaming_client_that_disconnects_frees_its_place(client, scheduler) -> None:
+    with client.stream("POST", "/v1/completions", json=LONG | {"stream": True}) as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))  # it is generating
         assert scheduler.active == 1
-    deadline = time.monotonic() + 10  # far less than the thousands of tokens it asked for
-    while scheduler.active and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert scheduler.active == 0
+    assert _freed(scheduler)
+
+
+def test_a_waiting_client_that_disconnects_frees_its_place(client, scheduler) -> None:
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        client.post("/v1/completions", json=LONG, timeout=1)
+    assert _freed(scheduler)
 
 
 def test_a_failing_engine_answers_500_and_the_server_goes_on(client, monkeypatch) -> None:
