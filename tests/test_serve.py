@@ -255,6 +255,29 @@ def test_a_failing_engine_answers_500_and_the_server_goes_on(client, monkeypatch
     assert client.post("/v1/completions", json=body).status_code == 200
 
 
+def test_the_official_openai_client_reads_every_answer(client) -> None:
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(
+        base_url=str(client.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0
+    )
+    assert [model.id for model in sdk.models.list()] == ["demo"]
+    options = {"model": "demo", "messages": HELLO, "max_tokens": 8, "temperature": 0}
+    whole = sdk.chat.completions.create(**options)
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    stream = sdk.chat.completions.create(
+        **options, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    completion = sdk.completions.create(model="demo", prompt="And", max_tokens=4, temperature=0)
+    assert completion.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(**options, n=2)
+    assert refused.value.body["param"] == "n"
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
