@@ -443,7 +443,8 @@ def test_sampling_defaults_are_the_chats_for_chat_and_generates_for_completions(
 # --- the command ---------------------------------------------------------------------------------
 
 
-def test_rwkv_serve_answers_over_tcp_and_stops_cleanly_on_ctrl_c() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_rwkv_serve_answers_over_tcp_and_stops_cleanly_mid_stream(stop) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "rwkv_cli", "serve", "-m", "demo", "--port", "0"],
         stdin=subprocess.DEVNULL,
@@ -462,7 +463,7 @@ def test_rwkv_serve_answers_over_tcp_and_stops_cleanly_on_ctrl_c() -> None:
             with client.stream("POST", "/v1/completions", json=long) as stream:
                 lines = stream.iter_lines()
                 next(line for line in lines if line.startswith("data: "))
-                process.send_signal(signal.SIGINT)
+                process.send_signal(stop)
                 rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"]

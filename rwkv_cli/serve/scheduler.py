@@ -21,7 +21,6 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Union
 
 from rwkv_cli.batching.generate import BatchChunk, BatchFailure, BatchRequest, ContinuousBatch
 from rwkv_cli.models import Model
@@ -44,7 +43,7 @@ class EngineStopped:
     error: str | None = None
 
 
-Record = Union[BatchChunk, BatchFailure, EngineStopped]  # noqa: UP007 (a runtime alias on 3.10)
+Record = BatchChunk | BatchFailure | EngineStopped  # what a ticket receives
 
 
 def is_last(record: Record) -> bool:
