@@ -211,11 +211,12 @@ def _sampling(body: dict[str, Any], default: SamplingParams) -> SamplingParams:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or not math.isfinite(value):
             raise BadRequest(f"{field.name} must be a number", param=field.name)
+        try:  # each alone first, so that the error names its field
+            dataclasses.replace(default, **{field.name: value}).validated()
+        except InvalidInputError as error:
+            raise BadRequest(error.message, param=field.name) from None
         given[field.name] = value
-    try:
-        return dataclasses.replace(default, **given).validated()
-    except InvalidInputError as error:
-        raise BadRequest(error.message) from None
+    return dataclasses.replace(default, **given)
 
 
 def _stops(value: Any) -> tuple[str, ...]:
