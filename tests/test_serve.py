@@ -33,7 +33,8 @@ from rwkv_cli.serve.scheduler import Scheduler
 from rwkv_cli.serve.server import listen, url_of
 from rwkv_cli.settings import CHAT_SAMPLING, SamplingParams
 from rwkv_cli.templates import TEMPLATES
-from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S
+from tests.support.cli_in_process import rwkv_in_process
+from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error
 from tests.support.generation import GREEDY
 
 HELLO = [{"role": "user", "content": "Who was Moses?"}]
@@ -472,3 +473,10 @@ def test_rwkv_serve_answers_over_tcp_and_stops_cleanly_mid_stream(stop) -> None:
         assert "Traceback" not in process.stderr.read()
     finally:
         process.kill()
+
+
+def test_a_port_in_use_is_a_one_line_error_before_the_model_loads() -> None:
+    with listen("127.0.0.1", 0) as taken:
+        port = str(taken.getsockname()[1])
+        result = rwkv_in_process("serve", "-m", "no-such-model.pth", "--port", port)
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}")
