@@ -445,7 +445,7 @@ def test_sampling_defaults_are_the_chats_for_chat_and_generates_for_completions(
 # --- the command ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_rwkv_serve_answers_over_tcp_and_stops_cleanly_mid_stream(stop) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "rwkv_cli", "serve", "-m", "demo", "--port", "0"],
