@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from starlette.testclient import TestClient
 
@@ -274,9 +275,43 @@ def test_the_official_openai_client_reads_every_answer(client) -> None:
     assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
     completion = sdk.completions.create(model="demo", prompt="And", max_tokens=4, temperature=0)
     assert completion.usage.completion_tokens == 4
+    scored = sdk.chat.completions.create(**options, logprobs=True, top_logprobs=2)
+    entries = scored.choices[0].logprobs.content
+    assert len(entries) == scored.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 2 for entry in entries)
     with pytest.raises(openai.BadRequestError) as refused:
         sdk.chat.completions.create(**options, n=2)
     assert refused.value.body["param"] == "n"
+
+
+def test_logprobs_are_the_models_with_the_most_probable_alternatives(demo, client) -> None:
+    body = {"prompt": "And God said", "temperature": 0, "max_tokens": 6, "logprobs": 2}
+    answer = client.post("/v1/completions", json=body).json()
+    logprobs = answer["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == answer["usage"]["completion_tokens"] == 6
+    assert "".join(logprobs["tokens"]) == answer["choices"][0]["text"]
+    for token, logprob, top in zip(*logprobs.values(), strict=True):
+        assert len(top) == 2 and next(iter(top.items())) == (token, logprob)  # greedy
+    logits, _ = demo.model.forward(demo.tokenizer.encode("And God said"), None)
+    first = demo.tokenizer.encode(logprobs["tokens"][0])
+    expected = torch.log_softmax(logits.double(), dim=0)[first[0]]
+    assert logprobs["token_logprobs"][0] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_streamed_chat_logprobs_join_to_the_whole_replys(client) -> None:
+    body = {"messages": HELLO, "max_tokens": 8, "seed": 3, "logprobs": True, "top_logprobs": 1}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]
+    chunks = _events(client.post("/v1/chat/completions", json=body | {"stream": True}))[:-1]
+    streamed = [
+        entry
+        for chunk in chunks
+        if chunk["choices"][0]["logprobs"]
+        for entry in chunk["choices"][0]["logprobs"]["content"]
+    ]
+    assert streamed == whole["content"] and len(streamed) == 8
+    first = streamed[0]
+    assert set(first) == {"token", "logprob", "bytes", "top_logprobs"}
+    assert bytes(first["bytes"]).decode() == first["token"] and len(first["top_logprobs"]) == 1
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -288,7 +323,9 @@ def test_the_official_openai_client_reads_every_answer(client) -> None:
         ({"n": 2}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"temperature": "hot"}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"penalty_decay": 1.5}, "penalty_decay"),

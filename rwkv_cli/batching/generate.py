@@ -59,6 +59,7 @@ class BatchRequest:
     seed: int | None = None
     session: Session | None = None
     ban: tuple[int, ...] = ()
+    logprobs: int | None = None  # each token's log-probability and this many alternatives
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ class _Reading:
             max_tokens=request.max_tokens,
             stop=request.stop,
             ban=request.ban,
+            logprobs=request.logprobs,
             prompt_tokens=len(self.tokens),
             prompt_seconds=self.seconds,
         )

@@ -126,7 +126,8 @@ class _Api:
             )
         tokenizer = self.loaded.tokenizer
         splitter = ReplySplitter.for_template(self.template, wanted.think)
-        reply = Reply(self.model_id, splitter if wanted.is_chat else None)
+        spelling = tokenizer if wanted.logprobs is not None else None
+        reply = Reply(self.model_id, splitter if wanted.is_chat else None, spelling)
         ticket = self.scheduler.submit(engine_request(wanted, tokenizer, self.template))
         if wanted.stream:
             events = self._events(ticket, reply, wanted.include_usage)

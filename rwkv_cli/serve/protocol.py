@@ -2,10 +2,13 @@
 
 ``parse_completion`` and ``parse_chat`` read a ``/v1/completions`` or ``/v1/chat/completions``
 body into an :class:`ApiRequest` or raise a 400 (:class:`~rwkv_cli.serve.errors.BadRequest`)
-naming the field at fault; ``engine_request`` makes the batching library's request of it. Fields
-that would change what a reply means and that this server does not do (``n`` > 1, tools, a
-``response_format``, ``logprobs``, ``logit_bias``, ``echo``, ``suffix``) are refused, never
-ignored; fields that only describe the caller (``user``, ``metadata``, ...) are ignored.
+naming the field at fault; ``engine_request`` makes the batching library's request of it.
+Fields that would change what a reply means and that this server does not do (``n`` > 1, tools,
+a ``response_format``, ``logit_bias``, ``echo``, ``suffix``) are refused, never ignored; fields
+that only describe the caller (``user``, ``metadata``, ...) are ignored. ``logprobs`` give the
+sampled tokens' log-probabilities under the model's distribution after penalties (before
+temperature and filters), with up to ``top_logprobs`` (chat) or ``logprobs`` (completions)
+alternatives.
 
 Extensions: ``top_k`` and ``penalty_decay`` (sampling, as ``rwkv generate``'s options) and
 ``think`` (chat: G1 models think first; the thought comes back as ``reasoning_content``).
@@ -35,6 +38,8 @@ MAX_PROMPT_TOKENS = 32768
 MAX_COMPLETION_TOKENS = 8192
 COMPLETION_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
 MAX_STOPS = 4  # the OpenAI API takes up to four stop sequences
+MAX_CHAT_LOGPROBS = 20  # the OpenAI API's bounds on the alternatives given per token
+MAX_COMPLETION_LOGPROBS = 5
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -52,6 +57,7 @@ class ApiRequest:
     prompt: str | tuple[int, ...] = ""  # /v1/completions
     messages: tuple[tuple[str, str], ...] = ()  # /v1/chat/completions, as (role, text)
     think: bool = False
+    logprobs: int | None = None  # None: none; N: each token's, and the N most probable
 
     @property
     def is_chat(self) -> bool:
@@ -63,6 +69,7 @@ def parse_completion(body: Any) -> ApiRequest:
     body = _object(body)
     return ApiRequest(
         prompt=_prompt(body.get("prompt")),
+        logprobs=_integer(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS),
         **_common(body, SamplingParams(), COMPLETION_MAX_TOKENS),
     )
 
@@ -73,8 +80,19 @@ def parse_chat(body: Any) -> ApiRequest:
     return ApiRequest(
         messages=_messages(body.get("messages")),
         think=_typed(body, "think", bool, False),
+        logprobs=_chat_logprobs(body),
         **_common(body, CHAT_SAMPLING, MAX_REPLY_TOKENS),
     )
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """A chat's ``logprobs`` (true or false) and ``top_logprobs`` as one count (None: off)."""
+    top = _integer(body, "top_logprobs", 0, MAX_CHAT_LOGPROBS)
+    if not _typed(body, "logprobs", bool, False):
+        if top:
+            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
 
 
 def engine_request(
@@ -85,7 +103,12 @@ def engine_request(
 ) -> BatchRequest:
     """The engine's request for ``request``, continuing ``session`` (None: a fresh document), a
     chat's messages written out with ``template``; a prompt over the bound is refused."""
-    common = {"max_tokens": request.max_tokens, "params": request.params, "seed": request.seed}
+    common = {
+        "max_tokens": request.max_tokens,
+        "params": request.params,
+        "seed": request.seed,
+        "logprobs": request.logprobs,
+    }
     if request.is_chat:
         messages = [
             (role, raw_reply(template, text, request.think) if role == "assistant" else text)
@@ -123,17 +146,14 @@ def _plain_text(value: Any) -> bool:
     return value is None or (isinstance(value, dict) and value.get("type") == "text")
 
 
-NOT_YET = "not supported yet"
 # Fields that would change what a reply means: the test a value passes when it leaves the reply
-# as this server writes it, and why others are refused. ``logprobs`` comes later.
+# as this server writes it, and why others are refused.
 _UNSUPPORTED = {
     "n": (lambda value: value in (None, 1), "n must be 1: one choice per request"),
     "tools": (_absent, "tools are not supported"),
     "functions": (_absent, "functions are not supported"),
     "tool_choice": (lambda value: value in (None, "none"), "tools are not supported"),
     "response_format": (_plain_text, "response_format must be text (the default)"),
-    "logprobs": (lambda value: value in (None, False, 0), f"logprobs are {NOT_YET}"),
-    "top_logprobs": (lambda value: value in (None, 0), f"logprobs are {NOT_YET}"),
     "logit_bias": (_absent, "logit_bias is not supported"),
     "echo": (lambda value: value in (None, False), "echo is not supported"),
     "suffix": (_absent, "suffix is not supported"),

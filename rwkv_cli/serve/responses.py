@@ -9,8 +9,9 @@ import time
 import uuid
 from typing import Any
 
-from rwkv_cli.generation import GenerationChunk
+from rwkv_cli.generation import GenerationChunk, TokenLogprob
 from rwkv_cli.replies import ReplySplitter
+from rwkv_cli.tokenizer.base import Tokenizer
 
 # The engine's finish reasons as the API names them: the end of the text is a natural stop.
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "length": "length"}
@@ -25,10 +26,19 @@ def event(data: dict[str, Any]) -> str:
 
 class Reply:
     """One request's reply as it grows. ``splitter`` (chat) splits out G1's thought; without
-    one (completions) the text is returned as the model wrote it."""
+    one (completions) the text is returned as the model wrote it. With ``tokenizer``, each
+    choice carries the logprobs of its tokens (the request asked for them)."""
 
-    def __init__(self, model_id: str, splitter: ReplySplitter | None = None) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        splitter: ReplySplitter | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         self.model_id, self.splitter = model_id, splitter
+        self.tokenizer = tokenizer  # spells the tokens of logprobs, where asked for
+        self.logprobs: list[TokenLogprob] = []
+        self._logprobs_sent = 0
         prefix = "chatcmpl" if self.is_chat else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -47,6 +57,8 @@ class Reply:
         thought, text = self.splitter.feed(raw, final) if self.is_chat else ("", raw)
         self.thought.append(thought)
         self.text.append(text)
+        if chunk is not None and chunk.logprob is not None:
+            self.logprobs.append(chunk.logprob)
         if chunk is not None:
             self.prompt_tokens = chunk.prompt_tokens
             self.completion_tokens = chunk.generated_tokens
@@ -85,7 +97,8 @@ class Reply:
     def chunk(self, thought: str, text: str) -> dict[str, Any] | None:
         """The stream chunk for new text (and the finish reason, on the last); None where
         there is nothing to send."""
-        if not thought and not text and self.finish_reason is None:
+        fresh = len(self.logprobs) > self._logprobs_sent
+        if not thought and not text and not fresh and self.finish_reason is None:
             return None
         delta = {}
         if thought:
@@ -107,7 +120,35 @@ class Reply:
         return self._envelope(self._chunk_object) | {"choices": [choice]}
 
     def _choice(self, content: dict[str, Any]) -> dict[str, Any]:
-        return {"index": 0, **content, "finish_reason": self.finish_reason, "logprobs": None}
+        """A choice with the logprobs of the tokens not sent yet, where asked for."""
+        entries = self.logprobs[self._logprobs_sent :]
+        self._logprobs_sent = len(self.logprobs)
+        logprobs = None if self.tokenizer is None else self._logprobs(entries)
+        return {"index": 0, **content, "finish_reason": self.finish_reason, "logprobs": logprobs}
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """``entries`` as the chat API (``content``) or the completions API writes them."""
+        if self.is_chat:
+            return {"content": [self._chat_entry(entry) for entry in entries], "refusal": None}
+        return {
+            "tokens": [self._spell(entry.token) for entry in entries],
+            "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [
+                {self._spell(token): logprob for token, logprob in entry.top} for entry in entries
+            ],
+        }
+
+    def _chat_entry(self, entry: TokenLogprob) -> dict[str, Any]:
+        top = [self._chat_token(token, logprob) for token, logprob in entry.top]
+        return self._chat_token(entry.token, entry.logprob) | {"top_logprobs": top}
+
+    def _chat_token(self, token: int, logprob: float) -> dict[str, Any]:
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": self._spell(token), "logprob": logprob, "bytes": list(raw)}
+
+    def _spell(self, token: int) -> str:
+        """A token's text (a token that holds part of a character shows U+FFFD for it)."""
+        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
