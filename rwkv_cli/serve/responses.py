@@ -57,13 +57,14 @@ class Reply:
         thought, text = self.splitter.feed(raw, final) if self.is_chat else ("", raw)
         self.thought.append(thought)
         self.text.append(text)
-        if chunk is not None and chunk.logprob is not None:
+        if chunk is None:
+            self.finish_reason = CUT_SHORT
+            return thought, text
+        if chunk.logprob is not None:
             self.logprobs.append(chunk.logprob)
-        if chunk is not None:
-            self.prompt_tokens = chunk.prompt_tokens
-            self.completion_tokens = chunk.generated_tokens
+        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.generated_tokens
         if final:
-            self.finish_reason = CUT_SHORT if chunk is None else FINISH_REASONS[chunk.finish_reason]
+            self.finish_reason = FINISH_REASONS[chunk.finish_reason]
         return thought, text
 
     def usage(self) -> dict[str, Any]:
