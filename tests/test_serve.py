@@ -200,20 +200,42 @@ def test_stop_strings_end_the_reply_and_are_never_returned(demo, client) -> None
         assert text == free[: free.index(stop)] and reason == "stop"
 
 
-def test_seeded_replies_are_the_same_alone_and_beside_others(client) -> None:
+def test_eight_streaming_clients_at_once_get_what_each_gets_alone(client) -> None:
+    prompts = ["The", "And the LORD", "In the day", "Thou", "Blessed", "And", "For", "I"]
     bodies = [
         {"prompt": prompt, "seed": seed, "temperature": 1, "top_p": 0.9, "max_tokens": 10}
-        for seed, prompt in enumerate(["The", "And the LORD", "In the day", "Thou", "Blessed"])
+        for seed, prompt in enumerate(prompts)
     ]
+    bodies[0] |= {"temperature": 0}
     alone = [client.post("/v1/completions", json=body).json() for body in bodies]
 
-    async def together() -> list[dict]:
+    async def stream(aclient: httpx.AsyncClient, body: dict) -> tuple[str, str]:
+        events = _events(await aclient.post("/v1/completions", json=body | {"stream": True}))
+        choices = [event["choices"][0] for event in events[:-1]]
+        return "".join(choice["text"] for choice in choices), choices[-1]["finish_reason"]
+
+    async def together() -> list[tuple[str, str]]:  # more than the batch: some wait their turn
         async with httpx.AsyncClient(base_url=client.base_url, timeout=client.timeout) as aclient:
-            replies = [aclient.post("/v1/completions", json=body) for body in bodies]
-            return [reply.json() for reply in await asyncio.gather(*replies)]
+            return await asyncio.gather(*(stream(aclient, body) for body in bodies))
 
     for one, beside in zip(alone, asyncio.run(together()), strict=True):
-        assert beside["choices"] == one["choices"] and beside["usage"] == one["usage"]
+        assert beside == (one["choices"][0]["text"], one["choices"][0]["finish_reason"])
+
+
+def test_g1_thinking_is_asked_for_and_returned_apart(demo, client, monkeypatch) -> None:
+    monkeypatch.setattr("rwkv_cli.serve.app.template_for", lambda loaded: TEMPLATES["g1"])
+    live = LiveServer(create_app(demo, Scheduler(demo.model, demo.tokenizer)))
+    body = {"messages": HELLO, "think": True, "temperature": 0, "max_tokens": 12}
+    try:
+        with httpx.Client(base_url=live.url, timeout=client.timeout) as g1:
+            message = g1.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+            events = _events(g1.post("/v1/chat/completions", json=body | {"stream": True}))
+    finally:
+        live.stop()
+    deltas = [event["choices"][0]["delta"] for event in events[:-1]]
+    thought = "".join(delta.get("reasoning_content", "") for delta in deltas)
+    assert thought and thought == message["reasoning_content"]  # the demo never closes it
+    assert message["content"] == "".join(delta.get("content", "") for delta in deltas) == ""
 
 
 LONG = {"prompt": "The", "max_tokens": protocol.MAX_COMPLETION_TOKENS}
