@@ -320,7 +320,7 @@ def test_logprobs_are_the_models_with_the_most_probable_alternatives(demo, clien
     assert logprobs["token_logprobs"][0] == pytest.approx(float(expected), rel=1e-4)
 
 
-def test_streamed_chat_logprobs_join_to_the_whole_replys(client) -> None:
+def test_streamed_chat_logprobs_are_those_of_the_whole_reply(client) -> None:
     body = {"messages": HELLO, "max_tokens": 8, "seed": 3, "logprobs": True, "top_logprobs": 1}
     whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]
     chunks = _events(client.post("/v1/chat/completions", json=body | {"stream": True}))[:-1]
