@@ -9,16 +9,18 @@ at hand; recent snapshots make ``/retry`` and ``/undo`` instant.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from rwkv_cli.batching.generate import BatchRequest
 from rwkv_cli.generation import END_OF_TEXT, GenerationChunk, Session, prefill, stream_generate
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.sampling import SamplingParams
 from rwkv_cli.settings import CHAT_SAMPLING, MAX_REPLY_TOKENS
 from rwkv_cli.templates import TEMPLATES, Template
+from rwkv_cli.tokenizer.base import Tokenizer
 
 SNAPSHOTS_KEPT = 8  # sessions remembered for /retry and /undo; older ones are replayed
 
@@ -29,6 +31,33 @@ def template_for(loaded: LoadedModel) -> Template:
         return TEMPLATES["pile"]
     names = f"{loaded.spec} {loaded.resolved}".lower()
     return TEMPLATES["g1"] if re.search(r"(^|[^a-z])g1", names) else TEMPLATES["world"]
+
+
+def reply_request(
+    tokenizer: Tokenizer,
+    template: Template,
+    messages: Sequence[tuple[str, str]],
+    *,
+    think: bool = False,
+    session: Session | None = None,
+    stop: tuple[str, ...] = (),
+    **options,
+) -> BatchRequest:
+    """The request for the reply to a conversation given as (role, text) pairs, written out as
+    ``Chat`` writes it: it stops where the template's turn ends (and at ``stop``), never ends the
+    text, and counts penalties afresh, as a chat's replies do. ``options`` are the request's
+    other fields (max_tokens, params, seed)."""
+    pieces = template.turns(messages, think)
+    tokens = tuple(token for piece in pieces for token in tokenizer.encode(piece))
+    if session is not None:
+        session = replace(session, counts=None)
+    return BatchRequest(
+        tokens,
+        stop=(*template.stops, *stop),
+        session=session,
+        ban=(END_OF_TEXT,),
+        **options,
+    )
 
 
 @dataclass(frozen=True)

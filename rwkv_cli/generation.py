@@ -25,6 +25,7 @@ from rwkv_cli.sampling import (
     apply_penalties,
     new_counts,
     sample_token,
+    token_logprobs,
     update_counts,
 )
 from rwkv_cli.state import State
@@ -50,6 +51,17 @@ class Session:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """How likely a sampled token was: its log-probability under the distribution it was drawn
+    from before temperature and filters (the model's, after penalties and bans), and the most
+    probable tokens with theirs, most probable first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """One step of a generation: the text it released and running statistics."""
 
@@ -62,6 +74,7 @@ class GenerationChunk:
     finish_reason: str | None = None  # "length", "eos" or "stop" on the last record
     session: Session | None = None  # on the last record: the session after the released text
     kept_tokens: tuple[int, ...] | None = None  # on the last record: the ids spelling that text
+    logprob: TokenLogprob | None = None  # the sampled token's, when asked for (``logprobs``)
 
     @property
     def prompt_tps(self) -> float:
@@ -91,6 +104,15 @@ def prefill(
         if on_progress is not None:
             on_progress(min(start + chunk_len, len(tokens)), len(tokens))
     return Session(state, logits, session.counts, session.tokens_consumed + len(tokens))
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], session: Session) -> list[int]:
+    """The token ids to read for ``prompt`` (text, or ids already encoded) after ``session``:
+    with nothing read yet, an empty prompt reads the end-of-text token (a fresh document)."""
+    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not tokens and session.logits is None:
+        tokens = [END_OF_TEXT]
+    return tokens
 
 
 def _counts(session: Session, vocab_size: int) -> torch.Tensor:
@@ -183,11 +205,13 @@ class TokenStream:
         max_tokens: int,
         stop: Sequence[str] = (),
         ban: Sequence[int] = (),
+        logprobs: int | None = None,
         prompt_tokens: int = 0,
         prompt_seconds: float = 0.0,
     ) -> None:
         self.model, self.tokenizer, self.session = model, tokenizer, session
         self.params, self.generator, self.max_tokens = params, generator, max_tokens
+        self.logprobs = logprobs  # None: none; N: each token's and the N most probable
         self.prompt_tokens, self.prompt_seconds = prompt_tokens, prompt_seconds
         device = session.logits.device  # sampling works where the logits are (sampling.py)
         self._never_sample = torch.zeros(model.vocab_size, device=device)
@@ -213,9 +237,7 @@ class TokenStream:
         """Read ``prompt`` (text, or token ids already encoded) after ``session`` (see
         ``stream_generate``); ``options`` are the constructor's sampling and stopping options."""
         session = session or Session()
-        tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not tokens and session.logits is None:
-            tokens = [END_OF_TEXT]
+        tokens = prompt_ids(tokenizer, prompt, session)
         started = time.perf_counter()
         session = prefill(model, tokens, session, on_progress=on_prefill)
         seconds = time.perf_counter() - started
@@ -236,6 +258,9 @@ class TokenStream:
         if token == END_OF_TEXT:
             return self._final("eos", self.session, tuple(ids))
         ids.append(token)
+        logprob = None
+        if self.logprobs is not None:
+            logprob = TokenLogprob(token, *token_logprobs(logits, token, self.logprobs))
         decoded = self._decoder.feed(token)
         self._text += decoded
         released, stopped = self._matcher.push(decoded)
@@ -244,8 +269,8 @@ class TokenStream:
             cut = self._rollback.cut(
                 self.model, self.tokenizer, self._text, ids, self._released_chars
             )
-            return self._record(released, token, "stop", *cut)
-        return self._record(released, token)
+            return self._record(released, token, "stop", *cut, logprob=logprob)
+        return self._record(released, token, logprob=logprob)
 
     def advance(self, logits: torch.Tensor, state: State) -> None:
         """Take the model's output after the last sampled token: its logits (V,) and state."""
@@ -262,7 +287,9 @@ class TokenStream:
         text = self._matcher.flush() + self._decoder.flush()
         return self._record(text, None, reason, session, kept)
 
-    def _record(self, text, token, finish=None, final=None, kept=None) -> GenerationChunk:
+    def _record(
+        self, text, token, finish=None, final=None, kept=None, logprob=None
+    ) -> GenerationChunk:
         return GenerationChunk(
             text=text,
             token=token,
@@ -273,6 +300,7 @@ class TokenStream:
             finish_reason=finish,
             session=final,
             kept_tokens=kept,
+            logprob=logprob,
         )
 
 

@@ -20,11 +20,11 @@ from rwkv_cli.chatfile import load_chat, save_chat
 from rwkv_cli.errors import InvalidInputError, RwkvCliError
 from rwkv_cli.generation import GenerationChunk
 from rwkv_cli.lines import Block, LineSource
+from rwkv_cli.replies import ReplySplitter
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.textio import OutputClosedError, StdoutWriter
 from rwkv_cli.ui import model_line, prefill_progress, print_dim, print_error, print_stats
 
-THINK_END = "</think>"
 HELP = """Commands:
   /help                 this list
   /reset                forget the conversation (keeps the system prompt)
@@ -40,44 +40,22 @@ HELP = """Commands:
 A line with only \"\"\" starts and ends a multi-line message. Ctrl-C stops a reply."""
 
 
-@dataclass
 class ReplyRenderer:
-    """Shows a raw reply stream: G1's closing '>' dropped, thinking dimmed or hidden, the answer
-    without its leading space. Text that may still be the start of ``</think>`` is held back."""
+    """Shows a raw reply stream (split by :class:`ReplySplitter`): thinking dimmed or hidden,
+    then the answer."""
 
-    writer: StdoutWriter
-    starts_with_tag_end: bool  # G1 prompts end in "<think" or "</think": the reply begins ">"
-    thinking: bool
-    hide_thinking: bool
-    dim: bool
-    raw: str = ""
-    shown_thought: int = 0
-    shown_answer: int = 0
+    def __init__(
+        self, writer: StdoutWriter, splitter: ReplySplitter, hide_thinking: bool, dim: bool
+    ) -> None:
+        self.writer, self.splitter = writer, splitter
+        self.hide_thinking, self.dim = hide_thinking, dim
 
     def feed(self, text: str, final: bool = False) -> None:
-        self.raw += text
-        thought, answer, closed = self._split()
-        visible = len(thought) if closed or final else max(0, len(thought) - len(THINK_END))
-        if visible > self.shown_thought:
-            self._write_thought(thought[self.shown_thought : visible])
-            self.shown_thought = visible
-        if len(answer) > self.shown_answer:
-            self.writer.write(answer[self.shown_answer :])
-            self.shown_answer = len(answer)
-
-    def _split(self) -> tuple[str, str, bool]:
-        body = self.raw[1:] if self.starts_with_tag_end and self.raw.startswith(">") else self.raw
-        if not self.thinking:
-            return "", body.lstrip(), False
-        end = body.find(THINK_END)
-        if end < 0:
-            return body, "", False
-        return body[:end], body[end + len(THINK_END) :].lstrip(), True
-
-    def _write_thought(self, text: str) -> None:
-        if self.hide_thinking:
-            return
-        self.writer.write(f"\x1b[2m{text}\x1b[22m" if self.dim else text)
+        thought, answer = self.splitter.feed(text, final)
+        if thought and not self.hide_thinking:
+            self.writer.write(f"\x1b[2m{thought}\x1b[22m" if self.dim else thought)
+        if answer:
+            self.writer.write(answer)
 
 
 @dataclass
@@ -122,8 +100,7 @@ class ChatRepl:
         template = self.chat.template
         renderer = ReplyRenderer(
             self.writer,
-            starts_with_tag_end=template.supports_thinking,
-            thinking=template.supports_thinking and self.chat.think,
+            ReplySplitter.for_template(template, self.chat.think),
             hide_thinking=self.hide_thinking,
             dim=self.dim_thinking,
         )

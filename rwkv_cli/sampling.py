@@ -126,6 +126,15 @@ def sampling_distribution(logits: Tensor, params: SamplingParams) -> tuple[Tenso
     return probs, token_ids
 
 
+def token_logprobs(logits: Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under softmax(``logits``) (1-D, (V,)), and the ``top``
+    most probable tokens with theirs, most probable first; read back in one copy."""
+    logprobs = torch.log_softmax(logits.detach().float(), dim=0)  # (V,)
+    best, ids = torch.topk(logprobs, top)  # (top,), (top,)
+    chosen, best, ids = _read_back(logprobs[token], best, ids)
+    return float(chosen), list(zip(ids.tolist(), best.tolist(), strict=True))
+
+
 def _most_probable(top: Tensor, probs: Tensor, top_p: float) -> tuple[Tensor, Tensor, Tensor]:
     """The most probable of ``probs``, descending with their ids: at least the top-p nucleus;
     read back to the CPU with ``top``.

@@ -17,6 +17,7 @@ from rwkv_cli.batching import (
     BatchFailure,
     BatchRequest,
     BatchResult,
+    ContinuousBatch,
     generate_batch,
     stream_batch,
 )
@@ -202,3 +203,46 @@ def test_a_request_that_fails_alone_leaves_and_the_others_finish(demo, monkeypat
     for index in finished:
         text, _, _ = _alone(demo, requests[index], 0)
         assert finished[index].text == text
+
+
+def _texts(records) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for record in records:
+        texts[record.index] = texts.get(record.index, "") + record.chunk.text
+    return texts
+
+
+def test_a_long_prompt_is_read_between_decode_steps_and_the_texts_stay_the_same(demo) -> None:
+    batch = ContinuousBatch(demo.model, demo.tokenizer, max_batch=4)
+    short = BatchRequest("The cat", max_tokens=12, params=GREEDY)
+    long_prompt = " ".join(["And the LORD spake unto Moses, saying"] * 40)
+    long = BatchRequest(long_prompt, max_tokens=4, params=GREEDY)
+    chunks = -(-len(demo.tokenizer.encode(long_prompt)) // generation.PREFILL_CHUNK_LEN)
+    assert chunks >= 2
+    batch.join(0, short)
+    records = batch.step()  # the short prompt is read, its first token sampled
+    batch.join(1, long)
+    for _ in range(chunks - 1):  # a chunk of the long prompt per step; the short one goes on
+        step = batch.step()
+        assert [record.index for record in step] == [0]
+        records += step
+    while batch:
+        records += batch.step()
+    texts = _texts(records)
+    assert texts[0] == _alone(demo, short, 0)[0]
+    assert texts[1] == _alone(demo, long, 0)[0]
+
+
+def test_a_cancelled_request_leaves_at_once_and_the_others_go_on(demo) -> None:
+    batch = ContinuousBatch(demo.model, demo.tokenizer, max_batch=2)
+    kept = BatchRequest("Once upon a time", max_tokens=10, params=GREEDY)
+    batch.join(0, kept)
+    batch.join(1, BatchRequest("The cat", max_tokens=10, params=GREEDY))
+    records = batch.step() + batch.step()
+    assert not batch.has_room
+    assert batch.cancel(1) and not batch.cancel(1)
+    assert len(batch) == 1 and batch.has_room
+    while batch:
+        records += batch.step()
+    assert _texts(r for r in records if r.index == 0)[0] == _alone(demo, kept, 0)[0]
+    assert {record.index for record in records[4:]} == {0}

@@ -20,6 +20,7 @@ from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model
 from rwkv_cli.loading.provenance import Provenance
 from rwkv_cli.repl import ChatRepl, ReplyRenderer
+from rwkv_cli.replies import ReplySplitter
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.state import State
 from rwkv_cli.templates import normalize
@@ -279,7 +280,7 @@ def test_template_follows_the_model(loaded) -> None:
 
 def _render(raw_chunks: list[str], thinking: bool, hide: bool = False) -> str:
     out = io.StringIO()
-    renderer = ReplyRenderer(StdoutWriter(out), True, thinking, hide, dim=False)
+    renderer = ReplyRenderer(StdoutWriter(out), ReplySplitter(True, thinking), hide, dim=False)
     for chunk in raw_chunks:
         renderer.feed(chunk)
     renderer.feed("", final=True)

@@ -17,6 +17,7 @@ from rwkv_cli.sampling import (
     new_counts,
     sample_token,
     sampling_distribution,
+    token_logprobs,
     update_counts,
 )
 
@@ -459,3 +460,15 @@ def test_from_dict_rejects_unknown_keys_and_bad_values() -> None:
         SamplingParams.from_dict({"top_z": 3})
     with pytest.raises(InvalidInputError, match="top-p"):
         SamplingParams.from_dict({"top_p": 2})
+
+
+def test_token_logprobs_are_the_log_softmax_with_the_most_probable_first() -> None:
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(3)) * 4
+    logits[7] = -torch.inf  # a banned token: never among the best, its own logprob -inf
+    chosen, best = token_logprobs(logits, 11, 3)
+    exact = torch.log_softmax(logits.double(), dim=0)
+    assert chosen == pytest.approx(float(exact[11]), rel=1e-5)
+    order = torch.argsort(exact, descending=True)[:3]
+    assert [token for token, _ in best] == order.tolist()
+    assert [logprob for _, logprob in best] == pytest.approx(exact[order].tolist(), rel=1e-5)
+    assert token_logprobs(logits, 11, 0) == (chosen, [])

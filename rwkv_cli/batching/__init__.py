@@ -3,8 +3,8 @@
 - batching/states.py: batched states, a sequence's per-layer tensors stacked with others';
 - batching/engine.py: :class:`Batch`, a running batch that sequences join and leave between
   steps, as plain sessions;
-- batching/generate.py: ``generate_batch``, many requests through one batch (continuous
-  batching), each with its own sampling, stop strings and seed.
+- batching/generate.py: ``ContinuousBatch`` and ``generate_batch``, many requests through one
+  batch (continuous batching), each with its own sampling, stop strings and seed.
 """
 
 from rwkv_cli.batching.engine import Batch
@@ -13,6 +13,7 @@ from rwkv_cli.batching.generate import (
     BatchFailure,
     BatchRequest,
     BatchResult,
+    ContinuousBatch,
     generate_batch,
     stream_batch,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "BatchFailure",
     "BatchRequest",
     "BatchResult",
+    "ContinuousBatch",
     "generate_batch",
     "stream_batch",
 ]

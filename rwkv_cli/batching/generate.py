@@ -1,9 +1,11 @@
 """Many completions at once: continuous batching in the library.
 
-``stream_batch`` runs requests through one :class:`~rwkv_cli.batching.engine.Batch` of at most
-``max_batch`` sequences. A request joins as soon as there is room: its prompt is read alone, in
-chunks (``generation.prefill``), then it decodes together with the others, one token each per
-step. A finished sequence leaves at once, and the next waiting request takes its place.
+:class:`ContinuousBatch` runs requests through one :class:`~rwkv_cli.batching.engine.Batch` of
+at most ``max_batch`` sequences, a round at a time; ``stream_batch`` drives it over a list of
+requests, and a server (rwkv_cli/serve/) over the requests that arrive. A request joins as soon as
+there is room: its prompt is read alone, in chunks (``generation.prefill``'s), between decode
+steps, then it decodes together with the others, one token each per step. A finished sequence
+leaves at once, and the next waiting request takes its place.
 
 Each request samples with its own parameters, penalty counts, stop strings and seeded
 generator, row by row from the batch's logits (``generation.TokenStream``, the same code that
@@ -18,12 +20,22 @@ A batch of one runs the one-sequence path, bit for bit.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from rwkv_cli.batching.engine import Batch
 from rwkv_cli.errors import RwkvCliError
-from rwkv_cli.generation import GenerationChunk, Session, TokenStream
+from rwkv_cli.generation import (
+    PREFILL_CHUNK_LEN,
+    GenerationChunk,
+    Session,
+    TokenStream,
+    prefill,
+    prompt_ids,
+)
 from rwkv_cli.models import Model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.settings import DEFAULT_MAX_BATCH
@@ -47,6 +59,7 @@ class BatchRequest:
     seed: int | None = None
     session: Session | None = None
     ban: tuple[int, ...] = ()
+    logprobs: int | None = None  # each token's log-probability and this many alternatives
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,157 @@ class BatchFailure:
     error: RwkvCliError
 
 
+class ContinuousBatch:
+    """Continuous batching one round at a time, for a caller that takes requests while it runs
+    (a server) and may drop one at any time.
+
+    ``join`` queues a request under the caller's ``key``; each ``step`` reads waiting prompts
+    (about ``PREFILL_CHUNK_LEN`` tokens of them, a chunk at a time), then samples a token for
+    every running sequence and runs the model once for all of them, so a long prompt never holds
+    the running streams up for more than a chunk. A prompt's chunks start at fixed offsets
+    (those ``generation.prefill`` uses), whatever else is read beside it, so a request reads its
+    prompt exactly as it would alone. ``cancel`` drops a request at once and frees its room.
+    """
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = DEFAULT_MAX_BATCH):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self._batch = Batch(model)
+        self._reading: dict[int, _Reading] = {}  # key -> prompt being read, oldest first
+        self._running: dict[int, tuple[int, TokenStream, int]] = {}  # slot -> (key, stream, seed)
+
+    def __len__(self) -> int:
+        """Requests joined and not finished: reading their prompt or decoding."""
+        return len(self._reading) + len(self._running)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self) < self.max_batch
+
+    def join(self, key: int, request: BatchRequest) -> BatchFailure | None:
+        """Queue ``request`` under ``key`` (its records' ``index``); its prompt is read by the
+        next steps. A request that cannot start (a bad seed, say) is returned as a failure."""
+        if not self.has_room:
+            raise ValueError(f"the batch is full ({self.max_batch} requests)")
+        try:
+            self._reading[key] = _Reading.begin(self.tokenizer, request)
+        except RwkvCliError as error:
+            return BatchFailure(key, request.seed, error)
+        return None
+
+    def cancel(self, key: int) -> bool:
+        """Drop the request ``key`` wherever it is; whether it was there."""
+        if self._reading.pop(key, None) is not None:
+            return True
+        for slot, (running_key, _, _) in self._running.items():
+            if running_key == key:
+                self._leave(slot)
+                return True
+        return False
+
+    def step(self) -> list[BatchChunk | BatchFailure]:
+        """One round: read up to a chunk of waiting prompts, sample the next token of every
+        running request, run the model on those tokens; return the records, in order."""
+        records: list[BatchChunk | BatchFailure] = []
+        self._read_prompts(records)
+        tokens = self._sample(records)
+        if tokens:
+            logits = self._batch.step(tokens)
+            for slot, row in zip(self._batch.slots, logits, strict=True):
+                self._running[slot][1].advance(row, self._batch.session(slot).state)
+        return records
+
+    def _read_prompts(self, records: list[BatchChunk | BatchFailure]) -> None:
+        """Read chunks of the oldest prompts until a chunk's worth of tokens is read; a request
+        whose prompt is read joins the running batch."""
+        budget = PREFILL_CHUNK_LEN
+        while self._reading and budget > 0:
+            key, reading = next(iter(self._reading.items()))
+            try:
+                budget -= reading.read_chunk(self.model)
+            except RwkvCliError as error:  # e.g. a token id outside the vocabulary
+                del self._reading[key]
+                records.append(BatchFailure(key, reading.request.seed, error))
+                continue
+            if reading.done:
+                del self._reading[key]
+                stream = reading.stream(self.model, self.tokenizer)
+                self._running[self._batch.add(stream.session)] = (key, stream, reading.seed)
+
+    def _sample(self, records: list[BatchChunk | BatchFailure]) -> dict[int, int]:
+        """Each running request's next record; the tokens of those that go on, by slot."""
+        tokens = {}
+        for slot, (key, stream, seed) in list(self._running.items()):
+            try:
+                chunk = stream.next_chunk()
+            except RwkvCliError as error:  # e.g. this sequence's logits are not numbers
+                chunk = None
+                records.append(BatchFailure(key, seed, error))
+            else:
+                records.append(BatchChunk(key, seed, chunk))
+            if chunk is not None and chunk.finish_reason is None:
+                tokens[slot] = chunk.token
+            else:
+                self._leave(slot)
+        return tokens
+
+    def _leave(self, slot: int) -> None:
+        self._batch.remove(slot)
+        del self._running[slot]
+
+
+@dataclass
+class _Reading:
+    """A request whose prompt is being read, a chunk per step."""
+
+    request: BatchRequest
+    tokens: list[int]
+    session: Session
+    generator: torch.Generator
+    seed: int
+    read: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def begin(cls, tokenizer: Tokenizer, request: BatchRequest) -> _Reading:
+        session = request.session or Session()
+        generator, seed = make_generator(request.seed)
+        return cls(
+            request, prompt_ids(tokenizer, request.prompt, session), session, generator, seed
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.read >= len(self.tokens)
+
+    def read_chunk(self, model: Model) -> int:
+        """Read the prompt's next chunk; how many tokens it held."""
+        chunk = self.tokens[self.read : self.read + PREFILL_CHUNK_LEN]
+        started = time.perf_counter()
+        self.session = prefill(model, chunk, self.session)
+        self.seconds += time.perf_counter() - started
+        self.read += len(chunk)
+        return len(chunk)
+
+    def stream(self, model: Model, tokenizer: Tokenizer) -> TokenStream:
+        """The request's generation, its prompt read."""
+        request = self.request
+        return TokenStream(
+            model,
+            tokenizer,
+            self.session,
+            params=request.params,
+            generator=self.generator,
+            max_tokens=request.max_tokens,
+            stop=request.stop,
+            ban=request.ban,
+            logprobs=request.logprobs,
+            prompt_tokens=len(self.tokens),
+            prompt_seconds=self.seconds,
+        )
+
+
 def stream_batch(
     model: Model,
     tokenizer: Tokenizer,
@@ -90,42 +254,15 @@ def stream_batch(
     """Generate every request, ``max_batch`` at a time; yield each record of each request as it
     comes, or a :class:`BatchFailure` for one that fails alone. Requests are read lazily, as room
     frees up."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    batch = ContinuousBatch(model, tokenizer, max_batch)
     waiting = enumerate(requests)
-    batch = Batch(model)
-    running: dict[int, tuple[int, TokenStream, int]] = {}  # slot -> (index, stream, seed)
     while True:
-        while len(running) < max_batch and (joining := next(waiting, None)) is not None:
-            index, request = joining
-            try:
-                stream, seed = _start(model, tokenizer, request)
-            except RwkvCliError as error:
-                yield BatchFailure(index, request.seed, error)
-                continue
-            running[batch.add(stream.session)] = (index, stream, seed)
-        if not running:
-            return
-        tokens = {}
-        for slot, (index, stream, seed) in list(running.items()):
-            try:
-                chunk = stream.next_chunk()
-            except RwkvCliError as error:  # e.g. this sequence's logits are not numbers
-                chunk, failure = None, BatchFailure(index, seed, error)
-            else:
-                failure = None
-                yield BatchChunk(index, seed, chunk)
-            if chunk is not None and chunk.finish_reason is None:
-                tokens[slot] = chunk.token
-            else:
-                batch.remove(slot)
-                del running[slot]
-            if failure is not None:
+        while batch.has_room and (joining := next(waiting, None)) is not None:
+            if (failure := batch.join(*joining)) is not None:
                 yield failure
-        if tokens:
-            logits = batch.step(tokens)
-            for slot, row in zip(batch.slots, logits, strict=True):
-                running[slot][1].advance(row, batch.session(slot).state)
+        if not batch:
+            return
+        yield from batch.step()
 
 
 def generate_batch(
@@ -155,23 +292,6 @@ def generate_batch(
                 seed=record.seed,
                 session=_own(chunk.session),
             )
-
-
-def _start(model: Model, tokenizer: Tokenizer, request: BatchRequest) -> tuple[TokenStream, int]:
-    """A request's stream after its prompt was read alone, and its seed."""
-    generator, seed = make_generator(request.seed)
-    stream = TokenStream.start(
-        model,
-        tokenizer,
-        request.prompt,
-        request.session,
-        params=request.params,
-        generator=generator,
-        max_tokens=request.max_tokens,
-        stop=request.stop,
-        ban=request.ban,
-    )
-    return stream, seed
 
 
 def _own(session: Session) -> Session:

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from rwkv_cli.batching.generate import BatchFailure, BatchRequest, BatchResult, generate_batch
+from rwkv_cli.chat import reply_request
 from rwkv_cli.errors import InvalidInputError, RwkvCliError, WriteError
 from rwkv_cli.fileio import lock_now
-from rwkv_cli.generation import END_OF_TEXT, Session
+from rwkv_cli.generation import Session
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.settings import DEFAULT_MAX_BATCH, MAX_SEED, SamplingParams
 from rwkv_cli.templates import Template
@@ -152,14 +153,14 @@ def _request(fields: dict[str, Any], loaded: LoadedModel, defaults: JobDefaults)
         if not isinstance(fields["prompt"], str):
             raise _LineError('"prompt" must be a string')
         return BatchRequest(fields["prompt"], stop=stop, session=defaults.session, **common)
-    template = defaults.template
-    pieces = template.turns(_messages(fields["messages"]), defaults.think)
-    tokens = tuple(token for piece in pieces for token in loaded.tokenizer.encode(piece))
-    session = defaults.session
-    if session is not None:  # penalties count each reply afresh, as in a chat
-        session = dataclasses.replace(session, counts=None)
-    return BatchRequest(  # as the chat replies: to the template's stops, never ending the text
-        tokens, stop=(*template.stops, *stop), session=session, ban=(END_OF_TEXT,), **common
+    return reply_request(
+        loaded.tokenizer,
+        defaults.template,
+        _messages(fields["messages"]),
+        think=defaults.think,
+        session=defaults.session,
+        stop=stop,
+        **common,
     )
 
 

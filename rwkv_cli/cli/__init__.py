@@ -1,7 +1,8 @@
 """The ``rwkv`` command: the app, its root options, and the one error boundary.
 
-The commands live by group in ``text`` (generate, save-state, load-state), ``chat``, ``batch``
-and ``tools`` (bench, doctor, download, models), with the options they share in ``options``.
+The commands live by group in ``text`` (generate, save-state, load-state), ``chat``, ``batch``,
+``serve`` and ``tools`` (bench, doctor, download, models), with the options they share in
+``options``.
 Library modules that load torch are imported inside the commands that use them, so that
 ``rwkv --help`` and ``rwkv --version`` answer at once (tests/test_cli.py checks that they load no
 torch).
@@ -22,7 +23,7 @@ from typing import Annotated, Literal
 import typer
 
 from rwkv_cli import __version__
-from rwkv_cli.cli import batch, chat, text, tools
+from rwkv_cli.cli import batch, chat, serve, text, tools
 from rwkv_cli.cli.options import Command, Group, kernel_choice
 from rwkv_cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, RwkvCliError
 from rwkv_cli.settings import KERNEL_CHOICES, MAX_THREADS, KernelChoice
@@ -101,6 +102,7 @@ app.command("save-state", cls=Command)(text.save_state)
 app.command("load-state", cls=Command)(text.load_state)
 app.command(cls=Command)(chat.chat)
 app.command(cls=Command)(batch.batch)
+app.command(cls=Command)(serve.serve)
 app.command(cls=Command)(tools.bench)
 app.command(cls=Command)(tools.perplexity)
 app.command(cls=Command)(tools.doctor)
