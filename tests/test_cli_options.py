@@ -119,7 +119,7 @@ def test_version_and_help() -> None:
 
 def test_no_help_labels_a_value_with_a_python_type() -> None:
     commands = [[], *([name] for name in typer.main.get_command(app).commands)]
-    assert len(commands) == 10
+    assert len(commands) == 12
     for command in commands:
         result = rwkv(*command, "--help", env={"COLUMNS": "200"})
         text = result.stdout.decode()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from rwkv_cli.batching.states import stack_states
-from rwkv_cli.kernels import cuda
+from rwkv_cli.kernels import cpu_ops, cuda
 from rwkv_cli.kernels.build import SOURCE_DIR
 from rwkv_cli.kernels.selftest import TORCH_REFERENCES, compare_with_torch, wkv_inputs
 from rwkv_cli.kernels.wkv4 import wkv4
@@ -227,6 +227,8 @@ def as_on_a_gpu(emulated, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     generations whose kernel ran, in call order."""
     calls = []
     monkeypatch.setattr(cuda, "usable", lambda *tensors, head_size=None: True)
+    # GPU tensors never take the CPU kernels (RWKV-7's fused time mixing runs the WKV inside)
+    monkeypatch.setattr(cpu_ops, "usable", lambda *tensors: False)
     for generation, wrapper in WRAPPERS.items():
 
         def record(*arguments, _wrapper=wrapper, _generation=generation):

@@ -110,6 +110,7 @@ class CpuKernels:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """RWKV-4's WKV; arguments and results as ``kernels.wkv4.wkv4_torch``, batched too."""
         k, v = (x.float().contiguous() for x in (k, v))
+        aa, bb, pp = (x.contiguous() for x in (aa, bb, pp))  # a batch's rows may be views
         if k.dim() not in (2, 3) or v.shape != k.shape:
             raise ValueError("wkv4: k and v must be (T, C) or (B, T, C)")
         *batch, tokens, channels = k.shape
@@ -138,6 +139,7 @@ class CpuKernels:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RWKV-5/6's WKV; arguments and results as ``kernels.wkv5.wkv5``, batched too."""
         r, w, k, v, u = (x.float().contiguous() for x in (r, w, k, v, u))
+        state = state.contiguous()  # a batch's rows may be views
         sequences, heads, n = _state_shape(state, "wkv5")
         batch = state.shape[:-3]  # () for one sequence
         if r.dim() != state.dim() or r.shape[:-3] != batch or r.shape[-2:] != (heads, n):
@@ -171,10 +173,12 @@ class CpuKernels:
         """One token's RWKV-7 time mixing; arguments (the layer's by name) and results as
         ``kernels.time_mix7.time_mix7_torch``, every tensor float32: state (H, N, N) and the
         token's inputs (1, C), or for B sequences (B, H, N, N) and (B, 1, C)."""
+        state = state.contiguous()  # a batch's rows may be views
         sequences, heads, n = _state_shape(state, "time_mix7")
         channels = heads * n
         named = {"r": r, "k": k, "v": v, "gate": gate, "decay_lora": decay_lora}
         named |= {"iclr_lora": iclr_lora, **layer}
+        named = {name: None if x is None else x.contiguous() for name, x in named.items()}
         missing = [name for name in _TIME_MIX_VECTORS if named.get(name) is None]
         unknown = sorted(set(named) - set(_TIME_MIX_ORDER))
         if missing or unknown:

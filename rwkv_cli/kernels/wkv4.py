@@ -36,10 +36,10 @@ def wkv4(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recurrence over T tokens (arguments and results as ``wkv4_torch``), for one sequence
     or a batch: the compiled kernel of the inputs' device where it builds, else ``wkv4_torch``."""
-    if cpu_ops.usable(aa, bb, pp, w, u):  # one sequence or a batch
-        return cpu_ops.kernels().wkv4(aa, bb, pp, w, u, k, v)
     if cuda.usable(aa, bb, pp, w, u, k, v):  # one sequence or a batch
         return cuda.wkv4(aa, bb, pp, w, u, k, v)
+    if cpu_ops.usable(aa, bb, pp, w, u):  # one sequence or a batch
+        return cpu_ops.kernels().wkv4(aa, bb, pp, w, u, k, v)
     return wkv4_torch(aa, bb, pp, w, u, k, v)
 
 

@@ -90,10 +90,10 @@ def wkv5(
     Returns:
         y: (T, H, N) float32 outputs (batched: (B, T, H, N)), and the new (H, N, N) state.
     """
-    if cpu_ops.usable(state):  # one sequence or a batch
-        return cpu_ops.kernels().wkv5(state, r, w, k, v, u)
     if cuda.usable(state, r, w, k, v, u, head_size=r.shape[-1]):  # one sequence or a batch
         return cuda.wkv5(state, r, w, k, v, u)
+    if cpu_ops.usable(state):  # one sequence or a batch
+        return cpu_ops.kernels().wkv5(state, r, w, k, v, u)
     return wkv5_torch(state, r, w, k, v, u)
 
 
