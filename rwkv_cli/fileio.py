@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -260,6 +261,19 @@ def check_free_space(directory: Path, needed: int, hint: str, what: str | None =
             f"{format_size(free)} free in {directory}",
             hint=hint,
         )
+
+
+_BINARY_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``2G``, ``1.5g``, ``4096`` (bytes; K, M, G and T are powers of 1024, an
+    optional trailing B or iB is allowed) -> bytes; ValueError for anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if match is None:
+        raise ValueError(f"{text!r} is not a size: use e.g. 512M or 2G")
+    number, unit = match.groups()
+    return int(float(number) * _BINARY_UNITS[unit])
 
 
 def format_size(size: int | None) -> str:

@@ -75,6 +75,7 @@ class GenerationChunk:
     session: Session | None = None  # on the last record: the session after the released text
     kept_tokens: tuple[int, ...] | None = None  # on the last record: the ids spelling that text
     logprob: TokenLogprob | None = None  # the sampled token's, when asked for (``logprobs``)
+    cached_tokens: int = 0  # of the prompt's tokens, those resumed from a cached state, not read
 
     @property
     def prompt_tps(self) -> float:
@@ -208,11 +209,13 @@ class TokenStream:
         logprobs: int | None = None,
         prompt_tokens: int = 0,
         prompt_seconds: float = 0.0,
+        cached_tokens: int = 0,
     ) -> None:
         self.model, self.tokenizer, self.session = model, tokenizer, session
         self.params, self.generator, self.max_tokens = params, generator, max_tokens
         self.logprobs = logprobs  # None: none; N: each token's and the N most probable
         self.prompt_tokens, self.prompt_seconds = prompt_tokens, prompt_seconds
+        self.cached_tokens = cached_tokens
         device = session.logits.device  # sampling works where the logits are (sampling.py)
         self._never_sample = torch.zeros(model.vocab_size, device=device)
         self._never_sample[tokenizer.token_count :] = -torch.inf  # padding decodes to nothing
@@ -301,6 +304,7 @@ class TokenStream:
             session=final,
             kept_tokens=kept,
             logprob=logprob,
+            cached_tokens=self.cached_tokens,
         )
 
 

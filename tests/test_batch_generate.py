@@ -27,6 +27,7 @@ from rwkv_cli.generation import Session, prefill, stream_generate
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.loading.open import open_model
 from rwkv_cli.sampling import SamplingParams, make_generator
+from rwkv_cli.statecache import PrefixCache
 from rwkv_cli.statefile import read_state_file, save_state_file
 from tests.support.generation import GREEDY
 from tests.support.numerics import relative_error
@@ -246,3 +247,46 @@ def test_a_cancelled_request_leaves_at_once_and_the_others_go_on(demo) -> None:
         records += batch.step()
     assert _texts(r for r in records if r.index == 0)[0] == _alone(demo, kept, 0)[0]
     assert {record.index for record in records[4:]} == {0}
+
+
+def _run_to_end(batch: ContinuousBatch, key: int, request: BatchRequest) -> list:
+    batch.join(key, request)
+    records = []
+    while batch:
+        records += batch.step()
+    return records
+
+
+def test_a_prompt_that_begins_as_an_earlier_one_resumes_from_its_cached_state(demo) -> None:
+    cache = PrefixCache(capacity=1 << 30)
+    batch = ContinuousBatch(demo.model, demo.tokenizer, max_batch=2, cache=cache)
+    history = "User: Who was Moses?\n\nAssistant: A prophet.\n\n"
+    first = _run_to_end(batch, 0, BatchRequest(history, max_tokens=4, params=GREEDY))
+    assert first[-1].chunk.cached_tokens == 0
+    turn = BatchRequest(history + "User: And Aaron?\n\nAssistant:", max_tokens=12, params=GREEDY)
+    records = _run_to_end(batch, 1, turn)
+    assert records[-1].chunk.cached_tokens == len(demo.tokenizer.encode(history))
+    assert records[-1].chunk.prompt_tokens == len(demo.tokenizer.encode(turn.prompt))
+    assert _texts(records)[1] == _alone(demo, turn, 0)[0]  # read in other chunks: same text
+
+
+def test_long_prompts_are_cached_at_chunk_boundaries_from_the_document_start(demo) -> None:
+    chunk = generation.PREFILL_CHUNK_LEN
+    tokens = [(7 * i) % 500 + 10 for i in range(2 * chunk + 40)]
+    cache = PrefixCache(capacity=1 << 30)
+    batch = ContinuousBatch(demo.model, demo.tokenizer, max_batch=1, cache=cache)
+    _run_to_end(batch, 0, BatchRequest(tuple(tokens), max_tokens=1, params=GREEDY))
+    assert len(cache) == 3  # after chunk, 2 x chunk and the whole prompt
+    forked = BatchRequest((*tokens[: chunk + 30], 3, 4, 5), max_tokens=3, params=GREEDY)
+    records = _run_to_end(batch, 1, forked)
+    assert records[-1].chunk.cached_tokens == chunk
+    assert _texts(records)[1] == _alone(demo, forked, 0)[0]
+
+
+def test_requests_after_a_saved_session_neither_use_nor_fill_the_cache(demo) -> None:
+    cache = PrefixCache(capacity=1 << 30)
+    batch = ContinuousBatch(demo.model, demo.tokenizer, max_batch=1, cache=cache)
+    session = prefill(demo.model, demo.tokenizer.encode("In the beginning"))
+    request = BatchRequest(" God", max_tokens=2, params=GREEDY, session=session)
+    records = _run_to_end(batch, 0, request)
+    assert records[-1].chunk.cached_tokens == 0 and len(cache) == 0

@@ -33,6 +33,7 @@ from rwkv_cli.serve.responses import Reply
 from rwkv_cli.serve.scheduler import Scheduler
 from rwkv_cli.serve.server import listen, url_of
 from rwkv_cli.settings import CHAT_SAMPLING, SamplingParams
+from rwkv_cli.statecache import PrefixCache
 from rwkv_cli.templates import TEMPLATES
 from tests.support.cli_in_process import rwkv_in_process
 from tests.support.cli_runner import SLOW_MACHINE_TIMEOUT_S, assert_one_line_error
@@ -220,6 +221,35 @@ def test_eight_streaming_clients_at_once_get_what_each_gets_alone(client) -> Non
 
     for one, beside in zip(alone, asyncio.run(together()), strict=True):
         assert beside == (one["choices"][0]["text"], one["choices"][0]["finish_reason"])
+
+
+def test_the_next_turn_of_a_chat_reads_only_what_is_new(demo, client) -> None:
+    scheduler = Scheduler(demo.model, demo.tokenizer, cache=PrefixCache(1 << 30))
+    live = LiveServer(create_app(demo, scheduler))
+    first_turn = {"messages": HELLO, "temperature": 0, "max_tokens": 12}
+    try:
+        with httpx.Client(base_url=live.url, timeout=client.timeout) as cached:
+            first = cached.post("/v1/chat/completions", json=first_turn).json()
+            reply = first["choices"][0]["message"]
+            history = [*HELLO, reply, {"role": "user", "content": "And Aaron?"}]
+            second_turn = first_turn | {"messages": history}
+            second = cached.post("/v1/chat/completions", json=second_turn).json()
+    finally:
+        live.stop()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # The first turn's prompt was kept: the second reads its reply and question only.
+    details = second["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens"] == first["usage"]["prompt_tokens"]
+    assert second["usage"]["prompt_tokens"] > details["cached_tokens"]
+    uncached = client.post("/v1/chat/completions", json=second_turn).json()  # no cache there
+    assert uncached["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert uncached["choices"] == second["choices"]
+
+
+@pytest.mark.parametrize("size", ["lots", "-1", "1X"])
+def test_a_cache_size_that_is_not_a_size_is_a_usage_error(size) -> None:
+    result = rwkv_in_process("serve", "--cache-size", size)
+    assert_one_line_error(result, 2, f"{size!r} is not a size: use e.g. 512M or 2G")
 
 
 def test_g1_thinking_is_asked_for_and_returned_apart(demo, client, monkeypatch) -> None:

@@ -39,6 +39,7 @@ from rwkv_cli.generation import (
 from rwkv_cli.models import Model
 from rwkv_cli.sampling import SamplingParams, make_generator
 from rwkv_cli.settings import DEFAULT_MAX_BATCH
+from rwkv_cli.statecache import PrefixCache
 from rwkv_cli.tokenizer.base import Tokenizer
 
 
@@ -102,14 +103,28 @@ class ContinuousBatch:
     (about ``PREFILL_CHUNK_LEN`` tokens of them, a chunk at a time), then samples a token for
     every running sequence and runs the model once for all of them, so a long prompt never holds
     the running streams up for more than a chunk. A prompt's chunks start at fixed offsets
-    (those ``generation.prefill`` uses), whatever else is read beside it, so a request reads its
-    prompt exactly as it would alone. ``cancel`` drops a request at once and frees its room.
+    (multiples of the chunk length from the start of the document, as ``generation.prefill``
+    reads), whatever else is read beside it, so a request reads its prompt exactly as it would
+    alone. ``cancel`` drops a request at once and frees its room.
+
+    With a ``cache`` (statecache.PrefixCache), a request that starts a fresh document resumes
+    from the state of the longest prefix of its prompt read before and reads only the rest; the
+    states at its chunk boundaries and at the end of its prompt are kept for later requests (the
+    next turn of a conversation begins with the last one's prompt). Resuming from a state read
+    in other chunks can change logits by float rounding, so a near-tie may go the other way.
     """
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        cache: PrefixCache | None = None,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.cache = cache
         self._batch = Batch(model)
         self._reading: dict[int, _Reading] = {}  # key -> prompt being read, oldest first
         self._running: dict[int, tuple[int, TokenStream, int]] = {}  # slot -> (key, stream, seed)
@@ -128,7 +143,7 @@ class ContinuousBatch:
         if not self.has_room:
             raise ValueError(f"the batch is full ({self.max_batch} requests)")
         try:
-            self._reading[key] = _Reading.begin(self.tokenizer, request)
+            self._reading[key] = _Reading.begin(self.tokenizer, request, self.cache)
         except RwkvCliError as error:
             return BatchFailure(key, request.seed, error)
         return None
@@ -162,7 +177,7 @@ class ContinuousBatch:
         while self._reading and budget > 0:
             key, reading = next(iter(self._reading.items()))
             try:
-                budget -= reading.read_chunk(self.model)
+                budget -= reading.read_chunk(self.model, self.cache)
             except RwkvCliError as error:  # e.g. a token id outside the vocabulary
                 del self._reading[key]
                 records.append(BatchFailure(key, reading.request.seed, error))
@@ -203,28 +218,41 @@ class _Reading:
     session: Session
     generator: torch.Generator
     seed: int
-    read: int = 0
+    read: int = 0  # tokens read, or resumed from a cached state (those: ``cached``)
+    cached: int = 0
     seconds: float = 0.0
 
     @classmethod
-    def begin(cls, tokenizer: Tokenizer, request: BatchRequest) -> _Reading:
+    def begin(
+        cls, tokenizer: Tokenizer, request: BatchRequest, cache: PrefixCache | None
+    ) -> _Reading:
+        """The request's prompt, to read after its session, or after the longest cached
+        prefix of it when it starts a fresh document."""
         session = request.session or Session()
         generator, seed = make_generator(request.seed)
-        return cls(
-            request, prompt_ids(tokenizer, request.prompt, session), session, generator, seed
-        )
+        tokens = prompt_ids(tokenizer, request.prompt, session)
+        reading = cls(request, tokens, session, generator, seed)
+        found = cache.longest_prefix(tokens) if cache and request.session is None else None
+        if found is not None:
+            reading.session = Session(found.state, tokens_consumed=found.length)
+            reading.read = reading.cached = found.length
+        return reading
 
     @property
     def done(self) -> bool:
         return self.read >= len(self.tokens)
 
-    def read_chunk(self, model: Model) -> int:
-        """Read the prompt's next chunk; how many tokens it held."""
-        chunk = self.tokens[self.read : self.read + PREFILL_CHUNK_LEN]
+    def read_chunk(self, model: Model, cache: PrefixCache | None) -> int:
+        """Read the prompt up to the next chunk boundary; how many tokens that was. A fresh
+        document's states at chunk boundaries and at its prompt's end go into ``cache``."""
+        end = (self.read // PREFILL_CHUNK_LEN + 1) * PREFILL_CHUNK_LEN
+        chunk = self.tokens[self.read : end]
         started = time.perf_counter()
         self.session = prefill(model, chunk, self.session)
         self.seconds += time.perf_counter() - started
         self.read += len(chunk)
+        if cache is not None and self.request.session is None:
+            cache.put(self.tokens[: self.read], self.session.state)
         return len(chunk)
 
     def stream(self, model: Model, tokenizer: Tokenizer) -> TokenStream:
@@ -242,6 +270,7 @@ class _Reading:
             logprobs=request.logprobs,
             prompt_tokens=len(self.tokens),
             prompt_seconds=self.seconds,
+            cached_tokens=self.cached,
         )
 
 

@@ -17,6 +17,7 @@ from rwkv_cli.cli.options import (
     TokenizerOption,
     model_request,
 )
+from rwkv_cli.fileio import parse_size
 from rwkv_cli.settings import DEFAULT_MAX_BATCH
 from rwkv_cli.ui import model_line, stderr_console
 
@@ -29,6 +30,25 @@ HostOption = Annotated[
 ]
 PortOption = Annotated[
     int, typer.Option(min=0, max=65535, metavar="N", help="Port to listen on (0: any free one).")
+]
+
+
+def _size(value: str) -> int:
+    """Option callback: ``512M``, ``2G``, ``1.5G``, ``0`` -> bytes (binary units)."""
+    try:
+        return parse_size(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+CacheSizeOption = Annotated[
+    str,
+    typer.Option(
+        callback=_size,
+        metavar="SIZE",
+        help="Memory for the states of prompts read (e.g. 512M, 2G; 0: none): a request that "
+        "begins as an earlier one did (the next turn of a chat) reads only what is new.",
+    ),
 ]
 ApiKeyOption = Annotated[
     str | None,
@@ -52,6 +72,7 @@ def serve(
     port: PortOption = 8000,
     max_batch: MaxBatchOption = DEFAULT_MAX_BATCH,
     api_key: ApiKeyOption = None,
+    cache_size: CacheSizeOption = "1G",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, many requests decoding together.
 
@@ -79,7 +100,7 @@ def serve(
         markup=False,
         highlight=False,
     )
-    run(loaded, listening, max_batch=max_batch, api_key=api_key)
+    run(loaded, listening, max_batch=max_batch, api_key=api_key, cache_size=cache_size)
 
 
 def _loopback(host: str) -> bool:

@@ -44,7 +44,7 @@ class Reply:
         self.created = int(time.time())
         self.thought, self.text = [], []
         self.finish_reason: str | None = None
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
 
     @property
     def is_chat(self) -> bool:
@@ -63,6 +63,7 @@ class Reply:
         if chunk.logprob is not None:
             self.logprobs.append(chunk.logprob)
         self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.generated_tokens
+        self.cached_tokens = chunk.cached_tokens
         if final:
             self.finish_reason = FINISH_REASONS[chunk.finish_reason]
         return thought, text
@@ -72,7 +73,7 @@ class Reply:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},  # no prefix cache yet
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
     def body(self) -> dict[str, Any]:

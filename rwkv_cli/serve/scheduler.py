@@ -7,8 +7,8 @@ with ``loop.call_soon_threadsafe``. Requests wait in a bounded queue while the b
 full queue refuses more: 503). Between decode steps the thread takes new requests and
 cancellations: a cancelled request (its client went away) leaves the batch before the next step.
 
-A request starts from the session its ``BatchRequest`` carries (None: a fresh document): that
-is where a named state or a cached prefix plugs in.
+A request starts from the session its ``BatchRequest`` carries (None: a fresh document: then
+from the longest prefix of its prompt in the server's ``PrefixCache``, if it has one).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from rwkv_cli.batching.generate import BatchChunk, BatchFailure, BatchRequest, C
 from rwkv_cli.models import Model
 from rwkv_cli.serve.errors import Overloaded
 from rwkv_cli.settings import DEFAULT_MAX_BATCH
+from rwkv_cli.statecache import PrefixCache
 from rwkv_cli.tokenizer.base import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -79,10 +80,11 @@ class Scheduler:
         tokenizer: Tokenizer,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_waiting: int = MAX_WAITING,
+        cache: PrefixCache | None = None,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.cache = model, tokenizer, cache
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self._engine = ContinuousBatch(model, tokenizer, max_batch)
+        self._engine = self._new_engine()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._keys = itertools.count()
         self._lock = threading.Lock()  # guards the two fields below
@@ -144,7 +146,7 @@ class Scheduler:
             except Exception as error:  # a bug or a device failure: its requests fail, not us
                 logger.exception("the engine failed; its requests end with an error")
                 self._end_all(EngineStopped(f"{type(error).__name__}: {error}"), waiting=False)
-                self._engine = ContinuousBatch(self.model, self.tokenizer, self.max_batch)
+                self._engine = self._new_engine()
                 continue
             for record in records:
                 ticket = self._tickets.get(record.index)
@@ -153,6 +155,9 @@ class Scheduler:
                     if is_last(record):
                         del self._tickets[record.index]
         self._end_all(EngineStopped(), waiting=True)
+
+    def _new_engine(self) -> ContinuousBatch:
+        return ContinuousBatch(self.model, self.tokenizer, self.max_batch, self.cache)
 
     def _take_messages(self) -> bool:
         """Handle the messages that came in (waiting for one when there is no work); False

@@ -13,6 +13,9 @@ from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.serve.app import create_app
 from rwkv_cli.serve.scheduler import Scheduler
 from rwkv_cli.settings import DEFAULT_MAX_BATCH
+from rwkv_cli.statecache import PrefixCache
+
+DEFAULT_CACHE_BYTES = 1 << 30  # states of prompts read, kept for requests that begin alike
 
 
 class _Server(uvicorn.Server):
@@ -57,10 +60,13 @@ def serve(
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
     api_key: str | None = None,
+    cache_size: int = DEFAULT_CACHE_BYTES,
 ) -> None:
     """Serve ``loaded`` on ``listening`` until Ctrl-C or SIGTERM: then new requests are refused,
-    running replies end where they are, and this returns."""
-    scheduler = Scheduler(loaded.model, loaded.tokenizer, max_batch)
+    running replies end where they are, and this returns. Up to ``cache_size`` bytes of states
+    of prompts read are kept for requests that begin the same way (0: none)."""
+    cache = PrefixCache(cache_size) if cache_size > 0 else None
+    scheduler = Scheduler(loaded.model, loaded.tokenizer, max_batch, cache=cache)
     app = create_app(loaded, scheduler, api_key=api_key)
     config = uvicorn.Config(app, lifespan="on", log_level="warning", timeout_graceful_shutdown=10)
     _Server(config, scheduler).run(sockets=[listening])
