@@ -4,6 +4,7 @@ rwkv_cli/serve/)."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -50,6 +51,16 @@ CacheSizeOption = Annotated[
         "begins as an earlier one did (the next turn of a chat) reads only what is new.",
     ),
 ]
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        file_okay=False,
+        metavar="DIR",
+        help="Keep the named states (/v1/states) as state files in DIR, so they outlive the "
+        "server (default: a temporary folder, removed when it stops).",
+        show_default=False,
+    ),
+]
 ApiKeyOption = Annotated[
     str | None,
     typer.Option(
@@ -73,11 +84,13 @@ def serve(
     max_batch: MaxBatchOption = DEFAULT_MAX_BATCH,
     api_key: ApiKeyOption = None,
     cache_size: CacheSizeOption = "1G",
+    state_dir: StateDirOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, many requests decoding together.
 
     Endpoints: GET /health, GET /v1/models,
-    POST /v1/completions and POST /v1/chat/completions (stream: true sends events).
+    POST /v1/completions and POST /v1/chat/completions (stream: true sends events),
+    /v1/states (named states: POST, GET, PUT, DELETE; "state": ID continues one).
     Ctrl-C or SIGTERM stops: running replies end where they are.
 
     Examples:
@@ -100,7 +113,8 @@ def serve(
         markup=False,
         highlight=False,
     )
-    run(loaded, listening, max_batch=max_batch, api_key=api_key, cache_size=cache_size)
+    options = {"max_batch": max_batch, "api_key": api_key, "cache_size": cache_size}
+    run(loaded, listening, state_dir=state_dir, **options)
 
 
 def _loopback(host: str) -> bool:

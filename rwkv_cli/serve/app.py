@@ -1,7 +1,8 @@
 """The server's ASGI application (Starlette): routes, the API key, body limits and errors.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and
-``POST /v1/chat/completions`` (``stream``: server-sent events ending in ``data: [DONE]``). Every
+``POST /v1/chat/completions`` (``stream``: server-sent events ending in ``data: [DONE]``), and
+``/v1/states`` (serve/states.py). Every
 error is answered OpenAI-shaped (serve/errors.py), unknown routes and a failing request included;
 the request that failed gets a 500 and the server goes on. A client that goes away cancels its
 request: its place in the batch is free before the next step.
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,17 +29,13 @@ from rwkv_cli.chat import template_for
 from rwkv_cli.generation import GenerationChunk
 from rwkv_cli.loading.loaded import LoadedModel
 from rwkv_cli.replies import ReplySplitter
-from rwkv_cli.serve.errors import (
-    ApiError,
-    BadRequest,
-    NotFound,
-    ServerError,
-    TooLarge,
-    Unauthorized,
-)
+from rwkv_cli.serve.errors import ApiError, BadRequest, NotFound, ServerError
+from rwkv_cli.serve.gate import Gate
 from rwkv_cli.serve.protocol import ApiRequest, engine_request, parse_chat, parse_completion
 from rwkv_cli.serve.responses import DONE_EVENT, Reply, event
 from rwkv_cli.serve.scheduler import Record, Scheduler, Ticket
+from rwkv_cli.serve.states import StateRoutes
+from rwkv_cli.statestore import StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +50,15 @@ def create_app(
     scheduler: Scheduler,
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    store: StateStore | None = None,
 ) -> Starlette:
     """The application serving ``loaded`` through ``scheduler``, which it starts and closes
-    with itself; with ``api_key``, ``/v1`` routes need ``Authorization: Bearer <key>``."""
-    api = _Api(loaded, scheduler, api_key, max_body_bytes)
+    with itself; with ``api_key``, ``/v1`` routes need ``Authorization: Bearer <key>``. Named
+    states live in ``store`` (None: a temporary one, removed when the application stops)."""
+    own_store = store is None
+    store = store or StateStore(loaded)
+    api = _Api(loaded, scheduler, Gate(api_key, max_body_bytes), store)
+    states = api.states
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -67,6 +67,8 @@ def create_app(
             yield
         finally:
             await run_in_threadpool(scheduler.close)
+            if own_store:
+                store.close()
 
     return Starlette(
         routes=[
@@ -74,6 +76,11 @@ def create_app(
             Route("/v1/models", api.models, methods=["GET"]),
             Route("/v1/completions", api.completions, methods=["POST"]),
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+            Route("/v1/states", states.listing, methods=["GET"]),
+            Route("/v1/states", states.create, methods=["POST"]),
+            Route("/v1/states/{state_id}", states.download, methods=["GET"]),
+            Route("/v1/states/{state_id}", states.upload, methods=["PUT"]),
+            Route("/v1/states/{state_id}", states.delete, methods=["DELETE"]),
         ],
         exception_handlers={
             ApiError: _api_error,
@@ -88,15 +95,11 @@ class _Api:
     """The routes' handlers, around one model and its scheduler."""
 
     def __init__(
-        self,
-        loaded: LoadedModel,
-        scheduler: Scheduler,
-        api_key: str | None,
-        max_body_bytes: int,
+        self, loaded: LoadedModel, scheduler: Scheduler, gate: Gate, store: StateStore
     ) -> None:
-        self.loaded, self.scheduler = loaded, scheduler
-        self.api_key, self.max_body_bytes = api_key, max_body_bytes
+        self.loaded, self.scheduler, self.gate = loaded, scheduler, gate
         self.template = template_for(loaded)
+        self.states = StateRoutes(loaded, scheduler, store, gate, self.template)
         self.model_id = loaded.spec
         self.created = int(time.time())
 
@@ -104,7 +107,7 @@ class _Api:
         return JSONResponse({"status": "ok"})
 
     async def models(self, request: Request) -> Response:
-        self._authorize(request)
+        self.gate.authorize(request)
         model = {"id": self.model_id, "object": "model", "created": self.created}
         return JSONResponse({"object": "list", "data": [model | {"owned_by": "rwkv-cli"}]})
 
@@ -115,8 +118,8 @@ class _Api:
         return await self._generate(request, parse_chat)
 
     async def _generate(self, request: Request, parse: Callable[[Any], ApiRequest]) -> Response:
-        self._authorize(request)
-        wanted = parse(await self._read_json(request))
+        self.gate.authorize(request)
+        wanted = parse(await self.gate.read_json(request))
         if wanted.model is not None and wanted.model != self.model_id:
             raise NotFound(
                 f"the model {wanted.model!r} is not served here; GET /v1/models lists the one "
@@ -128,44 +131,14 @@ class _Api:
         splitter = ReplySplitter.for_template(self.template, wanted.think)
         spelling = tokenizer if wanted.logprobs is not None else None
         reply = Reply(self.model_id, splitter if wanted.is_chat else None, spelling)
-        ticket = self.scheduler.submit(engine_request(wanted, tokenizer, self.template))
+        session = await self.states.session_for(wanted.state) if wanted.state else None
+        ticket = self.scheduler.submit(engine_request(wanted, tokenizer, self.template, session))
         if wanted.stream:
             events = self._events(ticket, reply, wanted.include_usage)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         return await self._whole(request, ticket, reply)
-
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.api_key.encode()):
-            raise Unauthorized(
-                "a valid API key is needed: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
-
-    async def _read_json(self, request: Request) -> Any:
-        """The body as JSON, read no further than the size limit."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large()
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > self.max_body_bytes:
-                raise self._too_large()
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise BadRequest(f"the body is not JSON: {error}") from None
-
-    def _too_large(self) -> TooLarge:
-        return TooLarge(
-            f"the request body is over {self.max_body_bytes} bytes", code="body_too_large"
-        )
 
     async def _events(
         self, ticket: Ticket, reply: Reply, include_usage: bool

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,7 @@ class ApiRequest:
     messages: tuple[tuple[str, str], ...] = ()  # /v1/chat/completions, as (role, text)
     think: bool = False
     logprobs: int | None = None  # None: none; N: each token's, and the N most probable
+    state: str | None = None  # the id of a kept state to continue (extension; /v1/states)
 
     @property
     def is_chat(self) -> bool:
@@ -110,10 +112,7 @@ def engine_request(
         "logprobs": request.logprobs,
     }
     if request.is_chat:
-        messages = [
-            (role, raw_reply(template, text, request.think) if role == "assistant" else text)
-            for role, text in request.messages
-        ]
+        messages = written_messages(request.messages, template, request.think)
         engine = reply_request(
             tokenizer,
             template,
@@ -136,6 +135,16 @@ def engine_request(
             code="context_length_exceeded",
         )
     return engine
+
+
+def written_messages(
+    messages: Sequence[tuple[str, str]], template: Template, think: bool = False
+) -> list[tuple[str, str]]:
+    """A conversation as the model read it: earlier replies written back as it wrote them."""
+    return [
+        (role, raw_reply(template, text, think) if role == "assistant" else text)
+        for role, text in messages
+    ]
 
 
 def _absent(value: Any) -> bool:
@@ -188,7 +197,42 @@ def _common(body: dict[str, Any], sampling: SamplingParams, max_tokens: int) -> 
         "seed": _integer(body, "seed", 0, MAX_SEED),
         "stream": stream,
         "include_usage": include_usage,
+        "state": _typed(body, "state", str, None),
     }
+
+
+@dataclass(frozen=True)
+class StateContent:
+    """A ``POST /v1/states`` body, checked: the text to read (a prompt, or whole turns of a
+    conversation) and the id to keep the state under (None: one is made)."""
+
+    state_id: str | None
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+
+
+def parse_state(body: Any) -> StateContent:
+    """A ``POST /v1/states`` body: ``{"text": ...}`` or ``{"messages": [...]}`` (whole turns:
+    a later chat's messages continue them), and an optional ``id``."""
+    body = _object(body)
+    state_id = _typed(body, "id", str, None)
+    if ("text" in body) == ("messages" in body):
+        raise BadRequest("give text or messages (one of them)", param="text")
+    if "text" in body:
+        text = _typed(body, "text", str, "")
+        if not text:
+            raise BadRequest("text must be a non-empty string", param="text")
+        return StateContent(state_id, prompt=text)
+    value = body["messages"]
+    if not isinstance(value, list) or not value:
+        raise BadRequest("messages must be a non-empty list", param="messages")
+    messages = tuple(_message(index, message) for index, message in enumerate(value))
+    if messages[-1][0] == "user":
+        raise BadRequest(
+            "the last message must end a turn (system or assistant): a state is kept between turns",
+            param="messages",
+        )
+    return StateContent(state_id, messages=messages)
 
 
 def _typed(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:

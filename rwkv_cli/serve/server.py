@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -14,6 +15,7 @@ from rwkv_cli.serve.app import create_app
 from rwkv_cli.serve.scheduler import Scheduler
 from rwkv_cli.settings import DEFAULT_MAX_BATCH
 from rwkv_cli.statecache import PrefixCache
+from rwkv_cli.statestore import StateStore
 
 DEFAULT_CACHE_BYTES = 1 << 30  # states of prompts read, kept for requests that begin alike
 
@@ -61,12 +63,15 @@ def serve(
     max_batch: int = DEFAULT_MAX_BATCH,
     api_key: str | None = None,
     cache_size: int = DEFAULT_CACHE_BYTES,
+    state_dir: Path | None = None,
 ) -> None:
     """Serve ``loaded`` on ``listening`` until Ctrl-C or SIGTERM: then new requests are refused,
     running replies end where they are, and this returns. Up to ``cache_size`` bytes of states
-    of prompts read are kept for requests that begin the same way (0: none)."""
+    of prompts read are kept for requests that begin the same way (0: none). Named states are
+    files in ``state_dir``, kept after the server stops (None: a temporary folder)."""
     cache = PrefixCache(cache_size) if cache_size > 0 else None
     scheduler = Scheduler(loaded.model, loaded.tokenizer, max_batch, cache=cache)
-    app = create_app(loaded, scheduler, api_key=api_key)
+    store = StateStore(loaded, state_dir) if state_dir is not None else None
+    app = create_app(loaded, scheduler, api_key=api_key, store=store)
     config = uvicorn.Config(app, lifespan="on", log_level="warning", timeout_graceful_shutdown=10)
     _Server(config, scheduler).run(sockets=[listening])
