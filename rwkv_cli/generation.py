@@ -210,12 +210,14 @@ class TokenStream:
         prompt_tokens: int = 0,
         prompt_seconds: float = 0.0,
         cached_tokens: int = 0,
+        then_read: Sequence[int] = (),
     ) -> None:
         self.model, self.tokenizer, self.session = model, tokenizer, session
         self.params, self.generator, self.max_tokens = params, generator, max_tokens
         self.logprobs = logprobs  # None: none; N: each token's and the N most probable
         self.prompt_tokens, self.prompt_seconds = prompt_tokens, prompt_seconds
         self.cached_tokens = cached_tokens
+        self.then_read = tuple(then_read)  # read after the reply, into the final session
         device = session.logits.device  # sampling works where the logits are (sampling.py)
         self._never_sample = torch.zeros(model.vocab_size, device=device)
         self._never_sample[tokenizer.token_count :] = -torch.inf  # padding decodes to nothing
@@ -293,6 +295,8 @@ class TokenStream:
     def _record(
         self, text, token, finish=None, final=None, kept=None, logprob=None
     ) -> GenerationChunk:
+        if final is not None and self.then_read:  # e.g. a chat turn's end after the reply
+            final = prefill(self.model, self.then_read, final)
         return GenerationChunk(
             text=text,
             token=token,

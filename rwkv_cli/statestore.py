@@ -7,7 +7,8 @@ command line and a server as a plain file, both ways, and a server given a folde
 folder removed on ``close``. States are read from their files when used, so a store holds many
 more of them than fit in memory.
 
-Ids are made by the store (``state-`` and 16 hex digits) or chosen by a client from a small
+Ids are made by the store (``state-`` and 16 hex digits; ``reply-`` for the states after
+replies, of which only the newest ``max_replies`` are kept) or chosen by a client from a small
 alphabet (``is_valid_id``): never a path. An uploaded file is written beside the others under a
 temporary name, read and checked against the model exactly as ``--state`` checks a file, and only
 then renamed into place, so a bad upload never replaces a good state.
@@ -35,7 +36,11 @@ from rwkv_cli.statefile import read_state_file, save_state_file
 SUFFIX = ".rwkvstate"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _UPLOAD_PREFIX = ".upload-"  # files being checked; never listed
+_REPLY_ID = re.compile(r"reply-[0-9a-f]{16}")
 DEFAULT_MAX_STATES = 10_000
+# States after replies (every response's ``state_id``) kept at once, the oldest out first: a
+# client that continues a conversation by id uses the newest ones; older ones resend history.
+DEFAULT_MAX_REPLIES = 100
 
 
 class UnknownStateError(RwkvCliError):
@@ -69,9 +74,10 @@ class StateStore:
         loaded: LoadedModel,
         directory: Path | None = None,
         max_states: int = DEFAULT_MAX_STATES,
+        max_replies: int = DEFAULT_MAX_REPLIES,
     ) -> None:
         self.loaded = loaded
-        self.max_states = max_states
+        self.max_states, self.max_replies = max_states, max_replies
         self._temporary = None if directory else tempfile.TemporaryDirectory(prefix="rwkv-states-")
         self.directory = Path(directory or self._temporary.name)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -88,6 +94,18 @@ class StateStore:
         with self._lock:
             self._check_room(state_id)
             save_state_file(self._path(state_id), self.loaded, session, text_tail=text_tail)
+        return state_id
+
+    def keep_reply(self, session: Session) -> str:
+        """Keep the state after a reply under a new ``reply-`` id; beyond ``max_replies`` such
+        states the oldest go (states added by name or by ``add`` never do)."""
+        state_id = f"reply-{secrets.token_hex(8)}"
+        with self._lock:
+            replies = [known for known in self.ids() if _REPLY_ID.fullmatch(known)]
+            for old in replies[: max(0, len(replies) + 1 - self.max_replies)]:
+                self._path(old).unlink(missing_ok=True)
+            self._check_room(state_id)
+            save_state_file(self._path(state_id), self.loaded, session)
         return state_id
 
     def upload(self, state_id: str, data: bytes) -> StoredState:

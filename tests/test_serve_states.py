@@ -4,6 +4,7 @@ files `rwkv save-state` writes and uploaded from them, checked against the model
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -154,3 +155,22 @@ def test_states_need_the_key_and_outlive_the_server_in_their_folder(demo, tmp_pa
         assert created.status_code == 201
     with _client(demo, StateStore(demo, tmp_path / "states")) as client:
         assert [state["id"] for state in client.get("/v1/states").json()["data"]] == ["kept"]
+
+
+def test_every_reply_names_the_state_after_it_and_a_chat_goes_on_by_id(client) -> None:
+    options = {"temperature": 0, "max_tokens": 16}
+    first = client.post("/v1/chat/completions", json={"messages": TURNS[:1], **options}).json()
+    reply = first["choices"][0]["message"]
+    assert first["state_id"].startswith("reply-")
+    question = {"role": "user", "content": "And Aaron?"}
+    by_id = {"messages": [question], "state": first["state_id"], **options}
+    resent = {"messages": [*TURNS[:1], reply, question], **options}
+    next_turn = client.post("/v1/chat/completions", json=by_id).json()
+    whole = client.post("/v1/chat/completions", json=resent).json()
+    assert next_turn["choices"][0]["message"] == whole["choices"][0]["message"]
+    assert next_turn["state_id"] not in (first["state_id"], whole["state_id"])
+
+    streamed = client.post("/v1/completions", json={"prompt": GENESIS, "stream": True, **options})
+    events = [json.loads(line[6:]) for line in streamed.text.split("\n\n") if line[6:7] == "{"]
+    assert "state_id" in events[-1] and all("state_id" not in e for e in events[:-1])
+    assert client.get(f"/v1/states/{events[-1]['state_id']}").status_code == 200

@@ -3,6 +3,8 @@ the state file format of `rwkv save-state`, checked against the model, ids never
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from rwkv_cli.errors import StateFileError
@@ -121,3 +123,16 @@ def test_states_outlive_the_server_in_their_folder(demo, tmp_path) -> None:
     temporary.add(session, "gone")
     temporary.close()
     assert not temporary.directory.exists()
+
+
+def test_only_the_newest_reply_states_are_kept_and_named_ones_stay(demo, tmp_path) -> None:
+    store = StateStore(demo, tmp_path / "replies", max_replies=2)
+    session = _session(demo, "x")
+    named = store.add(session, "named")
+    made = store.add(session)
+    replies = []
+    for _ in range(4):
+        replies.append(store.keep_reply(session))
+        time.sleep(0.01)  # files are ordered by modification time
+    assert all(reply.startswith("reply-") for reply in replies)
+    assert sorted(store.ids()) == sorted([named, made, *replies[-2:]])

@@ -61,6 +61,7 @@ class BatchRequest:
     session: Session | None = None
     ban: tuple[int, ...] = ()
     logprobs: int | None = None  # each token's log-probability and this many alternatives
+    then_read: tuple[int, ...] = ()  # read after the reply into its final session (a turn's end)
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,7 @@ class _Reading:
             prompt_tokens=len(self.tokens),
             prompt_seconds=self.seconds,
             cached_tokens=self.cached,
+            then_read=request.then_read,
         )
 
 

@@ -148,7 +148,7 @@ class _Api:
             if (opening := reply.opening()) is not None:
                 yield event(opening)
             while reply.finish_reason is None:
-                new = reply.add(_generation(await ticket.records.get()))
+                new = reply.add(await self._next(ticket, reply))
                 if (chunk := reply.chunk(*new)) is not None:
                     yield event(chunk)
             if include_usage:
@@ -164,7 +164,7 @@ class _Api:
     async def _whole(self, request: Request, ticket: Ticket, reply: Reply) -> Response:
         """The reply as one response, or nothing if the client goes away first (which
         cancels it)."""
-        collecting = asyncio.ensure_future(_collect(ticket, reply))
+        collecting = asyncio.ensure_future(self._collect(ticket, reply))
         leaving = asyncio.ensure_future(_client_gone(request))
         try:
             await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
@@ -177,6 +177,19 @@ class _Api:
             return Response(status_code=CLIENT_GONE)
         return JSONResponse(collecting.result())
 
+    async def _collect(self, ticket: Ticket, reply: Reply) -> dict[str, Any]:
+        while reply.finish_reason is None:
+            reply.add(await self._next(ticket, reply))
+        return reply.body()
+
+    async def _next(self, ticket: Ticket, reply: Reply) -> GenerationChunk | None:
+        """The request's next record; the state after a finished reply is kept first, so that
+        its last chunk can name it (``state_id``)."""
+        generation = _generation(await ticket.records.get())
+        if generation is not None and generation.session is not None:
+            reply.state_id = await self.states.keep_reply(generation.session)
+        return generation
+
 
 def _generation(record: Record) -> GenerationChunk | None:
     """A record's generation chunk (None: the server cut the reply short); a failed request
@@ -188,12 +201,6 @@ def _generation(record: Record) -> GenerationChunk | None:
     if record.error is not None:
         raise ServerError(f"the engine failed: {record.error}", code="engine_failed")
     return None
-
-
-async def _collect(ticket: Ticket, reply: Reply) -> dict[str, Any]:
-    while reply.finish_reason is None:
-        reply.add(_generation(await ticket.records.get()))
-    return reply.body()
 
 
 async def _client_gone(request: Request) -> None:

@@ -120,6 +120,7 @@ def engine_request(
             think=request.think,
             session=session,
             stop=request.stop,
+            then_read=tuple(tokenizer.encode(template.reply_end())),  # the state continues
             **common,
         )
     else:

@@ -45,6 +45,7 @@ class Reply:
         self.thought, self.text = [], []
         self.finish_reason: str | None = None
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+        self.state_id: str | None = None  # the state after the reply, once it is kept
 
     @property
     def is_chat(self) -> bool:
@@ -90,6 +91,7 @@ class Reply:
         return self._envelope("chat.completion" if self.is_chat else "text_completion") | {
             "choices": [choice],
             "usage": self.usage(),
+            **self._state(),
         }
 
     def opening(self) -> dict[str, Any] | None:
@@ -119,7 +121,11 @@ class Reply:
 
     def _chunk(self, delta: dict[str, Any], text: str) -> dict[str, Any]:
         choice = self._choice({"delta": delta} if self.is_chat else {"text": text})
-        return self._envelope(self._chunk_object) | {"choices": [choice]}
+        return self._envelope(self._chunk_object) | {"choices": [choice], **self._state()}
+
+    def _state(self) -> dict[str, Any]:
+        """``state_id`` (an extension), on the whole reply and on a stream's last chunk."""
+        return {} if self.state_id is None else {"state_id": self.state_id}
 
     def _choice(self, content: dict[str, Any]) -> dict[str, Any]:
         """A choice with the logprobs of the tokens not sent yet, where asked for."""

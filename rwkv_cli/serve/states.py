@@ -7,8 +7,11 @@
 - ``PUT /v1/states/{id}``: a state file (body: its bytes) to keep under ``id``, checked against
   the model exactly as ``--state`` checks one; ``DELETE /v1/states/{id}``.
 
-A completion or chat request's ``"state": "<id>"`` starts it from that state. States live in a
-:class:`StateStore` (files in ``--state-dir``, or a temporary folder).
+A completion or chat request's ``"state": "<id>"`` starts it from that state, and every
+response names the state after its reply (``"state_id"``: for a chat, after the turn's end too),
+so a client goes on by id without sending the history again. States live in a
+:class:`StateStore` (files in ``--state-dir``, or a temporary folder); only the newest 100
+reply states are kept.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ class StateRoutes:
         self.max_file_bytes = (
             state_bytes(loaded.model.new_state()) + 2 * vocabulary + FILE_OVERHEAD_BYTES
         )
+
+    async def keep_reply(self, session: Session) -> str:
+        """Keep the state after a reply; its new id."""
+        return await self._stored(self.store.keep_reply, session)
 
     async def session_for(self, state_id: str) -> Session:
         """The session kept under ``state_id``: 404 if there is none, 400 if it does not fit."""
